@@ -1,0 +1,35 @@
+# Two entry points, each doing its own set-up on a fresh machine:
+#   make demo   distill a student on the built-in digits data and print the results table
+#   make test   run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.timm_icd-installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+.PHONY: demo test bench-quality bench-step-time install
+
+install: $(STAMP)
+
+# reinstalls only when the dependency files change
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,bench]'
+	touch $(STAMP)
+
+# real Fashion-MNIST (Debian's dataset-fashion-mnist) for the quality benchmark and its quick test
+$(FASHION_MNIST):
+	apt-get install -y -q dataset-fashion-mnist >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)
+
+demo: $(STAMP)
+	$(PY) -m timm_icd.demo
+
+test: $(STAMP) $(FASHION_MNIST)
+	$(PY) -m pytest -q tests
+
+bench-quality: $(STAMP) $(FASHION_MNIST)
+	$(PY) benchmarks/quality.py
+
+bench-step-time: $(STAMP)
+	$(PY) benchmarks/step_time.py

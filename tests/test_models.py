@@ -1,0 +1,80 @@
+"""Student/teacher creation and safe weight loading."""
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from timm_icd import UserError, create_student, create_teacher, load_weights_file
+
+
+class NotAWeight:
+    pass
+
+
+def test_teacher_from_safetensors_takes_the_checkpoint_label_space(tmp_path):
+    source = timm.create_model('test_resnet', num_classes=7)
+    safetensors.torch.save_file(source.state_dict(), tmp_path / 'w.safetensors')
+    teacher = create_teacher('test_resnet', num_classes=3, checkpoint=str(tmp_path / 'w.safetensors'))
+    assert teacher.num_classes == 7 and not teacher.training
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), source.state_dict().values()))
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_from_wrapped_torch_checkpoint(tmp_path):
+    source = timm.create_model('test_resnet', num_classes=4)
+    torch.save({'epoch': 3, 'state_dict': {f'module.{k}': v for k, v in source.state_dict().items()}},
+               tmp_path / 'ckpt.pth.tar')
+    teacher = create_teacher('test_resnet', checkpoint=str(tmp_path / 'ckpt.pth.tar'))
+    torch.testing.assert_close(teacher.fc.weight, source.fc.weight)
+
+
+def test_pickle_that_needs_code_is_refused(tmp_path):
+    torch.save({'state_dict': {'w': torch.zeros(1)}, 'extra': NotAWeight()}, tmp_path / 'evil.pth')
+    with pytest.raises(UserError, match='refusing to load.*arbitrary code'):
+        load_weights_file(str(tmp_path / 'evil.pth'))
+
+
+def test_truncated_and_missing_and_mismatched_checkpoints(tmp_path):
+    source = timm.create_model('test_resnet', num_classes=4)
+    safetensors.torch.save_file(source.state_dict(), tmp_path / 'w.safetensors')
+    data = (tmp_path / 'w.safetensors').read_bytes()
+    (tmp_path / 'cut.safetensors').write_bytes(data[:len(data) // 2])
+    with pytest.raises(UserError, match='corrupt or truncated'):
+        create_teacher('test_resnet', checkpoint=str(tmp_path / 'cut.safetensors'))
+    with pytest.raises(UserError, match='checkpoint not found'):
+        create_teacher('test_resnet', checkpoint=str(tmp_path / 'nope.safetensors'))
+    with pytest.raises(UserError, match='does not fit'):
+        create_teacher('test_efficientnet', checkpoint=str(tmp_path / 'w.safetensors'))
+
+
+def test_unknown_names_suggest_close_timm_names():
+    with pytest.raises(UserError, match="unknown teacher model 'resnet5O'.*resnet50"):
+        create_teacher('resnet5O')
+    with pytest.raises(UserError, match='no config.json'):
+        create_student('local-dir:/nonexistent', 10)
+
+
+def test_student_gets_dataset_classes_and_pretrained_defaults(tmp_path):
+    student = create_student('test_vit', 5)
+    assert student.num_classes == 5
+    source = timm.create_model('test_vit', num_classes=5)
+    timm.models.save_for_hf(source, tmp_path / 's', safe_serialization=True)
+    loaded = create_student(f'local-dir:{tmp_path / "s"}', 5)  # hub/local students load their weights
+    torch.testing.assert_close(loaded.head.weight, source.head.weight)
+    resized = create_student(f'local-dir:{tmp_path / "s"}', 3)
+    assert resized.num_classes == 3
+    torch.testing.assert_close(resized.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
+
+
+def test_missing_pretrained_weights_name_the_checkpoint_flag():
+    code = ("from timm_icd import create_teacher\n"
+            "try:\n    create_teacher('resnet18')\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1'}
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.stdout.startswith('UserError cannot load pretrained weights for teacher')
+    assert '--teacher-checkpoint' in out.stdout

@@ -1,0 +1,158 @@
+"""The distiller task: loss composition, frozen teacher, heads inside the trainable module, methods."""
+import copy
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.task import TrainingTask
+
+from timm_icd import ICDDistillationTask, ICDTeacher, METHOD_WEIGHTS, UserError, create_distiller, kd_loss
+
+
+def _pair(student_classes=10, teacher_classes=10, seed=0):
+    torch.manual_seed(seed)
+    student = timm.create_model('test_efficientnet', num_classes=student_classes)
+    teacher = timm.create_model('test_resnet', num_classes=teacher_classes)
+    return student, teacher
+
+
+def test_is_a_timm_training_task_and_returns_the_documented_dict():
+    student, teacher = _pair()
+    task = ICDDistillationTask(student, teacher, method='icd+kd', student_input_size=(3, 32, 32),
+                               teacher_input_size=(3, 32, 32))
+    assert isinstance(task, TrainingTask)
+    out = task(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert set(out) == {'loss', 'output', 'loss_ce', 'loss_kd', 'loss_icd', 'tau'}
+    assert out['output'].shape == (4, 10)
+    assert out['tau'].item() == pytest.approx(math.e, rel=1e-6)
+
+
+def test_loss_is_the_weighted_sum_of_independently_computed_parts():
+    student, teacher = _pair()
+    task = ICDDistillationTask(student, teacher, method='icd+kd', task_loss_weight=0.7, kd_loss_weight=0.4,
+                               icd_loss_weight=1.3, kd_temperature=3.0, student_input_size=(3, 32, 32),
+                               teacher_input_size=(3, 32, 32))
+    task.eval()  # deterministic forward (no dropout, BN running stats) so the parts can be recomputed
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])
+    out = task(x, y)
+    with torch.no_grad():
+        s_feat = student.forward_head(student.forward_features(x), pre_logits=True)
+        s_logits = student.get_classifier()(s_feat)
+        xt = (x * task.student_std + task.student_mean - task.teacher.mean_kd) / task.teacher.std_kd
+        t_feat = teacher.forward_head(teacher.forward_features(xt), pre_logits=True)
+        t_logits = teacher.get_classifier()(t_feat)
+        icd = task.icd(s_feat, t_feat)['loss_icd']
+    ce = F.cross_entropy(s_logits, y)
+    kd = kd_loss(s_logits, t_logits, 3.0)
+    assert out['loss_ce'].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert out['loss_kd'].item() == pytest.approx(kd.item(), rel=1e-5)
+    assert out['loss_icd'].item() == pytest.approx(icd.item(), rel=1e-5)
+    assert out['loss'].item() == pytest.approx(0.7 * ce.item() + 0.4 * kd.item() + 1.3 * icd.item(), rel=1e-5)
+
+
+def test_teacher_is_frozen_outside_the_trainable_module_and_heads_are_inside():
+    student, teacher = _pair()
+    task = ICDDistillationTask(student, teacher, method='icd+kd', student_input_size=(3, 32, 32),
+                               teacher_input_size=(3, 32, 32))
+    task.train()
+    assert not task.teacher.training and not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    trainable = {id(p) for p in task.trainable_module.parameters()}
+    assert not trainable & {id(p) for p in teacher.parameters()}
+    for p in task.icd.parameters():
+        assert id(p) in trainable
+    before = [p.clone() for p in teacher.parameters()]
+    out = task(torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4]))
+    out['loss'].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in task.icd.parameters())
+    assert task.icd.t.grad.abs().item() > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))
+
+
+def test_batch_is_renormalised_and_resized_for_the_teacher():
+    student, teacher = _pair()
+    teacher.pretrained_cfg = {**teacher.pretrained_cfg, 'mean': (0.1, 0.2, 0.3), 'std': (0.4, 0.5, 0.6)}
+    task = ICDDistillationTask(student, teacher, method='kd', student_mean=(0.5, 0.5, 0.5),
+                               student_std=(0.25, 0.25, 0.25), student_input_size=(3, 24, 24),
+                               teacher_input_size=(3, 40, 40))
+    x = torch.randn(2, 3, 24, 24)
+    prepared = task.teacher.prepare_input(x, task.student_mean, task.student_std)
+    raw = x * 0.25 + 0.5
+    mean, std = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1), torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)
+    expected = F.interpolate((raw - mean) / std, size=(40, 40), mode='bilinear', align_corners=False)
+    torch.testing.assert_close(prepared, expected)
+    assert task.teacher.feature_hook is None  # kd needs no teacher features
+
+
+def test_method_weights_and_auto_choice():
+    assert METHOD_WEIGHTS == {'vanilla': (1.0, 0.0, 0.0), 'kd': (0.1, 0.9, 0.0), 'icd': (1.0, 0.0, 1.0),
+                              'icd+kd': (1.0, 1.0, 1.0)}
+    student, teacher = _pair(10, 10)
+    assert ICDDistillationTask(student, teacher, method='auto', student_input_size=(3, 32, 32)).method == 'icd+kd'
+    student, teacher = _pair(10, 1000)
+    task = ICDDistillationTask(student, teacher, method='auto', student_input_size=(3, 32, 32),
+                               teacher_input_size=(3, 32, 32))
+    assert task.method == 'icd' and (task.task_loss_weight, task.kd_loss_weight, task.icd_loss_weight) == (1, 0, 1)
+    out = task(torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]))
+    assert out['loss_kd'].item() == 0.0 and out['loss_icd'].item() > 0
+
+
+@pytest.mark.parametrize('method', ['kd', 'icd+kd'])
+def test_logit_kd_with_another_label_space_names_both_counts(method):
+    student, teacher = _pair(10, 1000)
+    with pytest.raises(UserError, match=r"dataset's 10 classes, but the teacher has 1000.*fine-tune"):
+        ICDDistillationTask(student, teacher, method=method)
+
+
+def test_vanilla_needs_no_teacher_and_has_no_heads():
+    student, _ = _pair()
+    task = ICDDistillationTask(student, None, method='vanilla')
+    assert task.teacher is None and task.icd is None
+    out = task(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+    assert out['loss'].item() == pytest.approx(out['loss_ce'].item())
+    assert not any(m._forward_pre_hooks for m in student.modules())
+
+
+def test_task_state_round_trip_and_hook_removal():
+    student, teacher = _pair()
+    task = ICDDistillationTask(student, teacher, method='icd', student_input_size=(3, 32, 32),
+                               teacher_input_size=(3, 32, 32))
+    state = copy.deepcopy(task.get_task_state())  # as a checkpoint write would serialise it
+    with torch.no_grad():
+        task.icd.t.fill_(2.0)
+    task.load_task_state(state)
+    assert task.icd.t.item() == 1.0
+    task.remove_hooks()
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in student.modules())
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in teacher.modules())
+    assert task.get_eval_model() is student
+
+
+def test_create_distiller_from_names_and_teacher_dtype():
+    task = create_distiller('test_efficientnet', 'test_resnet', num_classes=3, pretrained_teacher=False,
+                            teacher_dtype=torch.bfloat16, student_input_size=(3, 32, 32),
+                            teacher_input_size=(3, 32, 32))
+    assert task.method == 'icd+kd'
+    assert next(task.teacher.parameters()).dtype == torch.bfloat16
+    out = task(torch.randn(2, 3, 32, 32), torch.tensor([0, 2]))
+    assert out['loss'].dtype == torch.float32 and torch.isfinite(out['loss'])
+
+
+def test_a_few_steps_of_icd_training_raise_teacher_student_agreement():
+    """ICD alone (no labels used by the ICD term) pulls matching student/teacher pairs together."""
+    student, teacher = _pair(4, 4, seed=3)
+    task = ICDDistillationTask(student, teacher, method='icd', task_loss_weight=0.0, icd_feat_dim=16,
+                               student_input_size=(3, 16, 16), teacher_input_size=(3, 16, 16))
+    opt = torch.optim.Adam(task.trainable_module.parameters(), lr=3e-3)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 4, (16,))
+    first = None
+    for _ in range(30):
+        out = task(x, y)
+        first = first if first is not None else out['loss_icd'].item()
+        opt.zero_grad()
+        out['loss'].backward()
+        opt.step()
+    assert out['loss_icd'].item() < 0.5 * first

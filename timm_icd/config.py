@@ -1,0 +1,300 @@
+"""Command-line flags of train_icd.py, with timm's train.py names, a YAML ``--config`` and up-front validation.
+
+Everything a user can get wrong is checked here, before any model, dataset or output folder is touched, and
+reported as one ``UserError`` line.
+"""
+import argparse
+import logging
+import os
+from typing import List, Optional, Sequence
+
+import torch
+import yaml
+
+from .errors import UserError
+from .loss import ICD_NEGATIVES
+from .task import METHODS
+
+_logger = logging.getLogger(__name__)
+
+MIXED_PRECISION = ('no', 'bf16', 'fp16')
+TEACHER_DTYPES = {'float32': None, 'fp32': None, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
+                  'float16': torch.float16, 'fp16': torch.float16}
+
+
+def str2bool(value: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ('true', '1', 'yes', 'y'):
+        return True
+    if value.lower() in ('false', '0', 'no', 'n'):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{value}'")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one ``UserError`` line instead of printing the usage block."""
+
+    def error(self, message: str):
+        raise UserError(f'{message} (see --help)')
+
+
+def create_parser() -> argparse.ArgumentParser:
+    """The train_icd.py parser. Flag names follow timm's train.py wherever timm has the same setting."""
+    parser = ArgumentParser(
+        prog='train_icd.py', description='Distill any timm teacher into any timm student with ICD.')
+    parser.add_argument('-c', '--config', default='', metavar='FILE',
+                        help='YAML file whose keys are these flags (dest names, e.g. batch_size); flags win')
+
+    group = parser.add_argument_group('Models')
+    group.add_argument('--student', '--model', dest='student', default='mobilenetv3_small_100', metavar='MODEL',
+                       help='student: timm name, hf-hub:ORG/NAME or local-dir:PATH (default: mobilenetv3_small_100)')
+    group.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=None,
+                       help='start the student from pretrained weights (default: only for hf-hub:/local-dir:)')
+    group.add_argument('--student-checkpoint', default=None, metavar='FILE', help='initial student weights')
+    group.add_argument('--teacher', default='resnet50', metavar='MODEL',
+                       help='teacher: timm name, hf-hub:ORG/NAME or local-dir:PATH (default: resnet50)')
+    group.add_argument('--teacher-pretrained', type=str2bool, default=True, metavar='BOOL',
+                       help="load timm's pretrained teacher weights (default: true)")
+    group.add_argument('--teacher-checkpoint', default=None, metavar='FILE',
+                       help='teacher weights: safetensors or a timm/PyTorch checkpoint (read with weights_only)')
+    group.add_argument('--teacher-input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                       help="teacher input size (default: its pretrained config's, or the student's for a "
+                            "checkpoint or random teacher)")
+    group.add_argument('--teacher-dtype', default='float32', choices=sorted(TEACHER_DTYPES),
+                       help='dtype the frozen teacher runs in (default: float32)')
+    group.add_argument('--student-layer', default=None, metavar='NAME',
+                       help="student module whose pooled output feeds ICD (default: the classifier's input)")
+    group.add_argument('--teacher-layer', default=None, metavar='NAME',
+                       help="teacher module whose pooled output feeds ICD (default: the classifier's input)")
+    group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='student dropout rate')
+    group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='student drop path rate')
+
+    group = parser.add_argument_group('Method')
+    group.add_argument('--method', default='auto', choices=('auto',) + METHODS,
+                       help='auto (default): icd+kd when the teacher has the dataset\'s classes, else icd')
+    group.add_argument('--task-loss-weight', type=float, default=None, help="CE weight (default: the method's)")
+    group.add_argument('--kd-loss-weight', type=float, default=None, help="KD weight (default: the method's)")
+    group.add_argument('--icd-loss-weight', type=float, default=None, help="ICD weight (default: the method's)")
+    group.add_argument('--kd-temperature', type=float, default=4.0, help='KD temperature (default: 4)')
+    group.add_argument('--icd-feat-dim', type=int, default=128, help='ICD embedding width (default: 128)')
+    group.add_argument('--icd-alpha', type=float, default=0.5, help='weight of the invariance term (default: 0.5)')
+    group.add_argument('--icd-init-t', type=float, default=1.0, help='initial t; tau = exp(t) (default: 1)')
+    group.add_argument('--icd-max-tau', type=float, default=10.0, help='clamp of tau (default: 10)')
+    group.add_argument('--icd-negatives', default='local', choices=ICD_NEGATIVES,
+                       help='local: negatives from this process\'s batch (paper); global: gathered from all')
+
+    group = parser.add_argument_group('Data')
+    group.add_argument('--dataset', '-d', default='digits', metavar='NAME',
+                       help='Hub id, save_to_disk folder, imagefolder:PATH or digits (default: digits)')
+    group.add_argument('--train-split', default='train', metavar='NAME', help='train split (default: train)')
+    group.add_argument('--val-split', default=None, metavar='NAME',
+                       help='eval split (default: validation/valid/val/test, else a hold-out of train)')
+    group.add_argument('--val-fraction', type=float, default=0.1,
+                       help='hold-out fraction when the dataset has no eval split (default: 0.1)')
+    group.add_argument('--image-column', default=None, metavar='NAME', help='image column (default: detected)')
+    group.add_argument('--label-column', default=None, metavar='NAME', help='label column (default: detected)')
+    group.add_argument('--skip-bad-images', action='store_true', help='skip and count images that cannot be read')
+    group.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
+                       help='data loading processes per training process')
+    group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                       help="student input size (default: the student's pretrained config)")
+    group.add_argument('--mean', type=float, nargs='+', default=None, help='override the normalisation mean')
+    group.add_argument('--std', type=float, nargs='+', default=None, help='override the normalisation std')
+    group.add_argument('--interpolation', default='', help='eval resize interpolation (default: the model\'s)')
+    group.add_argument('--crop-pct', type=float, default=None, help='eval center crop fraction')
+
+    group = parser.add_argument_group('Augmentation and regularization (as in timm)')
+    group.add_argument('--no-aug', action='store_true', help='disable training augmentation')
+    group.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='random resized crop scale')
+    group.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], help='random crop aspect ratio')
+    group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    group.add_argument('--vflip', type=float, default=0.0, help='vertical flip probability')
+    group.add_argument('--color-jitter', type=float, default=0.4, help='color jitter factor')
+    group.add_argument('--aa', default=None, help='AutoAugment / RandAugment policy, e.g. rand-m9-mstd0.5')
+    group.add_argument('--reprob', type=float, default=0.0, help='random erase probability')
+    group.add_argument('--remode', default='pixel', help='random erase mode')
+    group.add_argument('--recount', type=int, default=1, help='random erase count')
+    group.add_argument('--train-interpolation', default='random', help='training resize interpolation')
+    group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha, enabled if > 0')
+    group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha, enabled if > 0')
+    group.add_argument('--cutmix-minmax', type=float, nargs=2, default=None, help='cutmix min/max ratio')
+    group.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup or cutmix per batch')
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix over mixup')
+    group.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'), help='mixup mode')
+    group.add_argument('--smoothing', type=float, default=0.0, help='label smoothing (default: 0)')
+
+    group = parser.add_argument_group('Optimizer (timm.optim.create_optimizer_v2)')
+    group.add_argument('--opt', default='sgd', help='optimizer name (default: sgd)')
+    group.add_argument('--opt-eps', type=float, default=None, help='optimizer epsilon')
+    group.add_argument('--opt-betas', type=float, nargs='+', default=None, help='optimizer betas')
+    group.add_argument('--momentum', type=float, default=0.9, help='SGD momentum (default: 0.9)')
+    group.add_argument('--weight-decay', type=float, default=5e-4, help='weight decay (default: 5e-4)')
+    group.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay')
+    group.add_argument('--clip-grad', type=float, default=None, help='clip gradient norm (default: off)')
+
+    group = parser.add_argument_group('Schedule (timm.scheduler.create_scheduler_v2)')
+    group.add_argument('--sched', default='cosine', help='lr schedule (default: cosine)')
+    group.add_argument('--sched-on-updates', action='store_true', help='step the schedule every update')
+    group.add_argument('--lr', type=float, default=0.05, help='learning rate (default: 0.05)')
+    group.add_argument('--warmup-lr', type=float, default=1e-5, help='warmup start lr')
+    group.add_argument('--min-lr', type=float, default=0.0, help='lower lr bound')
+    group.add_argument('--epochs', type=int, default=100, help='epochs to train (default: 100)')
+    group.add_argument('--warmup-epochs', type=int, default=0, help='lr warmup epochs (default: 0)')
+    group.add_argument('--warmup-prefix', action='store_true', help='warmup epochs come before --epochs')
+    group.add_argument('--cooldown-epochs', type=int, default=0, help='epochs at min_lr after a cycle')
+    group.add_argument('--decay-epochs', type=float, default=30, help='step schedule interval')
+    group.add_argument('--decay-milestones', type=int, nargs='+', default=[30, 60], help='multistep milestones')
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.1, help='lr decay rate')
+    group.add_argument('--patience-epochs', type=int, default=10, help='plateau schedule patience')
+    group.add_argument('--lr-k-decay', type=float, default=1.0, help='k-decay for cosine/poly')
+
+    group = parser.add_argument_group('Training')
+    group.add_argument('-b', '--batch-size', type=int, default=64, help='batch size per process (default: 64)')
+    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, help='eval batch size')
+    group.add_argument('--grad-accum-steps', type=int, default=1, help='gradient accumulation steps')
+    group.add_argument('--mixed-precision', default='no', choices=MIXED_PRECISION,
+                       help='autocast dtype: no, bf16 or fp16 (GPU only)')
+    group.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
+    group.add_argument('--channels-last', action='store_true', help='channels_last memory layout for CNNs')
+    group.add_argument('--compile', action='store_true', help='torch.compile the student and the teacher')
+    group.add_argument('--log-interval', type=int, default=20, help='steps between progress bar updates')
+    group.add_argument('--skip-nonfinite', type=int, default=0, metavar='N',
+                       help='tolerate up to N steps with a NaN/Inf loss by skipping them (default: 0)')
+
+    group = parser.add_argument_group('Output')
+    group.add_argument('--output', default='', metavar='DIR',
+                       help='run folder (default: output/train/<time>-<student>-<method>)')
+    group.add_argument('--experiment', default='', help='run folder name under output/train')
+    group.add_argument('--resume', default='', metavar='auto|PATH',
+                       help='auto: continue from the newest complete checkpoint in --output; or a checkpoint path')
+    group.add_argument('--overwrite', action='store_true', help='replace a run already in --output')
+    group.add_argument('--save-best', action='store_true', help='also keep the best student by eval top-1')
+    group.add_argument('--checkpoint-steps', type=int, default=0, metavar='N',
+                       help='also checkpoint every N steps (default: epochs only)')
+    group.add_argument('--keep-checkpoints', type=int, default=2, metavar='K',
+                       help='checkpoints to keep, newest first (default: 2)')
+
+    group = parser.add_argument_group('Hugging Face Hub')
+    group.add_argument('--push-to-hub', default=None, metavar='ORG/NAME', help='push the student after training')
+    group.add_argument('--hub-private', action='store_true', help='create the Hub repository as private')
+    group.add_argument('--hub-revision', default=None, metavar='BRANCH', help='branch to push to')
+    return parser
+
+
+def _coerce(action: argparse.Action, key: str, value):
+    """Apply a flag's type to a YAML value, so config files are checked like the command line."""
+    if value is None or action.type is None:
+        return value
+    try:
+        if isinstance(value, (list, tuple)):
+            return [action.type(v) for v in value]
+        return action.type(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        raise UserError(f"config key '{key}': {value!r} is not a valid value ({e}).") from e
+
+
+def load_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
+    """Read a YAML config whose keys are flag dest names (dashes allowed) and check keys and value types."""
+    if not os.path.isfile(path):
+        raise UserError(f'config file not found: {path}')
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UserError(f'config file {path} is not valid YAML: {" ".join(str(e).split())[:200]}') from e
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise UserError(f'config file {path} must map flag names to values, not hold a {type(cfg).__name__}.')
+    actions = {a.dest: a for a in parser._actions}
+    out = {}
+    for key, value in cfg.items():
+        dest = str(key).replace('-', '_')
+        if dest not in actions or dest in ('help', 'config'):
+            raise UserError(f"config file {path}: unknown key '{key}'.")
+        action = actions[dest]
+        if action.choices is not None and value not in action.choices:
+            raise UserError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, action.choices))}.")
+        out[dest] = _coerce(action, key, value)
+    return out
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse flags, with ``--config`` values as defaults that explicit flags override (as timm's train.py)."""
+    parser = create_parser()
+    config_parser = ArgumentParser(add_help=False)
+    config_parser.add_argument('-c', '--config', default='')
+    config_args, _ = config_parser.parse_known_args(argv)
+    if config_args.config:
+        parser.set_defaults(**load_config_file(parser, config_args.config))
+    return parser.parse_args(argv)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject nonsense settings with one line each, before any work starts."""
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+    for name in ('task_loss_weight', 'kd_loss_weight', 'icd_loss_weight'):
+        value = getattr(args, name)
+        _check(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")
+    _check(args.kd_temperature > 0, f'--kd-temperature must be > 0, got {args.kd_temperature}.')
+    _check(args.icd_feat_dim >= 1, f'--icd-feat-dim must be >= 1, got {args.icd_feat_dim}.')
+    _check(args.icd_alpha >= 0, f'--icd-alpha must be >= 0, got {args.icd_alpha}.')
+    _check(args.icd_max_tau > 0, f'--icd-max-tau must be > 0, got {args.icd_max_tau}.')
+    _check(args.lr > 0, f'--lr must be > 0, got {args.lr}.')
+    _check(args.weight_decay >= 0, f'--weight-decay must be >= 0, got {args.weight_decay}.')
+    _check(args.epochs >= 1, f'--epochs must be >= 1, got {args.epochs}.')
+    _check(args.batch_size >= 1, f'--batch-size must be >= 1, got {args.batch_size}.')
+    _check(args.validation_batch_size is None or args.validation_batch_size >= 1,
+           f'--validation-batch-size must be >= 1, got {args.validation_batch_size}.')
+    _check(args.grad_accum_steps >= 1, f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}.')
+    _check(args.workers >= 0, f'--workers must be >= 0, got {args.workers}.')
+    _check(0 < args.val_fraction < 1, f'--val-fraction must be between 0 and 1, got {args.val_fraction}.')
+    _check(args.checkpoint_steps >= 0, f'--checkpoint-steps must be >= 0, got {args.checkpoint_steps}.')
+    _check(args.keep_checkpoints >= 1, f'--keep-checkpoints must be >= 1, got {args.keep_checkpoints}.')
+    _check(args.skip_nonfinite >= 0, f'--skip-nonfinite must be >= 0, got {args.skip_nonfinite}.')
+    _check(args.log_interval >= 1, f'--log-interval must be >= 1, got {args.log_interval}.')
+    _check(0 <= args.smoothing < 1, f'--smoothing must be in [0, 1), got {args.smoothing}.')
+    _check(args.mixup >= 0 and args.cutmix >= 0, '--mixup and --cutmix must be >= 0.')
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        _check(args.batch_size % 2 == 0, f'--mixup/--cutmix need an even --batch-size, got {args.batch_size}.')
+    for flag, size in (('--input-size', args.input_size), ('--teacher-input-size', args.teacher_input_size)):
+        _check(size is None or all(s >= 1 for s in size), f'{flag} values must be >= 1, got {size}.')
+    _check(not (args.resume and args.overwrite), '--resume and --overwrite contradict each other: pick one.')
+    _check(args.resume != 'auto' or bool(args.output), '--resume auto needs --output DIR (the run to continue).')
+    if args.mixed_precision == 'fp16' and not torch.cuda.is_available():
+        raise UserError('--mixed-precision fp16 needs a GPU (fp16 autocast does not run on CPU); use bf16.')
+    _check(args.method == 'vanilla' or bool(args.teacher), f'--method {args.method} needs --teacher.')
+
+    # let timm's own factories judge optimizer and schedule settings, on a throwaway parameter
+    dummy = torch.nn.Linear(1, 1)
+    try:
+        optimizer = create_optimizer_v2(dummy, **optimizer_kwargs(args))
+    except Exception as e:
+        raise UserError(f"--opt {args.opt}: {e}".rstrip('.') + '; see timm.optim.list_optimizers().') from e
+    try:
+        create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=1)
+    except Exception as e:
+        raise UserError(f'--sched {args.sched}: {e}') from e
+
+
+def args_to_yaml(args: argparse.Namespace) -> str:
+    """The run's settings as YAML (what timm's train.py writes to args.yaml)."""
+    return yaml.safe_dump({k: v for k, v in vars(args).items()}, default_flow_style=False)
+
+
+def teacher_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
+    return TEACHER_DTYPES[args.teacher_dtype]
+
+
+def parse_and_validate(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    args = parse_args(argv)
+    validate_args(args)
+    return args

@@ -1,0 +1,295 @@
+"""Image classification data through Hugging Face ``datasets``, one path for every source.
+
+``--dataset`` takes a Hub dataset id, a local ``save_to_disk`` folder, ``imagefolder:PATH`` or ``digits``
+(scikit-learn's real 8x8 handwritten digits, the embedded default). Image and label columns are detected from the
+features; transforms come from ``timm.data.create_transform``.
+
+Augmentation randomness is a pure function of (seed, epoch, sample index): a resumed run, a different worker count
+or skipped batches give every sample the same augmentation an uninterrupted run would.
+"""
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
+
+_logger = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ('image', 'img', 'pixel_values', 'picture')
+LABEL_COLUMNS = ('label', 'labels', 'fine_label', 'target', 'class', 'category')
+EVAL_SPLITS = ('validation', 'valid', 'val', 'test')
+
+
+@dataclass
+class ImageData:
+    """The train and eval splits of an image classification dataset, and what describes them."""
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    image_column: str
+    label_column: str
+    num_classes: int
+    label_names: List[str]
+    name: str
+    train_split: str
+    eval_split: str
+    skipped_images: dict = field(default_factory=dict)
+
+
+def digits_dataset() -> datasets.DatasetDict:
+    """scikit-learn's 1,797 real 8x8 handwritten digits (0..16 grey levels) as a stratified 80/20 train/test split."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = [Image.fromarray((img * 255.0 / 16.0).round().astype(np.uint8), mode='L') for img in digits.images]
+    features = datasets.Features({
+        'image': datasets.Image(),
+        'label': datasets.ClassLabel(names=[str(i) for i in range(10)]),
+    })
+    ds = datasets.Dataset.from_dict({'image': images, 'label': digits.target.tolist()}, features=features)
+    return ds.train_test_split(test_size=0.2, stratify_by_column='label', seed=0)
+
+
+def load_dataset_dict(spec: Union[str, datasets.DatasetDict]) -> datasets.DatasetDict:
+    """Load ``spec`` (Hub id, save_to_disk folder, ``imagefolder:PATH``, ``digits``, or a DatasetDict itself)."""
+    if isinstance(spec, datasets.DatasetDict):
+        return spec
+    if spec == 'digits':
+        return digits_dataset()
+    if spec.startswith('imagefolder:'):
+        path = spec[len('imagefolder:'):]
+        if not os.path.isdir(path):
+            raise UserError(f"dataset folder not found: {path} (from --dataset {spec}).")
+        try:
+            return datasets.load_dataset('imagefolder', data_dir=path)
+        except Exception as e:
+            raise UserError(f'cannot read images from {path}: {_first_line(e)}') from e
+    if os.path.isdir(spec):
+        try:
+            loaded = datasets.load_from_disk(spec)
+        except Exception as e:
+            raise UserError(
+                f'{spec} is not a datasets save_to_disk folder ({_first_line(e)}); for a folder of class '
+                f'sub-folders use --dataset imagefolder:{spec}.') from e
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+    if spec.startswith(('/', '.', '~')) or spec.count('/') > 1:  # a path, not a Hub id (NAME or ORG/NAME)
+        raise UserError(f'dataset folder not found: {spec}.')
+    try:
+        return datasets.load_dataset(spec)
+    except Exception as e:
+        raise UserError(
+            f"cannot load dataset '{spec}' from the Hub ({_first_line(e)}); pass a Hub id, a save_to_disk folder, "
+            f"imagefolder:PATH or digits.") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def _detect_column(ds: datasets.Dataset, wanted: Optional[str], feature_type, names: Sequence[str], what: str):
+    columns = list(ds.features)
+    if wanted:
+        if wanted not in ds.features:
+            raise UserError(f"no {what} column '{wanted}' in the dataset; its columns are: {', '.join(columns)}.")
+        return wanted
+    for name, feature in ds.features.items():
+        if isinstance(feature, feature_type):
+            return name
+    for name in names:
+        if name in ds.features:
+            return name
+    flag = '--image-column' if what == 'image' else '--label-column'
+    raise UserError(f"cannot find an {what} column among: {', '.join(columns)}; name it with {flag}.")
+
+
+def load_image_data(
+        spec: Union[str, datasets.DatasetDict] = 'digits',
+        train_split: str = 'train',
+        val_split: Optional[str] = None,
+        image_column: Optional[str] = None,
+        label_column: Optional[str] = None,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+) -> ImageData:
+    """Load a dataset and resolve its splits, columns, number of classes and label names.
+
+    Args:
+        spec: What ``--dataset`` takes.
+        train_split: Split to train on.
+        val_split: Split to evaluate on; None takes the first of validation/valid/val/test, or holds out
+            ``val_fraction`` of the train split (stratified, fixed seed) when there is none.
+        image_column, label_column: Column names; None detects them from the features.
+        val_fraction: Fraction held out when the dataset has no eval split.
+        seed: Seed of that hold-out split.
+    """
+    dd = load_dataset_dict(spec)
+    spec = spec if isinstance(spec, str) else 'in-memory DatasetDict'
+    if train_split not in dd:
+        raise UserError(f"no split '{train_split}' in dataset '{spec}'; its splits are: {', '.join(dd)}.")
+    train = dd[train_split]
+    if val_split is not None and val_split not in dd:
+        raise UserError(f"no split '{val_split}' in dataset '{spec}'; its splits are: {', '.join(dd)}.")
+    if val_split is None:
+        val_split = next((s for s in EVAL_SPLITS if s in dd and s != train_split), None)
+    image_column = _detect_column(train, image_column, datasets.Image, IMAGE_COLUMNS, 'image')
+    label_column = _detect_column(train, label_column, datasets.ClassLabel, LABEL_COLUMNS, 'label')
+    train = train.select_columns([image_column, label_column])
+    if val_split is None:
+        if len(train) < 2:
+            raise UserError(f"split '{train_split}' of dataset '{spec}' has {len(train)} rows: too few to train on.")
+        stratify = label_column if isinstance(train.features[label_column], datasets.ClassLabel) else None
+        try:
+            parts = train.train_test_split(test_size=val_fraction, stratify_by_column=stratify, seed=seed)
+        except ValueError:  # too few rows per class to stratify
+            parts = train.train_test_split(test_size=val_fraction, seed=seed)
+        train, eval_ds = parts['train'], parts['test']
+        val_split = f'{train_split}[holdout {val_fraction:g}]'
+        _logger.info(f"Dataset '{spec}' has no eval split: holding out {len(eval_ds)} rows of '{train_split}'.")
+    else:
+        eval_ds = dd[val_split]
+        for column in (image_column, label_column):
+            if column not in eval_ds.features:
+                raise UserError(f"split '{val_split}' has no column '{column}'.")
+        eval_ds = eval_ds.select_columns([image_column, label_column])
+    for split, ds in ((train_split, train), (val_split, eval_ds)):
+        if len(ds) == 0:
+            raise UserError(f"split '{split}' of dataset '{spec}' is empty.")
+
+    label_feature = train.features[label_column]
+    if isinstance(label_feature, datasets.ClassLabel):
+        num_classes, label_names = label_feature.num_classes, list(label_feature.names)
+    else:
+        num_classes = int(max(np.max(train[label_column]), np.max(eval_ds[label_column]))) + 1
+        label_names = [str(i) for i in range(num_classes)]
+    for split, ds in ((train_split, train), (val_split, eval_ds)):
+        labels = np.asarray(ds[label_column])
+        if labels.dtype.kind not in 'iu':
+            raise UserError(f"label column '{label_column}' holds {labels.dtype} values, not class indices.")
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if len(bad):
+            raise UserError(f"split '{split}' row {bad[0]} has label {labels[bad[0]]}, outside 0..{num_classes - 1} "
+                            f"({len(bad)} such rows); fix the labels or the label column.")
+    return ImageData(train, eval_ds, image_column, label_column, num_classes, label_names, spec, train_split,
+                     val_split)
+
+
+def _to_rgb(image) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    return image if image.mode == 'RGB' else image.convert('RGB')
+
+
+def find_bad_images(ds: datasets.Dataset, image_column: str, num_workers: int = 0) -> List[int]:
+    """Rows whose image cannot be decoded, found by decoding each one once."""
+    probe = ImageClassificationDataset(ds, image_column, None, transform=None, check_only=True)
+    loader = torch.utils.data.DataLoader(probe, batch_size=256, num_workers=num_workers, collate_fn=list)
+    return [i for batch in loader for i, ok in batch if not ok]
+
+
+class ImageClassificationDataset(torch.utils.data.Dataset):
+    """A ``datasets.Dataset`` split as (image tensor, label) samples, with optionally seeded augmentation.
+
+    Args:
+        ds: The split.
+        image_column, label_column: Its columns.
+        transform: timm transform applied to the RGB PIL image.
+        seed: When set, each sample's transform runs with RNG seeded from (seed, epoch, index); see ``set_epoch``.
+        split_name: For error messages.
+    """
+
+    def __init__(
+            self,
+            ds: datasets.Dataset,
+            image_column: str,
+            label_column: Optional[str],
+            transform: Optional[Callable] = None,
+            seed: Optional[int] = None,
+            split_name: str = 'train',
+            check_only: bool = False,
+    ):
+        self.ds = ds
+        self.image_column = image_column
+        self.label_column = label_column
+        self.transform = transform
+        self.seed = seed
+        self.split_name = split_name
+        self.check_only = check_only
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation stream samples draw from."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def _image(self, index: int) -> Image.Image:
+        try:
+            return _to_rgb(self.ds[index][self.image_column])
+        except Exception as e:
+            if self.check_only:
+                raise
+            raise UserError(
+                f"cannot decode the image in row {index} of split '{self.split_name}' ({_first_line(e)}); fix or "
+                f"remove it, or pass --skip-bad-images to skip such rows.") from e
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        if self.check_only:
+            try:
+                image = self._image(index)
+                image.load()
+                return index, True
+            except Exception:
+                return index, False
+        image = self._image(index)
+        label = self.ds[index][self.label_column]
+        if self.transform is None:
+            return image, label
+        if self.seed is None:
+            return self.transform(image), label
+        # a private RNG stream per (seed, epoch, index); the global streams are restored afterwards
+        sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0])
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            try:
+                return self.transform(image), label
+            finally:
+                random.setstate(py_state)
+
+
+def create_loaders(data: ImageData, data_config: dict, args) -> Tuple[torch.utils.data.DataLoader, ...]:
+    """Train and eval DataLoaders with timm transforms from the student's data config and timm's aug flags.
+
+    The train loader shuffles and drops the last partial batch; its generator is private, so creating an iterator
+    never draws from the global RNG (which dropout uses and checkpoints restore).
+    """
+    from timm.data import create_transform
+    train_tf = create_transform(
+        **{**data_config, 'interpolation': args.train_interpolation}, is_training=True, no_aug=args.no_aug,
+        scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode,
+        re_count=args.recount)
+    eval_tf = create_transform(**data_config, is_training=False)
+    train_set = ImageClassificationDataset(
+        data.train, data.image_column, data.label_column, train_tf, seed=args.seed, split_name=data.train_split)
+    eval_set = ImageClassificationDataset(
+        data.eval, data.image_column, data.label_column, eval_tf, split_name=data.eval_split)
+    if len(train_set) < args.batch_size:
+        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} rows of split "
+                        f"'{data.train_split}': lower it.")
+    common = dict(num_workers=args.workers, pin_memory=torch.cuda.is_available())
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed), **common)
+    eval_loader = torch.utils.data.DataLoader(
+        eval_set, batch_size=args.validation_batch_size or args.batch_size, shuffle=False,
+        generator=torch.Generator().manual_seed(args.seed), **common)
+    return train_loader, eval_loader

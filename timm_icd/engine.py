@@ -1,0 +1,127 @@
+"""One training epoch and one evaluation pass, on Accelerate.
+
+The step keeps to one host sync (the finite-loss check that decides whether to apply the update); loss meters stay
+on the device until they are logged.
+"""
+import logging
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import UserError
+
+_logger = logging.getLogger(__name__)
+
+LOSS_PARTS = ('loss', 'loss_ce', 'loss_kd', 'loss_icd', 'tau')
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or Inf more often than --skip-nonfinite allows."""
+
+
+def mixup_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """Seed for one batch's Mixup/CutMix draw, so resumed runs mix exactly as uninterrupted ones."""
+    return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0])
+
+
+def train_one_epoch(
+        accelerator,
+        task,
+        loader,
+        optimizer,
+        scheduler,
+        state: dict,
+        args,
+        mixup_fn: Optional[Callable] = None,
+        on_step: Optional[Callable[[dict], None]] = None,
+) -> Dict[str, float]:
+    """Train for the rest of epoch ``state['epoch']``, starting after ``state['step_in_epoch']`` batches.
+
+    Args:
+        state: Run state, updated in place (step counters, loss sums, non-finite count).
+        on_step: Called after every batch (e.g. to write step checkpoints).
+
+    Returns:
+        Mean of each loss part over the epoch's applied steps, and the last learning rate.
+    """
+    task.train()
+    module = task.trainable_module
+    sums = torch.tensor(state['epoch_sums'], dtype=torch.float64, device=accelerator.device)
+    total = len(loader) + state['step_in_epoch']
+    bar = tqdm(total=total, initial=state['step_in_epoch'], desc=f"epoch {state['epoch']}", leave=False,
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    for x, y in loader:
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if mixup_fn is not None:
+            np.random.seed(mixup_seed(args.seed, state['epoch'], state['step_in_epoch'], accelerator.process_index))
+            x, y = mixup_fn(x, y)
+        with accelerator.accumulate(module):
+            with accelerator.autocast():
+                out = task(x, y)
+            loss = out['loss']
+            accelerator.backward(loss)
+            finite = torch.isfinite(loss.detach())
+            if accelerator.num_processes > 1:  # all processes must agree to skip or to step
+                finite = accelerator.reduce(finite.to(torch.int32), reduction='sum') == accelerator.num_processes
+            if not finite.item():
+                optimizer.zero_grad()
+                state['nonfinite_steps'] += 1
+                parts = ', '.join(f'{k}={out[k].item():.4g}' for k in LOSS_PARTS if k != 'tau')
+                if state['nonfinite_steps'] > args.skip_nonfinite:
+                    raise NonFiniteLoss(
+                        f"non-finite loss at epoch {state['epoch']} step {state['step_in_epoch']} (global step "
+                        f"{state['global_step']}): {parts}; lower --lr, add --clip-grad, or allow skips with "
+                        f"--skip-nonfinite N. No checkpoint was written from this state.")
+                _logger.warning(f"Skipped step {state['global_step']} with a non-finite loss ({parts}); "
+                                f"{state['nonfinite_steps']} of {args.skip_nonfinite} allowed skips used.")
+            else:
+                if args.clip_grad is not None and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(module.parameters(), args.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad()
+                sums += torch.stack([out[k].detach().double() for k in LOSS_PARTS] + [sums.new_ones(())])
+        if accelerator.sync_gradients:
+            state['num_updates'] += 1
+            scheduler.step_update(num_updates=state['num_updates'])
+        state['global_step'] += 1
+        state['step_in_epoch'] += 1
+        state['epoch_sums'] = sums  # a device tensor until it is logged or checkpointed
+        bar.update(1)
+        if state['step_in_epoch'] % args.log_interval == 0 or state['step_in_epoch'] == total:
+            means = sums[:-1] / sums[-1].clamp(min=1)
+            bar.set_postfix(loss=f'{means[0].item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+        if on_step is not None and state['step_in_epoch'] < total:
+            on_step(state)
+    bar.close()
+    sums = accelerator.reduce(sums, reduction='sum') if accelerator.num_processes > 1 else sums
+    values = sums.tolist()
+    count = max(values[-1], 1.0)
+    metrics = {k: v / count for k, v in zip(LOSS_PARTS, values[:-1])}
+    metrics['lr'] = optimizer.param_groups[0]['lr']
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(accelerator, model_fn: Callable, loader, channels_last: bool = False) -> Dict[str, float]:
+    """Top-1 / top-5 (%) and CE loss of ``model_fn`` over the whole eval split, each sample counted once.
+
+    ``gather_for_metrics`` drops the samples Accelerate repeats to even out the last batch across processes.
+    """
+    correct1 = correct5 = loss_sum = count = 0.0
+    for x, y in loader:
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits = model_fn(x)
+        logits, y = accelerator.gather_for_metrics((logits.float(), y))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(y[:, None])
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction='sum').item()
+        count += y.numel()
+    return {'top1': 100.0 * correct1 / count, 'top5': 100.0 * correct5 / count, 'loss': loss_sum / count,
+            'count': int(count)}

@@ -1,0 +1,57 @@
+"""Write the trained student in timm's Hub format: ``model.safetensors`` + ``config.json``.
+
+The folder is what ``timm.models.save_for_hf(..., safe_serialization=True)`` writes, with the dataset's number of
+classes, label names and preprocessing, so ``timm.create_model('local-dir:FOLDER')`` rebuilds the exact model.
+``distillation.json`` beside it records how the student was made (no weights, no tokens).
+"""
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch.nn as nn
+from timm.models import save_for_hf
+
+from .checkpoint import replace_dir
+
+_logger = logging.getLogger(__name__)
+
+DISTILLATION_JSON = 'distillation.json'
+DATA_CONFIG_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+
+
+def save_student(
+        model: nn.Module,
+        folder: Path,
+        data_config: dict,
+        label_names: Optional[Sequence[str]] = None,
+        record: Optional[dict] = None,
+) -> Path:
+    """Save ``model`` (a bare timm model, no hooks or wrappers needed) to ``folder``, replacing it atomically.
+
+    Args:
+        model: The student.
+        folder: Destination; written as ``.tmp-NAME`` beside it first.
+        data_config: The preprocessing the student was trained with (timm data config keys).
+        label_names: Class names, index i for output i.
+        record: Written as ``distillation.json`` when given.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(f'.tmp-{folder.name}')
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model_config = {'label_names': list(label_names)} if label_names else None
+    save_for_hf(
+        model, tmp, model_config=model_config, safe_serialization=True,
+        data_config={k: data_config[k] for k in DATA_CONFIG_KEYS if data_config.get(k) is not None})
+    if record is not None:
+        (tmp / DISTILLATION_JSON).write_text(json.dumps(record, indent=2))
+    replace_dir(tmp, folder)
+    return folder
+
+
+def read_record(folder: Path) -> dict:
+    """The ``distillation.json`` of a student folder ({} when absent)."""
+    path = Path(folder) / DISTILLATION_JSON
+    return json.loads(path.read_text()) if path.is_file() else {}

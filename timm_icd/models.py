@@ -1,0 +1,182 @@
+"""Student and teacher creation on top of ``timm.create_model``, with safe weight loading and clear errors.
+
+Models are named as timm names them: a registered architecture (``resnet50``), ``hf-hub:ORG/NAME`` or
+``local-dir:PATH`` (a folder holding timm's ``config.json`` + ``model.safetensors``, as this tool writes students).
+"""
+import difflib
+import logging
+import os
+import pickle
+from typing import Dict, Optional
+
+import safetensors.torch
+import timm
+import torch
+import torch.nn as nn
+from timm.models import clean_state_dict
+
+from .errors import UserError
+from .hooks import get_classifier_module
+
+_logger = logging.getLogger(__name__)
+
+_SOURCES = ('hf-hub:', 'local-dir:')
+
+
+def is_hub_or_local(name: str) -> bool:
+    """True for ``hf-hub:`` and ``local-dir:`` names, whose weights come with their config."""
+    return name.startswith(_SOURCES)
+
+
+def check_model_name(name: str, role: str = 'model') -> None:
+    """Fail with close timm names when ``name`` is not a timm architecture (or a missing local-dir folder)."""
+    if name.startswith('local-dir:'):
+        path = name[len('local-dir:'):]
+        if not os.path.isfile(os.path.join(path, 'config.json')):
+            raise UserError(f"{role} '{name}': no config.json in {path}; point local-dir: at a folder timm saved.")
+        return
+    if name.startswith('hf-hub:'):
+        return
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models() for the names."
+        raise UserError(f"unknown {role} model '{name}'.{hint}")
+
+
+def load_weights_file(path: str) -> Dict[str, torch.Tensor]:
+    """Read a state dict from safetensors, or from a timm/PyTorch checkpoint with ``weights_only=True``.
+
+    Checkpoints that wrap the weights (``state_dict``, ``model`` or ``state_dict_ema`` keys, as timm's train.py
+    writes them) are unwrapped and DDP ``module.`` prefixes removed. Pickles that need arbitrary code are refused.
+    """
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, 'model.safetensors')):
+        path = os.path.join(path, 'model.safetensors')
+    if not os.path.isfile(path):
+        raise UserError(f'checkpoint not found: {path}')
+    if path.endswith('.safetensors'):
+        try:
+            return safetensors.torch.load_file(path, device='cpu')
+        except Exception as e:
+            raise UserError(f'cannot read {path}: corrupt or truncated safetensors file ({_first_line(e)}).') from e
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f'refusing to load {path}: it needs arbitrary code to unpickle (weights_only=True failed). '
+            f'Re-save it as safetensors or a plain state_dict.') from e
+    except Exception as e:
+        raise UserError(f'cannot read {path}: corrupt or truncated checkpoint ({_first_line(e)}).') from e
+    if isinstance(checkpoint, dict):
+        for key in ('state_dict_ema', 'state_dict', 'model'):
+            if isinstance(checkpoint.get(key), dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise UserError(f'{path} does not hold a state dict of tensors.')
+    return clean_state_dict(checkpoint)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def _classifier_key(model: nn.Module) -> Optional[str]:
+    classifier = get_classifier_module(model)
+    for name, module in model.named_modules():
+        if module is classifier and isinstance(getattr(module, 'weight', None), torch.Tensor):
+            return f'{name}.weight'
+    return None
+
+
+def load_checkpoint_into(model: nn.Module, path: str, role: str = 'model') -> nn.Module:
+    """Load ``path`` strictly into ``model``, resizing its classifier to the checkpoint's number of classes."""
+    state_dict = load_weights_file(path)
+    key = _classifier_key(model)
+    if key is not None and key in state_dict and state_dict[key].shape[0] != model.num_classes:
+        model.reset_classifier(state_dict[key].shape[0])
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        detail = ' '.join(line.strip() for line in str(e).splitlines()[1:3])
+        raise UserError(
+            f'{role} checkpoint {path} does not fit {type(model).__name__} '
+            f'({detail[:300] or _first_line(e)}); check the architecture name.') from e
+    return model
+
+
+def create_student(
+        name: str,
+        num_classes: int,
+        pretrained: Optional[bool] = None,
+        checkpoint: Optional[str] = None,
+        **kwargs,
+) -> nn.Module:
+    """Create the student with ``num_classes`` outputs.
+
+    Args:
+        name: timm name, ``hf-hub:`` or ``local-dir:``.
+        num_classes: Classes of the dataset; a pretrained head of another size is re-initialised by timm.
+        pretrained: Load pretrained weights; None means yes for hf-hub:/local-dir: names (a published student to
+            start from) and no for architecture names.
+        checkpoint: Optional weights file to start from (safetensors or a weights-only torch checkpoint).
+        **kwargs: Passed to ``timm.create_model`` (drop_rate, drop_path_rate, ...).
+    """
+    check_model_name(name, 'student')
+    if pretrained is None:
+        pretrained = is_hub_or_local(name)
+    model = _create(name, 'student', pretrained=pretrained, num_classes=num_classes, **kwargs)
+    if checkpoint:
+        load_checkpoint_into(model, checkpoint, 'student')
+        if model.num_classes != num_classes:
+            model.reset_classifier(num_classes)
+    return model
+
+
+def create_teacher(
+        name: str,
+        num_classes: Optional[int] = None,
+        pretrained: bool = True,
+        checkpoint: Optional[str] = None,
+) -> nn.Module:
+    """Create the frozen teacher.
+
+    Args:
+        name: timm name, ``hf-hub:`` or ``local-dir:``.
+        num_classes: Classes to give a randomly initialised teacher (ignored when weights are loaded: the teacher
+            keeps the label space of its weights).
+        pretrained: Load timm's pretrained weights for ``name``.
+        checkpoint: Weights file; its classifier decides the teacher's number of classes.
+    """
+    check_model_name(name, 'teacher')
+    if checkpoint:
+        model = _create(name, 'teacher', pretrained=False, num_classes=num_classes)
+        load_checkpoint_into(model, checkpoint, 'teacher')
+    elif pretrained:
+        model = _create(name, 'teacher', pretrained=True)
+    else:
+        model = _create(name, 'teacher', pretrained=False, num_classes=num_classes)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _create(name: str, role: str, pretrained: bool, **kwargs) -> nn.Module:
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        if not pretrained:
+            raise
+        flag = '--teacher-checkpoint FILE or --teacher-pretrained false' if role == 'teacher' \
+            else '--student-checkpoint FILE or --no-pretrained'
+        raise UserError(f"cannot load pretrained weights for {role} '{name}' ({_first_line(e)}); pass {flag}.") from e
+
+
+def teacher_source(name: str, pretrained: bool, checkpoint: Optional[str]) -> str:
+    """Where the teacher's weights came from, for records and model cards."""
+    if checkpoint:
+        return f'checkpoint:{checkpoint}'
+    if is_hub_or_local(name):
+        return name
+    return f'timm:{name}' if pretrained else 'random-init'

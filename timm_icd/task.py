@@ -1,0 +1,376 @@
+"""The ICD distiller: a ``timm.task.TrainingTask`` that trains a student from a frozen teacher.
+
+    loss = task_loss_weight * CE(student, y) + kd_loss_weight * KD(student, teacher) + icd_loss_weight * ICD
+
+One trainable module holds the student and the ICD heads (so DDP syncs the heads with the student); the teacher
+sits outside it, in eval mode with ``requires_grad=False``, runs under ``no_grad`` and is never wrapped for DDP.
+"""
+import logging
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.task import DistillationTeacher, TrainingTask, resolve_classification_loss
+from timm.utils import unwrap_model
+
+from .errors import UserError
+from .hooks import FeatureHook, probe_feature_dim
+from .loss import ICDLoss, kd_loss
+from .models import create_student, create_teacher
+
+_logger = logging.getLogger(__name__)
+
+METHODS = ('vanilla', 'kd', 'icd', 'icd+kd')
+
+# (task_loss_weight, kd_loss_weight, icd_loss_weight): the paper's settings
+METHOD_WEIGHTS = {
+    'vanilla': (1.0, 0.0, 0.0),
+    'kd': (0.1, 0.9, 0.0),
+    'icd': (1.0, 0.0, 1.0),
+    'icd+kd': (1.0, 1.0, 1.0),
+}
+
+
+def resolve_method(method: str, teacher_classes: Optional[int], num_classes: int) -> Tuple[str, str]:
+    """Resolve ``auto`` and check that logit KD is possible.
+
+    Returns:
+        (method, reason): the method to use and a sentence saying why, for the log.
+    """
+    if method not in METHODS + ('auto',):
+        raise UserError(f"unknown method '{method}': choose one of auto, {', '.join(METHODS)}.")
+    if method == 'vanilla':
+        return method, 'vanilla: cross-entropy only, no teacher'
+    if teacher_classes is None:
+        raise UserError(f"method '{method}' needs a teacher: pass --teacher NAME.")
+    same = teacher_classes == num_classes
+    if method == 'auto':
+        if same:
+            return 'icd+kd', f'auto chose icd+kd: the teacher predicts the dataset\'s {num_classes} classes'
+        return 'icd', (f'auto chose icd: the teacher predicts {teacher_classes} classes but the dataset has '
+                       f'{num_classes}, so logit KD is impossible and only the feature-level ICD term is used')
+    if 'kd' in method and not same:
+        raise UserError(
+            f"method '{method}' needs a teacher with the dataset's {num_classes} classes, but the teacher has "
+            f"{teacher_classes}: fine-tune the teacher first (train_icd.py --method vanilla --student TEACHER "
+            f"--pretrained ...) and pass it with --teacher-checkpoint, or use --method icd.")
+    return method, f'{method} as asked'
+
+
+class ICDTeacher(DistillationTeacher):
+    """Frozen teacher that gives logits and its pooled feature from one forward pass.
+
+    Extends timm's ``DistillationTeacher`` (which re-normalises a student-normalised batch to the teacher's
+    mean/std) with resizing to the teacher's input size, a feature hook, and an optional compute dtype.
+
+    Args:
+        model: The teacher model.
+        input_size: (C, H, W) the teacher expects; None uses its ``pretrained_cfg['input_size']``.
+        layer: Module to take features from; None takes the classifier's input.
+        need_features: Capture features (False for KD alone).
+        dtype: Dtype to run the teacher in (e.g. torch.bfloat16); outputs are returned in float32.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            input_size: Optional[Sequence[int]] = None,
+            layer: Optional[str] = None,
+            need_features: bool = True,
+            dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__(model)
+        model.requires_grad_(False)
+        if dtype is not None:
+            model.to(dtype=dtype)
+        if input_size is None:
+            input_size = getattr(model, 'pretrained_cfg', {}).get('input_size')
+        self.input_size = tuple(input_size) if input_size else None
+        self.layer = layer
+        self.feature_hook = FeatureHook(model, layer) if need_features else None
+
+    @property
+    def num_classes(self) -> int:
+        return unwrap_model(self.model).num_classes
+
+    def prepare_input(self, input: torch.Tensor, student_mean: torch.Tensor, student_std: torch.Tensor):
+        """Re-normalise a student batch for the teacher and resize it to the teacher's input size."""
+        x = self.normalize_input(input, student_mean, student_std)
+        if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size[-2:]):
+            x = F.interpolate(x, size=tuple(self.input_size[-2:]), mode='bilinear', align_corners=False)
+        return x
+
+    @torch.no_grad()
+    def forward(self, input: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Teacher logits and pooled features (None without a feature hook) for an input prepared for it."""
+        param = next(self.model.parameters())
+        logits = self.model(input.to(param.dtype))
+        features = self.feature_hook.pop() if self.feature_hook is not None else None
+        return logits.float(), features
+
+    def remove_hooks(self) -> None:
+        if self.feature_hook is not None:
+            self.feature_hook.remove()
+            self.feature_hook = None
+
+
+class ICDTrainableModule(nn.Module):
+    """The student and the ICD heads in one module, so a single DDP wrapper syncs both.
+
+    ``forward(input, teacher_features)`` returns the student logits and, when the ICD term is active, the ICD loss
+    dict, all computed inside this forward as DDP expects.
+    """
+
+    def __init__(self, student: nn.Module, icd: Optional[ICDLoss] = None, student_layer: Optional[str] = None):
+        super().__init__()
+        self.student = student
+        self.icd = icd
+        self.feature_hook = FeatureHook(student, student_layer) if icd is not None else None
+
+    def forward(
+            self,
+            input: torch.Tensor,
+            teacher_features: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]:
+        logits = self.student(input)
+        if self.feature_hook is None:
+            return logits, None
+        features = self.feature_hook.pop()
+        if teacher_features is None:
+            return logits, None
+        return logits, self.icd(features, teacher_features)
+
+    def remove_hooks(self) -> None:
+        if self.feature_hook is not None:
+            self.feature_hook.remove()
+            self.feature_hook = None
+
+
+class ICDDistillationTask(TrainingTask):
+    """Distill a frozen teacher into a student with CE + KD + ICD.
+
+    ``forward(input, target)`` returns a dict with 'loss' (to back-propagate), 'output' (student logits, for
+    metrics), and the detached parts 'loss_ce', 'loss_kd', 'loss_icd' and 'tau' (parts of a method that does not
+    use them are 0).
+
+    Args:
+        student_model: The student (a timm model).
+        teacher_model: The teacher (a timm model, or an ``ICDTeacher``); None only for ``method='vanilla'``.
+        method: 'vanilla', 'kd', 'icd', 'icd+kd' or 'auto' (icd+kd when the teacher has the student's classes,
+            else icd).
+        criterion: Classification loss; created with timm's ``create_classification_loss(**criterion_kwargs)``
+            when None (so ``smoothing`` and Mixup/CutMix soft targets work as in timm).
+        task_loss_weight, kd_loss_weight, icd_loss_weight: Override the method's weights (see METHOD_WEIGHTS).
+        kd_temperature: Temperature of the KD term.
+        icd_feat_dim, icd_alpha, icd_init_t, icd_max_tau, icd_negatives: ICD settings (see ``ICDLoss``).
+        student_layer, teacher_layer: Module names to take features from; None takes each classifier's input.
+        student_input_size: (C, H, W) of the student's batches; None uses its pretrained_cfg.
+        teacher_input_size: (C, H, W) the teacher expects; None uses its pretrained_cfg.
+        student_mean, student_std: Normalisation of the student's batches; None uses its pretrained_cfg.
+        teacher_dtype: Dtype to run the teacher in, e.g. torch.bfloat16.
+    """
+
+    def __init__(
+            self,
+            student_model: nn.Module,
+            teacher_model: Union[nn.Module, ICDTeacher, None] = None,
+            method: str = 'auto',
+            criterion: Optional[nn.Module] = None,
+            criterion_kwargs: Optional[Dict[str, Any]] = None,
+            task_loss_weight: Optional[float] = None,
+            kd_loss_weight: Optional[float] = None,
+            icd_loss_weight: Optional[float] = None,
+            kd_temperature: float = 4.0,
+            icd_feat_dim: int = 128,
+            icd_alpha: float = 0.5,
+            icd_init_t: float = 1.0,
+            icd_max_tau: float = 10.0,
+            icd_negatives: str = 'local',
+            student_layer: Optional[str] = None,
+            teacher_layer: Optional[str] = None,
+            student_input_size: Optional[Sequence[int]] = None,
+            teacher_input_size: Optional[Sequence[int]] = None,
+            student_mean: Optional[Sequence[float]] = None,
+            student_std: Optional[Sequence[float]] = None,
+            teacher_dtype: Optional[torch.dtype] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = True,
+    ):
+        super().__init__(device=device, dtype=dtype, verbose=verbose)
+        student = unwrap_model(student_model)
+        teacher_module = teacher_model.model if isinstance(teacher_model, DistillationTeacher) else teacher_model
+        teacher_classes = unwrap_model(teacher_module).num_classes if teacher_module is not None else None
+        self.method, reason = resolve_method(method, teacher_classes, student.num_classes)
+        defaults = METHOD_WEIGHTS[self.method]
+        weights = (task_loss_weight, kd_loss_weight, icd_loss_weight)
+        self.task_loss_weight, self.kd_loss_weight, self.icd_loss_weight = (
+            float(w) if w is not None else d for w, d in zip(weights, defaults))
+        if self.method == 'vanilla':
+            self.kd_loss_weight = self.icd_loss_weight = 0.0
+        self.kd_temperature = kd_temperature
+        if verbose:
+            _logger.info(f'Method {reason}; loss = {self.task_loss_weight} * ce + {self.kd_loss_weight} * kd + '
+                         f'{self.icd_loss_weight} * icd')
+
+        uses_icd = self.icd_loss_weight > 0
+        self.teacher: Optional[ICDTeacher] = None
+        if self.kd_loss_weight > 0 or uses_icd:
+            if isinstance(teacher_model, ICDTeacher):
+                self.teacher = teacher_model
+            else:
+                self.teacher = ICDTeacher(
+                    teacher_module, teacher_input_size, layer=teacher_layer, need_features=uses_icd,
+                    dtype=teacher_dtype)
+            self.teacher.to(device=self.device)
+
+        student_cfg = getattr(student, 'pretrained_cfg', {})
+        student_input_size = tuple(student_input_size or student_cfg.get('input_size', (3, 224, 224)))
+        self.student_input_size = student_input_size
+        icd = None
+        if uses_icd:
+            student_dim = probe_feature_dim(student, student_input_size, student_layer)
+            teacher_dim = probe_feature_dim(
+                self.teacher.model, self.teacher.input_size or student_input_size, self.teacher.layer)
+            icd = ICDLoss(
+                student_dim, teacher_dim, feat_dim=icd_feat_dim, alpha=icd_alpha, init_t=icd_init_t,
+                max_tau=icd_max_tau, negatives=icd_negatives, device=self.device)
+            if verbose:
+                _logger.info(f'ICD heads: student {student_dim} -> {icd_feat_dim}, teacher {teacher_dim} -> '
+                             f'{icd_feat_dim}, alpha={icd_alpha}, negatives={icd_negatives}')
+        self.trainable_module = ICDTrainableModule(student_model, icd, student_layer)
+        self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
+
+        mean = torch.tensor(student_mean or student_cfg.get('mean', (0.485, 0.456, 0.406)), device=self.device)
+        std = torch.tensor(student_std or student_cfg.get('std', (0.229, 0.224, 0.225)), device=self.device)
+        self.register_buffer('student_mean', mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer('student_std', std.view(1, -1, 1, 1), persistent=False)
+
+    @property
+    def student(self) -> nn.Module:
+        """The bare student model (no DDP or compile wrapper)."""
+        return unwrap_model(self.trainable_module).student
+
+    @property
+    def icd(self) -> Optional[ICDLoss]:
+        """The ICD loss module with its heads and t, or None when the method has no ICD term."""
+        return unwrap_model(self.trainable_module).icd
+
+    def train(self, mode: bool = True) -> 'ICDDistillationTask':
+        """Set training mode while keeping the teacher in evaluation mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def teacher_logits(self, input: torch.Tensor) -> torch.Tensor:
+        """Teacher logits for a student-normalised batch (used to measure the teacher's accuracy)."""
+        return self.teacher(self.teacher.prepare_input(input, self.student_mean, self.student_std))[0]
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Distillation forward pass.
+
+        Args:
+            input: Student-normalised batch, B x C x H x W.
+            target: Class indices (B) or soft targets (B x classes, from Mixup/CutMix).
+        """
+        teacher_logits = teacher_features = None
+        if self.teacher is not None:
+            teacher_logits, teacher_features = self.teacher(
+                self.teacher.prepare_input(input, self.student_mean, self.student_std))
+        logits, icd_out = self.trainable_module(input, teacher_features)
+        loss_ce = self.criterion(logits, target)
+        loss = self.task_loss_weight * loss_ce
+        zero = loss_ce.new_zeros(()).detach()
+        loss_kd = loss_icd = tau = zero
+        if self.kd_loss_weight > 0:
+            loss_kd = kd_loss(logits, teacher_logits, self.kd_temperature)
+            loss = loss + self.kd_loss_weight * loss_kd
+        if icd_out is not None:
+            loss_icd, tau = icd_out['loss_icd'], icd_out['tau']
+            loss = loss + self.icd_loss_weight * loss_icd
+        return {
+            'loss': loss,
+            'output': logits,
+            'loss_ce': loss_ce.detach(),
+            'loss_kd': loss_kd.detach(),
+            'loss_icd': loss_icd.detach(),
+            'tau': tau.detach(),
+        }
+
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'ICDDistillationTask':
+        """Wrap the trainable module (student + ICD heads) in DDP for timm's own training loop."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        return self
+
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
+        """torch.compile the student (with its heads) and the teacher; hooks are traced with the modules."""
+        self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
+        self.eval_model = torch.compile(self.student, backend=backend, mode=mode, **compile_kwargs)
+        if self.teacher is not None:
+            self.teacher.model = torch.compile(self.teacher.model, backend=backend, mode=mode, **compile_kwargs)
+        return self.eval_model
+
+    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+        if module is None and not ema and hasattr(self, 'eval_model'):
+            return self.eval_model
+        module = module if module is not None else self.get_trainable_module(ema=ema)
+        return unwrap_model(module).student if module is not None else None
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Any]:
+        """The ICD heads and t, which live outside the student's state_dict."""
+        module = module if module is not None else self.get_trainable_module(ema=ema)
+        icd = unwrap_model(module).icd if module is not None else None
+        return {'icd': icd.state_dict()} if icd is not None else {}
+
+    def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
+        if not state or 'icd' not in state:
+            return
+        module = module if module is not None else self.get_trainable_module(ema=ema)
+        unwrap_model(module).icd.load_state_dict(state['icd'], strict=strict)
+
+    def remove_hooks(self) -> None:
+        """Remove every hook this task put on the student and the teacher."""
+        unwrap_model(self.trainable_module).remove_hooks()
+        if self.teacher is not None:
+            self.teacher.remove_hooks()
+
+
+def create_distiller(
+        student: Union[str, nn.Module],
+        teacher: Union[str, nn.Module, None] = None,
+        num_classes: Optional[int] = None,
+        method: str = 'auto',
+        pretrained_student: Optional[bool] = None,
+        pretrained_teacher: bool = True,
+        teacher_checkpoint: Optional[str] = None,
+        **kwargs,
+) -> ICDDistillationTask:
+    """Build an ``ICDDistillationTask`` from models or timm names.
+
+    Args:
+        student: Student model, or a timm name (then ``num_classes`` is required).
+        teacher: Teacher model, or a timm name; None for method 'vanilla'.
+        num_classes: Classes of the dataset, for a student (or randomly initialised teacher) created by name.
+        method: See ``ICDDistillationTask``.
+        pretrained_student: Load pretrained student weights (default: only for hf-hub:/local-dir: names).
+        pretrained_teacher: Load the teacher's pretrained weights when created by name.
+        teacher_checkpoint: Weights file for a teacher created by name.
+        **kwargs: Passed to ``ICDDistillationTask``.
+
+    Example:
+        >>> task = create_distiller('resnet18', 'local-dir:runs/teacher/student', num_classes=10)
+        >>> out = task(images, labels)
+        >>> out['loss'].backward()
+    """
+    if isinstance(student, str):
+        if num_classes is None:
+            raise ValueError('num_classes is required to create a student by name.')
+        student = create_student(student, num_classes, pretrained=pretrained_student)
+    if isinstance(teacher, str):
+        teacher = create_teacher(
+            teacher, num_classes=unwrap_model(student).num_classes, pretrained=pretrained_teacher,
+            checkpoint=teacher_checkpoint)
+    return ICDDistillationTask(student, teacher, method=method, **kwargs)

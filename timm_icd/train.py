@@ -1,0 +1,256 @@
+"""A distillation run from parsed flags: data, models, the distiller, Accelerate, the epoch loop and the outputs.
+
+Order matters for users: every check that can fail fast (flags, names, output folder, dataset, teacher weights)
+runs before the first training step, and nothing in an existing run folder is changed until they all pass.
+"""
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from timm.data import Mixup, resolve_data_config
+from timm.models import get_pretrained_cfg_value
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+from . import __version__
+from .checkpoint import (
+    check_output_dir, claim_output_dir, load_checkpoint, resolve_resume, save_checkpoint, write_text_atomic)
+from .config import args_to_yaml, teacher_dtype
+from .data import create_loaders, find_bad_images, load_image_data
+from .engine import LOSS_PARTS, evaluate, train_one_epoch
+from .errors import UserError
+from .export import save_student
+from .models import check_model_name, create_student, create_teacher, is_hub_or_local, teacher_source
+from .task import ICDDistillationTask
+
+_logger = logging.getLogger(__name__)
+
+# settings a resumed run must share with the run that wrote the checkpoint
+FINGERPRINT = ('student', 'teacher', 'teacher_checkpoint', 'method', 'dataset', 'batch_size', 'grad_accum_steps',
+               'seed', 'icd_feat_dim', 'student_layer', 'teacher_layer')
+
+
+def default_output(args) -> Path:
+    name = args.experiment or '-'.join([time.strftime('%Y%m%d-%H%M%S'), args.student.split(':')[-1].replace(
+        '/', '_'), args.method.replace('+', '_')])
+    return Path('output') / 'train' / name
+
+
+def _summary_csv(history: List[dict]) -> str:
+    import csv
+    import io
+    buf = io.StringIO()
+    if history:
+        writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    return buf.getvalue()
+
+
+def _fresh_state(args) -> dict:
+    return {
+        'epoch': 0, 'step_in_epoch': 0, 'global_step': 0, 'num_updates': 0,
+        'epoch_sums': [0.0] * (len(LOSS_PARTS) + 1), 'nonfinite_steps': 0,
+        'best_top1': None, 'best_epoch': None, 'history': [], 'teacher': None,
+        'fingerprint': {k: getattr(args, k) for k in FINGERPRINT},
+    }
+
+
+def _snapshot(state: dict) -> dict:
+    """The JSON-able run state (loss sums leave the device here, once per checkpoint)."""
+    snap = dict(state)
+    if isinstance(snap['epoch_sums'], torch.Tensor):
+        snap['epoch_sums'] = snap['epoch_sums'].tolist()
+    return snap
+
+
+def run(args, argv: Optional[List[str]] = None) -> dict:
+    """Train a student as ``args`` say and return its results (see train_icd.py --help for the flags)."""
+    output = Path(args.output) if args.output else default_output(args)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format='%(message)s', force=True)
+    set_seed(args.seed)
+    start = time.time()
+
+    # fast checks first: names and the run folder, before any download or data work
+    check_model_name(args.student, 'student')
+    uses_teacher = args.method != 'vanilla'
+    if uses_teacher:
+        check_model_name(args.teacher, 'teacher')
+    check_output_dir(output, args.resume, args.overwrite)
+
+    with accelerator.main_process_first():
+        data = load_image_data(args.dataset, args.train_split, args.val_split, args.image_column, args.label_column,
+                               args.val_fraction, args.seed)
+    if args.skip_bad_images:
+        for split in ('train', 'eval'):
+            ds = getattr(data, split)
+            bad = find_bad_images(ds, data.image_column, args.workers)
+            if bad:
+                _logger.warning(f'Skipping {len(bad)} unreadable images in split {split} (rows {bad[:10]}...).')
+                setattr(data, split, ds.select(sorted(set(range(len(ds))) - set(bad))))
+            data.skipped_images[split] = len(bad)
+
+    teacher = None
+    if uses_teacher:
+        teacher = create_teacher(args.teacher, data.num_classes, args.teacher_pretrained, args.teacher_checkpoint)
+    student_kwargs = dict(drop_rate=args.drop, drop_path_rate=args.drop_path)
+    if args.input_size and not is_hub_or_local(args.student) and \
+            get_pretrained_cfg_value(args.student, 'fixed_input_size'):
+        student_kwargs['img_size'] = tuple(args.input_size[1:])
+    student = create_student(args.student, data.num_classes, args.pretrained, args.student_checkpoint,
+                             **student_kwargs)
+    data_config = resolve_data_config(
+        {'input_size': args.input_size, 'mean': args.mean, 'std': args.std, 'interpolation': args.interpolation,
+         'crop_pct': args.crop_pct}, model=student)
+    teacher_input_size = args.teacher_input_size
+    if teacher is not None and teacher_input_size is None and (args.teacher_checkpoint or not (
+            args.teacher_pretrained or is_hub_or_local(args.teacher))):
+        teacher_input_size = data_config['input_size']  # weights without a config: assume the student's size
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    task = ICDDistillationTask(
+        student, teacher, method=args.method,
+        criterion_kwargs={'smoothing': args.smoothing, 'soft_targets': mixup_active},
+        task_loss_weight=args.task_loss_weight, kd_loss_weight=args.kd_loss_weight,
+        icd_loss_weight=args.icd_loss_weight, kd_temperature=args.kd_temperature,
+        icd_feat_dim=args.icd_feat_dim, icd_alpha=args.icd_alpha, icd_init_t=args.icd_init_t,
+        icd_max_tau=args.icd_max_tau, icd_negatives=args.icd_negatives, student_layer=args.student_layer,
+        teacher_layer=args.teacher_layer, student_input_size=data_config['input_size'],
+        teacher_input_size=teacher_input_size, student_mean=data_config['mean'], student_std=data_config['std'],
+        teacher_dtype=teacher_dtype(args), verbose=accelerator.is_main_process)
+    train_loader, eval_loader = create_loaders(data, data_config, args)
+    mixup_fn = Mixup(
+        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+        num_classes=data.num_classes) if mixup_active else None
+
+    # every check passed: now the run folder may change
+    resume_from = resolve_resume(output, args.resume) if args.resume else None
+    if accelerator.is_main_process:
+        claim_output_dir(output, args.overwrite)
+        if not (output / 'args.yaml').exists():
+            write_text_atomic(output / 'args.yaml', args_to_yaml(args))
+    accelerator.wait_for_everyone()
+
+    task.to(accelerator.device)
+    if args.channels_last:
+        task.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(task.trainable_module, **optimizer_kwargs(args))
+    task.trainable_module, optimizer, train_loader, eval_loader = accelerator.prepare(
+        task.trainable_module, optimizer, train_loader, eval_loader)
+    updates_per_epoch = -(-len(train_loader) // args.grad_accum_steps)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
+
+    state = _fresh_state(args)
+    state['fingerprint']['method'] = task.method
+    if resume_from is not None:
+        saved = load_checkpoint(accelerator, resume_from, scheduler)
+        changed = [k for k in FINGERPRINT if saved['fingerprint'].get(k) != state['fingerprint'][k]]
+        if changed:
+            raise UserError(f'cannot resume {resume_from}: it was written with different '
+                            f'{", ".join(changed)}; resume with the original settings.')
+        state = saved
+        _logger.info(f"Resumed from {resume_from}: epoch {state['epoch']}, step {state['step_in_epoch']}.")
+    elif task.teacher is not None and task.teacher.num_classes == data.num_classes:
+        state['teacher'] = evaluate(accelerator, task.teacher_logits, eval_loader, args.channels_last)
+        _logger.info(f"Teacher on '{data.eval_split}': top-1 {state['teacher']['top1']:.2f}%, "
+                     f"top-5 {state['teacher']['top5']:.2f}%")
+
+    def step_checkpoint(current: dict) -> None:
+        if args.checkpoint_steps and current['global_step'] % args.checkpoint_steps == 0:
+            save_checkpoint(accelerator, output, _snapshot(current), scheduler, args.keep_checkpoints)
+
+    train_set = train_loader.dataset
+    eval_metrics = state['history'][-1] if state['history'] else {}
+    try:
+        for epoch in range(state['epoch'], num_epochs):
+            state['epoch'] = epoch
+            train_loader.set_epoch(epoch)
+            train_set.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(train_loader, state['step_in_epoch']) \
+                if state['step_in_epoch'] else train_loader
+            train_metrics = train_one_epoch(accelerator, task, loader, optimizer, scheduler, state, args, mixup_fn,
+                                            on_step=step_checkpoint)
+            metrics = evaluate(accelerator, task.get_eval_model(), eval_loader, args.channels_last)
+            scheduler.step(epoch + 1, metrics['top1'])
+            row = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items() if k != 'lr'},
+                   **{f'eval_{k}': v for k, v in metrics.items() if k != 'count'}, 'lr': train_metrics['lr']}
+            eval_metrics = row
+            state['history'].append(row)
+            _logger.info(f"Epoch {epoch}: loss {train_metrics['loss']:.4f} (ce {train_metrics['loss_ce']:.4f}, "
+                         f"kd {train_metrics['loss_kd']:.4f}, icd {train_metrics['loss_icd']:.4f}, tau "
+                         f"{train_metrics['tau']:.3f}), eval top-1 {metrics['top1']:.2f}%, top-5 "
+                         f"{metrics['top5']:.2f}% on {metrics['count']} images")
+            if state['best_top1'] is None or metrics['top1'] > state['best_top1']:
+                state['best_top1'], state['best_epoch'] = metrics['top1'], epoch
+                if args.save_best and accelerator.is_main_process:
+                    save_student(task.student, output / 'student_best', data_config, data.label_names,
+                                 _record(args, argv, task, data, state, num_epochs, row))
+            state.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums=[0.0] * (len(LOSS_PARTS) + 1))
+            save_checkpoint(accelerator, output, _snapshot(state), scheduler, args.keep_checkpoints)
+            if accelerator.is_main_process:
+                write_text_atomic(output / 'summary.csv', _summary_csv(state['history']))
+
+        result = {'output': str(output), 'student': str(output / 'student'), 'method': task.method,
+                  'teacher': state['teacher'], 'top1': eval_metrics.get('eval_top1'),
+                  'top5': eval_metrics.get('eval_top5'), 'best_top1': state['best_top1'],
+                  'best_epoch': state['best_epoch'], 'epochs': num_epochs, 'seconds': time.time() - start}
+        if accelerator.is_main_process:
+            write_text_atomic(output / 'summary.csv', _summary_csv(state['history']))
+            record = _record(args, argv, task, data, state, num_epochs, eval_metrics)
+            save_student(task.student, output / 'student', data_config, data.label_names, record)
+            if args.push_to_hub:
+                from .hub import push_student
+                result['hub_url'] = push_student(output / 'student', args.push_to_hub, private=args.hub_private,
+                                                 revision=args.hub_revision)
+        accelerator.wait_for_everyone()
+    finally:
+        task.remove_hooks()
+    accelerator.end_training()
+    return result
+
+
+def _record(args, argv, task: ICDDistillationTask, data, state: dict, num_epochs: int, metrics: dict) -> dict:
+    """What distillation.json says about how the student was made; every number comes from this run."""
+    import timm
+    icd = task.icd
+    teacher = None
+    if task.teacher is not None:
+        teacher = {
+            'name': args.teacher, 'source': teacher_source(args.teacher, args.teacher_pretrained,
+                                                           args.teacher_checkpoint),
+            'num_classes': task.teacher.num_classes,
+            'top1': (state['teacher'] or {}).get('top1'), 'top5': (state['teacher'] or {}).get('top5'),
+        }
+    return {
+        'student': args.student,
+        'teacher': teacher,
+        'method': task.method,
+        'loss_weights': {'task': task.task_loss_weight, 'kd': task.kd_loss_weight, 'icd': task.icd_loss_weight},
+        'kd_temperature': task.kd_temperature if task.kd_loss_weight > 0 else None,
+        'icd': None if icd is None else {
+            'feat_dim': icd.student_head.out_features, 'alpha': icd.alpha, 'negatives': icd.negatives,
+            'max_tau': icd.max_tau, 'tau_final': float(icd.tau.item()),
+            'student_layer': args.student_layer, 'teacher_layer': args.teacher_layer},
+        'dataset': {'name': data.name, 'train_split': data.train_split, 'eval_split': data.eval_split,
+                    'num_classes': data.num_classes, 'train_rows': len(data.train), 'eval_rows': len(data.eval),
+                    'skipped_images': data.skipped_images or None},
+        'epochs': num_epochs,
+        'epoch': metrics.get('epoch'),
+        'top1': metrics.get('eval_top1'),
+        'top5': metrics.get('eval_top5'),
+        'best_top1': state['best_top1'],
+        'best_epoch': state['best_epoch'],
+        'command': 'train_icd.py ' + shlex.join(sys.argv[1:] if argv is None else argv),
+        'versions': {'timm_icd': __version__, 'timm': timm.__version__, 'torch': torch.__version__},
+    }
