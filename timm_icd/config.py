@@ -156,6 +156,8 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--mixed-precision', default='no', choices=MIXED_PRECISION,
                        help='autocast dtype: no, bf16 or fp16 (GPU only)')
     group.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
+    group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
+                       help='sync BatchNorm stats across processes after each epoch, as timm (default: reduce)')
     group.add_argument('--channels-last', action='store_true', help='channels_last memory layout for CNNs')
     group.add_argument('--compile', action='store_true', help='torch.compile the student and the teacher')
     group.add_argument('--log-interval', type=int, default=20, help='steps between progress bar updates')

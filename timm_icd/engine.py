@@ -67,7 +67,7 @@ def train_one_epoch(
             if accelerator.num_processes > 1:  # all processes must agree to skip or to step
                 finite = accelerator.reduce(finite.to(torch.int32), reduction='sum') == accelerator.num_processes
             if not finite.item():
-                optimizer.zero_grad()
+                module.zero_grad(set_to_none=True)  # also mid-accumulation, where optimizer.zero_grad() waits
                 state['nonfinite_steps'] += 1
                 parts = ', '.join(f'{k}={out[k].item():.4g}' for k in LOSS_PARTS if k != 'tau')
                 if state['nonfinite_steps'] > args.skip_nonfinite:
@@ -106,7 +106,7 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(accelerator, model_fn: Callable, loader, channels_last: bool = False) -> Dict[str, float]:
-    """Top-1 / top-5 (%) and CE loss of ``model_fn`` over the whole eval split, each sample counted once.
+    """Top-1 / top-5 (%) and CE loss of ``model_fn`` (in eval mode) over the eval split, each sample counted once.
 
     ``gather_for_metrics`` drops the samples Accelerate repeats to even out the last batch across processes.
     """

@@ -13,7 +13,7 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
-from timm.models import clean_state_dict
+from timm.models import clean_state_dict, get_pretrained_cfg_value
 
 from .errors import UserError
 from .hooks import get_classifier_module
@@ -138,6 +138,7 @@ def create_teacher(
         num_classes: Optional[int] = None,
         pretrained: bool = True,
         checkpoint: Optional[str] = None,
+        **kwargs,
 ) -> nn.Module:
     """Create the frozen teacher.
 
@@ -147,15 +148,16 @@ def create_teacher(
             keeps the label space of its weights).
         pretrained: Load timm's pretrained weights for ``name``.
         checkpoint: Weights file; its classifier decides the teacher's number of classes.
+        **kwargs: Passed to ``timm.create_model`` (e.g. img_size for fixed-size models).
     """
     check_model_name(name, 'teacher')
     if checkpoint:
-        model = _create(name, 'teacher', pretrained=False, num_classes=num_classes)
+        model = _create(name, 'teacher', pretrained=False, num_classes=num_classes, **kwargs)
         load_checkpoint_into(model, checkpoint, 'teacher')
     elif pretrained:
-        model = _create(name, 'teacher', pretrained=True)
+        model = _create(name, 'teacher', pretrained=True, **kwargs)
     else:
-        model = _create(name, 'teacher', pretrained=False, num_classes=num_classes)
+        model = _create(name, 'teacher', pretrained=False, num_classes=num_classes, **kwargs)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -171,6 +173,13 @@ def _create(name: str, role: str, pretrained: bool, **kwargs) -> nn.Module:
         flag = '--teacher-checkpoint FILE or --teacher-pretrained false' if role == 'teacher' \
             else '--student-checkpoint FILE or --no-pretrained'
         raise UserError(f"cannot load pretrained weights for {role} '{name}' ({_first_line(e)}); pass {flag}.") from e
+
+
+def fixed_size_kwargs(name: str, input_size) -> dict:
+    """``img_size`` for architectures built for one input size (ViTs), so they accept ``input_size`` images."""
+    if input_size and not is_hub_or_local(name) and get_pretrained_cfg_value(name, 'fixed_input_size'):
+        return {'img_size': tuple(input_size[-2:])}
+    return {}
 
 
 def teacher_source(name: str, pretrained: bool, checkpoint: Optional[str]) -> str:

@@ -14,9 +14,9 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from timm.data import Mixup, resolve_data_config
-from timm.models import get_pretrained_cfg_value
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import distribute_bn
 
 from . import __version__
 from .checkpoint import (
@@ -26,7 +26,8 @@ from .data import create_loaders, find_bad_images, load_image_data
 from .engine import LOSS_PARTS, evaluate, train_one_epoch
 from .errors import UserError
 from .export import save_student
-from .models import check_model_name, create_student, create_teacher, is_hub_or_local, teacher_source
+from .models import (
+    check_model_name, create_student, create_teacher, fixed_size_kwargs, is_hub_or_local, teacher_source)
 from .task import ICDDistillationTask
 
 _logger = logging.getLogger(__name__)
@@ -78,8 +79,11 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format='%(message)s', force=True)
+    logging.getLogger('accelerate').setLevel(logging.WARNING)  # one INFO line per checkpoint file otherwise
     set_seed(args.seed)
     start = time.time()
+    if accelerator.num_processes > 1:
+        _logger.info(f'Training on {accelerator.num_processes} processes ({accelerator.distributed_type}).')
 
     # fast checks first: names and the run folder, before any download or data work
     check_model_name(args.student, 'student')
@@ -100,22 +104,22 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
                 setattr(data, split, ds.select(sorted(set(range(len(ds))) - set(bad))))
             data.skipped_images[split] = len(bad)
 
-    teacher = None
-    if uses_teacher:
-        teacher = create_teacher(args.teacher, data.num_classes, args.teacher_pretrained, args.teacher_checkpoint)
-    student_kwargs = dict(drop_rate=args.drop, drop_path_rate=args.drop_path)
-    if args.input_size and not is_hub_or_local(args.student) and \
-            get_pretrained_cfg_value(args.student, 'fixed_input_size'):
-        student_kwargs['img_size'] = tuple(args.input_size[1:])
     student = create_student(args.student, data.num_classes, args.pretrained, args.student_checkpoint,
-                             **student_kwargs)
+                             drop_rate=args.drop, drop_path_rate=args.drop_path,
+                             **fixed_size_kwargs(args.student, args.input_size))
     data_config = resolve_data_config(
         {'input_size': args.input_size, 'mean': args.mean, 'std': args.std, 'interpolation': args.interpolation,
          'crop_pct': args.crop_pct}, model=student)
-    teacher_input_size = args.teacher_input_size
-    if teacher is not None and teacher_input_size is None and (args.teacher_checkpoint or not (
-            args.teacher_pretrained or is_hub_or_local(args.teacher))):
-        teacher_input_size = data_config['input_size']  # weights without a config: assume the student's size
+    teacher, teacher_input_size = None, args.teacher_input_size
+    if uses_teacher:
+        if teacher_input_size is None and (args.teacher_checkpoint or not (
+                args.teacher_pretrained or is_hub_or_local(args.teacher))):
+            teacher_input_size = data_config['input_size']  # weights without a config: assume the student's size
+        teacher = create_teacher(args.teacher, data.num_classes, args.teacher_pretrained, args.teacher_checkpoint,
+                                 **fixed_size_kwargs(args.teacher, teacher_input_size))
+        if teacher.pretrained_cfg.get('interpolation') not in (None, data_config['interpolation']):
+            _logger.info(f"The teacher sees the student's {data_config['interpolation']} resizing; its config "
+                         f"says {teacher.pretrained_cfg['interpolation']} (set --interpolation to match it).")
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     task = ICDDistillationTask(
         student, teacher, method=args.method,
@@ -162,6 +166,7 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
         state = saved
         _logger.info(f"Resumed from {resume_from}: epoch {state['epoch']}, step {state['step_in_epoch']}.")
     elif task.teacher is not None and task.teacher.num_classes == data.num_classes:
+        task.eval()
         state['teacher'] = evaluate(accelerator, task.teacher_logits, eval_loader, args.channels_last)
         _logger.info(f"Teacher on '{data.eval_split}': top-1 {state['teacher']['top1']:.2f}%, "
                      f"top-5 {state['teacher']['top5']:.2f}%")
@@ -181,10 +186,13 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
                 if state['step_in_epoch'] else train_loader
             train_metrics = train_one_epoch(accelerator, task, loader, optimizer, scheduler, state, args, mixup_fn,
                                             on_step=step_checkpoint)
+            if accelerator.num_processes > 1 and args.dist_bn in ('reduce', 'broadcast'):
+                distribute_bn(task.student, accelerator.num_processes, reduce=args.dist_bn == 'reduce')
+            task.eval()
             metrics = evaluate(accelerator, task.get_eval_model(), eval_loader, args.channels_last)
             scheduler.step(epoch + 1, metrics['top1'])
             row = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items() if k != 'lr'},
-                   **{f'eval_{k}': v for k, v in metrics.items() if k != 'count'}, 'lr': train_metrics['lr']}
+                   **{f'eval_{k}': v for k, v in metrics.items()}, 'lr': train_metrics['lr']}
             eval_metrics = row
             state['history'].append(row)
             _logger.info(f"Epoch {epoch}: loss {train_metrics['loss']:.4f} (ce {train_metrics['loss_ce']:.4f}, "
@@ -204,7 +212,8 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
         result = {'output': str(output), 'student': str(output / 'student'), 'method': task.method,
                   'teacher': state['teacher'], 'top1': eval_metrics.get('eval_top1'),
                   'top5': eval_metrics.get('eval_top5'), 'best_top1': state['best_top1'],
-                  'best_epoch': state['best_epoch'], 'epochs': num_epochs, 'seconds': time.time() - start}
+                  'best_epoch': state['best_epoch'], 'epochs': num_epochs, 'seconds': time.time() - start,
+                  'model': task.student}
         if accelerator.is_main_process:
             write_text_atomic(output / 'summary.csv', _summary_csv(state['history']))
             record = _record(args, argv, task, data, state, num_epochs, eval_metrics)

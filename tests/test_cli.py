@@ -1,0 +1,150 @@
+"""train_icd.py as users run it: real subprocesses on real digits images, checked by value."""
+import csv
+import json
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import yaml
+from timm.data import create_transform, resolve_data_config
+
+from timm_icd.data import ImageClassificationDataset, load_image_data
+from conftest import FAST, run_cli
+
+
+def read_summary(run_dir):
+    with open(run_dir / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+def eval_with_timm(model_dir, dataset):
+    """Top-1 (%) of a saved student on the eval split, using only timm and its own config."""
+    model = timm.create_model(f'local-dir:{model_dir}', pretrained=True).eval()
+    cfg = resolve_data_config(model=model)
+    data = load_image_data(dataset)
+    ds = ImageClassificationDataset(data.eval, data.image_column, data.label_column, create_transform(**cfg))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        logits = model(x)
+    return 100.0 * (logits.argmax(1) == y).sum().item() / len(y), model, x
+
+
+def test_vanilla_teacher_learns_and_writes_a_timm_folder(teacher_run, digits_small):
+    rows = read_summary(teacher_run)
+    assert [r['epoch'] for r in rows] == ['0', '1', '2']
+    assert float(rows[-1]['eval_top1']) > 40.0  # chance is 10%
+    assert float(rows[-1]['train_loss_kd']) == 0.0 and float(rows[-1]['train_loss_icd']) == 0.0
+    top1, _, _ = eval_with_timm(teacher_run / 'student', digits_small)
+    assert top1 == pytest.approx(float(rows[-1]['eval_top1']), abs=1e-9)
+    args = yaml.safe_load((teacher_run / 'args.yaml').read_text())
+    assert args['method'] == 'vanilla' and args['student'] == 'test_resnet'
+
+
+def test_icd_kd_distillation_end_to_end(teacher_run, digits_small, tmp_path):
+    out = tmp_path / 'distill'
+    # the teacher's interpolation, so the teacher sees its own preprocessing up to the exact re-normalisation
+    result = run_cli('--teacher', f'local-dir:{teacher_run / "student"}', '--student', 'test_efficientnet',
+                     '--dataset', digits_small, '--epochs', '2', '-b', '32', '--output', out,
+                     '--interpolation', 'bilinear', *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'auto chose icd+kd' in result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith('done: icd+kd student top-1')
+    rows = read_summary(out)
+    assert len(rows) == 2 and all(float(r['train_loss_icd']) > 0 and float(r['train_loss_kd']) > 0 for r in rows)
+    assert all(int(r['eval_count']) == 72 for r in rows)
+
+    # the student folder is plain timm: right config, no ICD heads, same accuracy as logged
+    config = json.loads((out / 'student' / 'config.json').read_text())
+    assert config['architecture'] == 'test_efficientnet' and config['num_classes'] == 10
+    assert config['label_names'] == [str(i) for i in range(10)]
+    assert config['pretrained_cfg']['input_size'] == [3, 16, 16]
+    assert config['pretrained_cfg']['mean'] == list(timm.create_model('test_efficientnet').pretrained_cfg['mean'])
+    weights = safetensors.torch.load_file(out / 'student' / 'model.safetensors')
+    assert set(weights) == set(timm.create_model('test_efficientnet', num_classes=10).state_dict())
+    top1, model, x = eval_with_timm(out / 'student', digits_small)
+    assert top1 == pytest.approx(float(rows[-1]['eval_top1']), abs=1e-9)
+
+    # same outputs as the model in training: the last checkpoint's student part gives identical logits
+    ckpt = sorted((out / 'checkpoints').iterdir())[-1]
+    trained = safetensors.torch.load_file(ckpt / 'model.safetensors')
+    assert any(k.startswith('icd.') for k in trained)  # heads and t are checkpointed with the student
+    twin = timm.create_model('test_efficientnet', num_classes=10)
+    twin.load_state_dict({k[len('student.'):]: v for k, v in trained.items() if k.startswith('student.')})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), twin.eval()(x), rtol=0, atol=0)
+
+    record = json.loads((out / 'student' / 'distillation.json').read_text())
+    teacher_rows = read_summary(teacher_run)
+    assert record['method'] == 'icd+kd' and record['loss_weights'] == {'task': 1.0, 'kd': 1.0, 'icd': 1.0}
+    assert record['teacher']['top1'] == pytest.approx(float(teacher_rows[-1]['eval_top1']), abs=100 / 72 + 1e-9)
+    assert record['top1'] == pytest.approx(float(rows[-1]['eval_top1']))
+    assert record['icd']['tau_final'] == pytest.approx(float(trained['icd.t'].exp().clamp(max=10)), rel=1e-6)
+    assert record['command'].startswith('train_icd.py --teacher local-dir:')
+
+
+def test_icd_from_a_checkpoint_teacher_with_another_label_space(digits_small, tmp_path):
+    big = timm.create_model('test_vit', num_classes=1000, img_size=16)
+    safetensors.torch.save_file(big.state_dict(), tmp_path / 'vit1000.safetensors')
+    out = tmp_path / 'run'
+    result = run_cli('--teacher', 'test_vit', '--teacher-checkpoint', tmp_path / 'vit1000.safetensors',
+                     '--teacher-input-size', '3', '16', '16', '--student', 'test_resnet', '--dataset', digits_small,
+                     '--epochs', '1', '-b', '32', '--output', out, '--teacher-layer', 'blocks.1', *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'auto chose icd: the teacher predicts 1000 classes but the dataset has 10' in result.stderr
+    record = json.loads((out / 'student' / 'distillation.json').read_text())
+    assert record['method'] == 'icd' and record['teacher']['top1'] is None
+    assert record['icd']['teacher_layer'] == 'blocks.1'
+    assert float(read_summary(out)[0]['train_loss_kd']) == 0.0
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--student', 'resnet5O'], "error: unknown student model 'resnet5O'. Did you mean: resnet50"),
+    (['--dataset', '/no/such/folder'], 'error: dataset folder not found: /no/such/folder.'),
+    (['--method', 'kd', '--teacher', 'test_resnet', '--teacher-checkpoint', '{ckpt1000}'],
+     "error: method 'kd' needs a teacher with the dataset's 10 classes, but the teacher has 1000"),
+])
+def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path, digits_small):
+    safetensors.torch.save_file(timm.create_model('test_resnet', num_classes=1000).state_dict(),
+                                tmp_path / 'r1000.safetensors')
+    args = [a.format(ckpt1000=tmp_path / 'r1000.safetensors') for a in args]
+    base = ['--dataset', digits_small, '--student', 'test_efficientnet', '--output', tmp_path / 'o', '--epochs', '1']
+    result = run_cli(*base, *args, *FAST)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(message), result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
+    assert [line for line in lines if line.startswith('error:')] == [lines[-1]]
+
+
+def test_yaml_config_sets_flags_and_command_line_wins(digits_small, tmp_path):
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text(yaml.safe_dump({'method': 'vanilla', 'student': 'test_resnet', 'epochs': 2, 'batch-size': 48,
+                                   'lr': 0.2, 'sched': 'step', 'decay_epochs': 1, 'decay_rate': 0.5,
+                                   'dataset': digits_small}))
+    out = tmp_path / 'run'
+    result = run_cli('--config', cfg, '--epochs', '1', '--output', out, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    args = yaml.safe_load((out / 'args.yaml').read_text())
+    assert (args['batch_size'], args['lr'], args['epochs'], args['sched']) == (48, 0.2, 1, 'step')
+    rows = read_summary(out)
+    assert len(rows) == 1 and float(rows[0]['lr']) == pytest.approx(0.2)
+    cfg.write_text('epochs: 1\nbatch_sise: 8\n')
+    result = run_cli('--config', cfg, '--output', tmp_path / 'run2')
+    assert result.returncode == 2 and f"error: config file {cfg}: unknown key 'batch_sise'." in result.stderr
+
+
+def test_timm_augmentation_bf16_and_grad_accumulation(digits_small, tmp_path):
+    out = tmp_path / 'run'
+    result = run_cli('--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student', 'test_efficientnet',
+                     '--dataset', digits_small, '--epochs', '1', '-b', '32', '--output', out, '--mixup', '0.4',
+                     '--cutmix', '0.4', '--smoothing', '0.1', '--aa', 'rand-m9-mstd0.5', '--reprob', '0.25',
+                     '--mixed-precision', 'bf16', '--grad-accum-steps', '2', '--save-best', *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = read_summary(out)[0]
+    assert all(float(row[k]) > 0 for k in ('train_loss_ce', 'train_loss_kd', 'train_loss_icd'))
+    state = json.loads(next((out / 'checkpoints').iterdir()).joinpath('run_state.json').read_text())
+    assert state['global_step'] == 8 and state['num_updates'] == 4  # 256 rows / 32 per batch, 2 per update
+    best = json.loads((out / 'student_best' / 'distillation.json').read_text())
+    assert best['best_epoch'] == 0 and best['top1'] == pytest.approx(float(row['eval_top1']))

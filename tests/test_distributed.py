@@ -1,0 +1,56 @@
+"""Two real CPU processes under accelerate launch (--cpu alone starts one: accelerate issue 2741)."""
+import csv
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+
+from conftest import FAST, REPO, offline_env
+from test_cli import eval_with_timm
+
+
+
+def accelerate_launch(port, *args, timeout=600):
+    """``accelerate launch`` of 2 CPU processes. A MULTI_CPU config file starts just one process without mpirun
+    (accelerate 1.15 sends it to its simple launcher), so use the torchrun launcher with the CPU forced by env."""
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--main_process_port', str(port), '--mixed_precision', 'no',
+           '--dynamo_backend', 'no', *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=offline_env(ACCELERATE_USE_CPU='1'),
+                          timeout=timeout)
+
+
+def test_two_processes_sync_weights_gather_metrics_once_and_only_rank0_writes(tmp_path, digits_small):
+    out, dumps = tmp_path / 'run', tmp_path / 'dumps'
+    dumps.mkdir()
+    result = accelerate_launch(
+        29531, str(REPO / 'tests' / 'dist_worker.py'), dumps, '--teacher', 'test_resnet',
+        '--teacher-pretrained', 'false', '--student', 'test_efficientnet', '--dataset', digits_small, '--epochs',
+        '1', '-b', '16', '-vb', '7', '--output', out, *FAST)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert 'Training on 2 processes' in result.stderr
+
+    rank0 = safetensors.torch.load_file(dumps / 'rank0.safetensors')
+    rank1 = safetensors.torch.load_file(dumps / 'rank1.safetensors')
+    saved = safetensors.torch.load_file(out / 'student' / 'model.safetensors')
+    assert rank0.keys() == rank1.keys() == saved.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+        assert torch.equal(rank0[key], saved[key]), key
+    initial = safetensors.torch.load_file(next((out / 'checkpoints').iterdir()) / 'model.safetensors')
+    assert not torch.equal(initial['student.conv_stem.weight'], torch.zeros_like(initial['student.conv_stem.weight']))
+
+    with open(out / 'summary.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1  # one writer
+    # 72 eval images over 2 processes in batches of 7: padded shards, but every image counted exactly once
+    assert int(rows[0]['eval_count']) == 72
+    top1, _, _ = eval_with_timm(out / 'student', digits_small)
+    assert float(rows[0]['eval_top1']) == pytest.approx(top1, abs=1e-9)
+    # 256 rows, 16 per process and step, 2 processes: 8 steps
+    state = (next((out / 'checkpoints').iterdir()) / 'run_state.json').read_text()
+    assert '"global_step": 8' in state
+    assert sorted(p.name for p in out.iterdir()) == ['args.yaml', 'checkpoints', 'student', 'summary.csv']
+    assert result.stdout.count('done:') == 0  # the worker prints nothing; train_icd.py prints on rank 0 only
