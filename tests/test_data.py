@@ -125,5 +125,5 @@ def test_unreadable_image_is_named_or_skipped(tmp_path):
     bad = find_bad_images(everything, data.image_column)
     assert len(bad) == 1
     ds = ImageClassificationDataset(everything, data.image_column, data.label_column, lambda im: im)
-    with pytest.raises(UserError, match=rf"row {bad[0]} of split 'train'.*--skip-bad-images"):
+    with pytest.raises(UserError, match=rf"row {bad[0]} \(file .*{victim.name}\) of split 'train'.*--skip-bad"):
         ds[bad[0]]

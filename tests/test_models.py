@@ -48,8 +48,13 @@ def test_truncated_and_missing_and_mismatched_checkpoints(tmp_path):
         create_teacher('test_resnet', checkpoint=str(tmp_path / 'cut.safetensors'))
     with pytest.raises(UserError, match='checkpoint not found'):
         create_teacher('test_resnet', checkpoint=str(tmp_path / 'nope.safetensors'))
-    with pytest.raises(UserError, match='does not fit'):
+    with pytest.raises(UserError, match='does not fit EfficientNet: .* missing keys'):
         create_teacher('test_efficientnet', checkpoint=str(tmp_path / 'w.safetensors'))
+    bigger = {k: (torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k == 'layer1.0.bn1.weight' else v)
+              for k, v in source.state_dict().items()}
+    safetensors.torch.save_file(bigger, tmp_path / 'bigger.safetensors')
+    with pytest.raises(UserError, match=r'1 wrongly shaped keys \(e\.g\. layer1\.0\.bn1\.weight\)'):
+        create_teacher('test_resnet', checkpoint=str(tmp_path / 'bigger.safetensors'))
 
 
 def test_unknown_names_suggest_close_timm_names():

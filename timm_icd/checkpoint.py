@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .errors import UserError
+from .faults import crash_point
 
 _logger = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ SCHEDULER_STATE = 'scheduler.pt'
 _NAME = re.compile(r'^checkpoint-(\d+)$')
 # files and folders a run writes; --overwrite removes these and nothing else
 RUN_FILES = ('args.yaml', 'summary.csv', CHECKPOINTS, 'student', 'student_best')
+OVERWRITTEN = '.overwritten-run'
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -64,19 +66,47 @@ def check_output_dir(output: Path, resume: str, overwrite: bool) -> None:
         raise UserError(f'cannot write to --output {output}: {parent} is not a writable folder.')
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def claim_output_dir(output: Path, overwrite: bool) -> None:
-    """Create the run folder; with ``overwrite``, remove an earlier run's files (and only those)."""
+    """Create the run folder. With ``overwrite``, set an earlier run's files aside in ``.overwritten-run``:
+    ``settle_overwrite`` drops them once the new run has a checkpoint, or puts them back if it fails before."""
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f'cannot create --output {output}: {e.strerror or e}.') from e
-    if overwrite:
-        for name in RUN_FILES:
-            path = output / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+    if not overwrite:
+        return
+    backup = output / OVERWRITTEN
+    existing = [name for name in RUN_FILES if (output / name).exists()]
+    if backup.exists():  # an earlier --overwrite run died before its first checkpoint: keep the original aside
+        for name in existing:
+            _remove(output / name)
+        return
+    if existing:
+        backup.mkdir()
+        for name in existing:
+            os.replace(output / name, backup / name)
+
+
+def settle_overwrite(output: Path, keep_new: bool) -> None:
+    """After ``--overwrite``: delete the earlier run (``keep_new``) or restore it in place of the new one."""
+    backup = output / OVERWRITTEN
+    if not backup.exists():
+        return
+    if keep_new:
+        shutil.rmtree(backup)
+        return
+    for name in RUN_FILES:
+        _remove(output / name)
+    for path in backup.iterdir():
+        os.replace(path, output / path.name)
+    backup.rmdir()
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
@@ -122,16 +152,18 @@ def save_checkpoint(accelerator, output: Path, run_state: dict, scheduler, keep:
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
             torch.save(scheduler.state_dict(), tmp / SCHEDULER_STATE)
+            crash_point('checkpoint')
             (tmp / RUN_STATE).write_text(json.dumps(run_state, indent=1))  # written last: marks completeness
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             replace_dir(tmp, final)
             prune_checkpoints(root, keep)
-    except OSError as e:
+    except Exception as e:  # safetensors and torch.save report a failed write with their own exception types
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f'cannot save checkpoint {final.name} ({e.strerror or e}, e.g. a full disk); '
-                        f'the previous checkpoint is intact: free space and rerun with --resume auto.') from e
+        reason = getattr(e, 'strerror', None) or str(e).strip().splitlines()[0][:200]
+        raise UserError(f'cannot save checkpoint {final.name} ({reason}; a full disk?); earlier checkpoints are '
+                        f'intact: free space, then rerun with --resume auto.') from e
     accelerator.wait_for_everyone()
     return final
 

@@ -104,8 +104,8 @@ def _detect_column(ds: datasets.Dataset, wanted: Optional[str], feature_type, na
     for name in names:
         if name in ds.features:
             return name
-    flag = '--image-column' if what == 'image' else '--label-column'
-    raise UserError(f"cannot find an {what} column among: {', '.join(columns)}; name it with {flag}.")
+    flag, article = ('--image-column', 'an') if what == 'image' else ('--label-column', 'a')
+    raise UserError(f"cannot find {article} {what} column among: {', '.join(columns)}; name it with {flag}.")
 
 
 def load_image_data(
@@ -236,8 +236,16 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             if self.check_only:
                 raise
             raise UserError(
-                f"cannot decode the image in row {index} of split '{self.split_name}' ({_first_line(e)}); fix or "
-                f"remove it, or pass --skip-bad-images to skip such rows.") from e
+                f"cannot decode the image in row {index}{self._file(index)} of split '{self.split_name}' "
+                f"({_first_line(e)}); fix or remove it, or pass --skip-bad-images to skip such rows.") from e
+
+    def _file(self, index: int) -> str:
+        """' (file PATH)' for an image stored as a file, else ''."""
+        try:
+            raw = self.ds.cast_column(self.image_column, datasets.Image(decode=False))[index][self.image_column]
+            return f" (file {raw['path']})" if raw.get('path') else ''
+        except Exception:
+            return ''
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         if self.check_only:

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import UserError
+from .faults import crash_point
 
 _logger = logging.getLogger(__name__)
 
@@ -24,6 +25,27 @@ class NonFiniteLoss(UserError):
 def mixup_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     """Seed for one batch's Mixup/CutMix draw, so resumed runs mix exactly as uninterrupted ones."""
     return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0])
+
+
+def _all_finite(accelerator, loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process (they must agree to step or to skip). The step's one sync."""
+    finite = torch.isfinite(loss.detach())
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite.to(torch.int32), reduction='sum') == accelerator.num_processes
+    return bool(finite.item())
+
+
+def _skip_nonfinite(state: dict, out: Dict[str, torch.Tensor], allowed: int) -> None:
+    """Count a non-finite step; stop the run, naming the step and the loss parts, past ``allowed`` of them."""
+    state['nonfinite_steps'] += 1
+    parts = ', '.join(f'{k}={out[k].item():.4g}' for k in LOSS_PARTS if k != 'tau')
+    if state['nonfinite_steps'] > allowed:
+        raise NonFiniteLoss(
+            f"non-finite loss at epoch {state['epoch']} step {state['step_in_epoch']} (global step "
+            f"{state['global_step']}): {parts}; lower --lr, add --clip-grad, or allow skips with --skip-nonfinite N. "
+            f"No checkpoint was written from this state.")
+    _logger.warning(f"Skipped step {state['global_step']} with a non-finite loss ({parts}); "
+                    f"{state['nonfinite_steps']} of {allowed} allowed skips used.")
 
 
 def train_one_epoch(
@@ -41,7 +63,7 @@ def train_one_epoch(
 
     Args:
         state: Run state, updated in place (step counters, loss sums, non-finite count).
-        on_step: Called after every batch (e.g. to write step checkpoints).
+        on_step: Called after every batch but the epoch's last (e.g. to write step checkpoints).
 
     Returns:
         Mean of each loss part over the epoch's applied steps, and the last learning rate.
@@ -52,50 +74,41 @@ def train_one_epoch(
     total = len(loader) + state['step_in_epoch']
     bar = tqdm(total=total, initial=state['step_in_epoch'], desc=f"epoch {state['epoch']}", leave=False,
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    for x, y in loader:
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if mixup_fn is not None:
-            np.random.seed(mixup_seed(args.seed, state['epoch'], state['step_in_epoch'], accelerator.process_index))
-            x, y = mixup_fn(x, y)
-        with accelerator.accumulate(module):
-            with accelerator.autocast():
-                out = task(x, y)
-            loss = out['loss']
-            accelerator.backward(loss)
-            finite = torch.isfinite(loss.detach())
-            if accelerator.num_processes > 1:  # all processes must agree to skip or to step
-                finite = accelerator.reduce(finite.to(torch.int32), reduction='sum') == accelerator.num_processes
-            if not finite.item():
-                module.zero_grad(set_to_none=True)  # also mid-accumulation, where optimizer.zero_grad() waits
-                state['nonfinite_steps'] += 1
-                parts = ', '.join(f'{k}={out[k].item():.4g}' for k in LOSS_PARTS if k != 'tau')
-                if state['nonfinite_steps'] > args.skip_nonfinite:
-                    raise NonFiniteLoss(
-                        f"non-finite loss at epoch {state['epoch']} step {state['step_in_epoch']} (global step "
-                        f"{state['global_step']}): {parts}; lower --lr, add --clip-grad, or allow skips with "
-                        f"--skip-nonfinite N. No checkpoint was written from this state.")
-                _logger.warning(f"Skipped step {state['global_step']} with a non-finite loss ({parts}); "
-                                f"{state['nonfinite_steps']} of {args.skip_nonfinite} allowed skips used.")
-            else:
-                if args.clip_grad is not None and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(module.parameters(), args.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad()
-                sums += torch.stack([out[k].detach().double() for k in LOSS_PARTS] + [sums.new_ones(())])
-        if accelerator.sync_gradients:
-            state['num_updates'] += 1
-            scheduler.step_update(num_updates=state['num_updates'])
-        state['global_step'] += 1
-        state['step_in_epoch'] += 1
-        state['epoch_sums'] = sums  # a device tensor until it is logged or checkpointed
-        bar.update(1)
-        if state['step_in_epoch'] % args.log_interval == 0 or state['step_in_epoch'] == total:
-            means = sums[:-1] / sums[-1].clamp(min=1)
-            bar.set_postfix(loss=f'{means[0].item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.3g}")
-        if on_step is not None and state['step_in_epoch'] < total:
-            on_step(state)
-    bar.close()
+    try:
+        for x, y in loader:
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if mixup_fn is not None:
+                np.random.seed(mixup_seed(args.seed, state['epoch'], state['step_in_epoch'], accelerator.process_index))
+                x, y = mixup_fn(x, y)
+            with accelerator.accumulate(module):
+                with accelerator.autocast():
+                    out = task(x, y)
+                accelerator.backward(out['loss'])
+                crash_point('step')
+                if _all_finite(accelerator, out['loss']):
+                    if args.clip_grad is not None and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(module.parameters(), args.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    sums += torch.stack([out[k].detach().double() for k in LOSS_PARTS] + [sums.new_ones(())])
+                else:
+                    module.zero_grad(set_to_none=True)  # also mid-accumulation, where optimizer.zero_grad() waits
+                    _skip_nonfinite(state, out, args.skip_nonfinite)
+            if accelerator.sync_gradients:
+                state['num_updates'] += 1
+                scheduler.step_update(num_updates=state['num_updates'])
+            state['global_step'] += 1
+            state['step_in_epoch'] += 1
+            state['epoch_sums'] = sums  # a device tensor until it is logged or checkpointed
+            bar.update(1)
+            if state['step_in_epoch'] % args.log_interval == 0:
+                means = sums[:-1] / sums[-1].clamp(min=1)
+                bar.set_postfix(loss=f'{means[0].item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+            if on_step is not None and state['step_in_epoch'] < total:
+                on_step(state)
+    finally:
+        bar.close()  # before any error is printed, so the error gets a line of its own
     sums = accelerator.reduce(sums, reduction='sum') if accelerator.num_processes > 1 else sums
     values = sums.tolist()
     count = max(values[-1], 1.0)
@@ -117,6 +130,8 @@ def evaluate(accelerator, model_fn: Callable, loader, channels_last: bool = Fals
         with accelerator.autocast():
             logits = model_fn(x)
         logits, y = accelerator.gather_for_metrics((logits.float(), y))
+        if count == 0:
+            crash_point('eval')
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(y[:, None])
         correct1 += hits[:, 0].sum().item()

@@ -53,7 +53,9 @@ def load_weights_file(path: str) -> Dict[str, torch.Tensor]:
         path = os.path.join(path, 'model.safetensors')
     if not os.path.isfile(path):
         raise UserError(f'checkpoint not found: {path}')
-    if path.endswith('.safetensors'):
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if path.endswith('.safetensors') or head[8:9] == b'{':  # safetensors: 8-byte header length, then JSON
         try:
             return safetensors.torch.load_file(path, device='cpu')
         except Exception as e:
@@ -61,6 +63,8 @@ def load_weights_file(path: str) -> Dict[str, torch.Tensor]:
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
+        if 'Weights only load failed' not in str(e):
+            raise UserError(f'cannot read {path}: corrupt or truncated checkpoint ({_first_line(e)}).') from e
         raise UserError(
             f'refusing to load {path}: it needs arbitrary code to unpickle (weights_only=True failed). '
             f'Re-save it as safetensors or a plain state_dict.') from e
@@ -95,13 +99,16 @@ def load_checkpoint_into(model: nn.Module, path: str, role: str = 'model') -> nn
     key = _classifier_key(model)
     if key is not None and key in state_dict and state_dict[key].shape[0] != model.num_classes:
         model.reset_classifier(state_dict[key].shape[0])
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        detail = ' '.join(line.strip() for line in str(e).splitlines()[1:3])
-        raise UserError(
-            f'{role} checkpoint {path} does not fit {type(model).__name__} '
-            f'({detail[:300] or _first_line(e)}); check the architecture name.') from e
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    resized = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or resized:
+        parts = [f'{len(keys)} {what} keys (e.g. {keys[0]})' for what, keys in (
+            ('missing', missing), ('unexpected', unexpected), ('wrongly shaped', resized)) if keys]
+        raise UserError(f'{role} checkpoint {path} does not fit {type(model).__name__}: {", ".join(parts)}; '
+                        f'check the architecture name.')
+    model.load_state_dict(state_dict, strict=True)
     return model
 
 

@@ -3,16 +3,19 @@
 Order matters for users: every check that can fail fast (flags, names, output folder, dataset, teacher weights)
 runs before the first training step, and nothing in an existing run folder is changed until they all pass.
 """
+import csv
+import io
 import logging
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from timm.data import Mixup, resolve_data_config
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -20,9 +23,10 @@ from timm.utils import distribute_bn
 
 from . import __version__
 from .checkpoint import (
-    check_output_dir, claim_output_dir, load_checkpoint, resolve_resume, save_checkpoint, write_text_atomic)
+    check_output_dir, claim_output_dir, load_checkpoint, resolve_resume, save_checkpoint, settle_overwrite,
+    write_text_atomic)
 from .config import args_to_yaml, teacher_dtype
-from .data import create_loaders, find_bad_images, load_image_data
+from .data import ImageData, create_loaders, find_bad_images, load_image_data
 from .engine import LOSS_PARTS, evaluate, train_one_epoch
 from .errors import UserError
 from .export import save_student
@@ -37,15 +41,17 @@ FINGERPRINT = ('student', 'teacher', 'teacher_checkpoint', 'method', 'dataset', 
                'seed', 'icd_feat_dim', 'student_layer', 'teacher_layer')
 
 
-def default_output(args) -> Path:
-    name = args.experiment or '-'.join([time.strftime('%Y%m%d-%H%M%S'), args.student.split(':')[-1].replace(
-        '/', '_'), args.method.replace('+', '_')])
+def default_output(args, accelerator: Accelerator) -> Path:
+    """output/train/<time>-<student>-<method> (as timm names runs), the same on every process."""
+    stamp = [time.strftime('%Y%m%d-%H%M%S')]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(stamp)
+    name = args.experiment or '-'.join([stamp[0], args.student.split(':')[-1].replace('/', '_'),
+                                        args.method.replace('+', '_')])
     return Path('output') / 'train' / name
 
 
 def _summary_csv(history: List[dict]) -> str:
-    import csv
-    import io
     buf = io.StringIO()
     if history:
         writer = csv.DictWriter(buf, fieldnames=list(history[0]))
@@ -71,21 +77,27 @@ def _snapshot(state: dict) -> dict:
     return snap
 
 
-def run(args, argv: Optional[List[str]] = None) -> dict:
-    """Train a student as ``args`` say and return its results (see train_icd.py --help for the flags)."""
-    output = Path(args.output) if args.output else default_output(args)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format='%(message)s', force=True)
-    logging.getLogger('accelerate').setLevel(logging.WARNING)  # one INFO line per checkpoint file otherwise
-    set_seed(args.seed)
-    start = time.time()
-    if accelerator.num_processes > 1:
-        _logger.info(f'Training on {accelerator.num_processes} processes ({accelerator.distributed_type}).')
+@dataclass
+class Run:
+    """Everything a run needs, built and checked before the run folder is touched."""
+    args: Any
+    accelerator: Accelerator
+    output: Path
+    data: ImageData
+    data_config: dict
+    task: ICDDistillationTask
+    train_loader: Any
+    eval_loader: Any
+    mixup_fn: Optional[Mixup]
+    optimizer: Any = None
+    scheduler: Any = None
+    num_epochs: int = 0
+    state: dict = field(default_factory=dict)
 
-    # fast checks first: names and the run folder, before any download or data work
+
+def build(args, accelerator: Accelerator) -> Run:
+    """Check names, the run folder, the data and the weights, and build the task and loaders; writes nothing."""
+    output = Path(args.output) if args.output else default_output(args, accelerator)
     check_model_name(args.student, 'student')
     uses_teacher = args.method != 'vanilla'
     if uses_teacher:
@@ -100,7 +112,7 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
             ds = getattr(data, split)
             bad = find_bad_images(ds, data.image_column, args.workers)
             if bad:
-                _logger.warning(f'Skipping {len(bad)} unreadable images in split {split} (rows {bad[:10]}...).')
+                _logger.warning(f'Skipping {len(bad)} unreadable images in split {split} (rows {bad[:10]}).')
                 setattr(data, split, ds.select(sorted(set(range(len(ds))) - set(bad))))
             data.skipped_images[split] = len(bad)
 
@@ -136,102 +148,142 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
         num_classes=data.num_classes) if mixup_active else None
+    return Run(args, accelerator, output, data, data_config, task, train_loader, eval_loader, mixup_fn)
 
-    # every check passed: now the run folder may change
-    resume_from = resolve_resume(output, args.resume) if args.resume else None
+
+def start(r: Run) -> None:
+    """Claim the run folder, move everything onto the device(s), and restore a checkpoint or measure the teacher."""
+    args, accelerator, task = r.args, r.accelerator, r.task
+    resume_from = resolve_resume(r.output, args.resume) if args.resume else None
     if accelerator.is_main_process:
-        claim_output_dir(output, args.overwrite)
-        if not (output / 'args.yaml').exists():
-            write_text_atomic(output / 'args.yaml', args_to_yaml(args))
+        claim_output_dir(r.output, args.overwrite)
+        if not (r.output / 'args.yaml').exists():
+            write_text_atomic(r.output / 'args.yaml', args_to_yaml(args))
     accelerator.wait_for_everyone()
 
     task.to(accelerator.device)
     if args.channels_last:
         task.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(task.trainable_module, **optimizer_kwargs(args))
-    task.trainable_module, optimizer, train_loader, eval_loader = accelerator.prepare(
-        task.trainable_module, optimizer, train_loader, eval_loader)
-    updates_per_epoch = -(-len(train_loader) // args.grad_accum_steps)
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
+    task.trainable_module, r.optimizer, r.train_loader, r.eval_loader = accelerator.prepare(
+        task.trainable_module, optimizer, r.train_loader, r.eval_loader)
+    updates_per_epoch = -(-len(r.train_loader) // args.grad_accum_steps)
+    r.scheduler, r.num_epochs = create_scheduler_v2(
+        r.optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
 
-    state = _fresh_state(args)
-    state['fingerprint']['method'] = task.method
+    r.state = _fresh_state(args)
+    r.state['fingerprint']['method'] = task.method
     if resume_from is not None:
-        saved = load_checkpoint(accelerator, resume_from, scheduler)
-        changed = [k for k in FINGERPRINT if saved['fingerprint'].get(k) != state['fingerprint'][k]]
+        saved = load_checkpoint(accelerator, resume_from, r.scheduler)
+        changed = [k for k in FINGERPRINT if saved['fingerprint'].get(k) != r.state['fingerprint'][k]]
         if changed:
             raise UserError(f'cannot resume {resume_from}: it was written with different '
                             f'{", ".join(changed)}; resume with the original settings.')
-        state = saved
-        _logger.info(f"Resumed from {resume_from}: epoch {state['epoch']}, step {state['step_in_epoch']}.")
-    elif task.teacher is not None and task.teacher.num_classes == data.num_classes:
+        r.state = saved
+        _logger.info(f"Resumed from {resume_from}: epoch {r.state['epoch']}, step {r.state['step_in_epoch']}.")
+    elif task.teacher is not None and task.teacher.num_classes == r.data.num_classes:
         task.eval()
-        state['teacher'] = evaluate(accelerator, task.teacher_logits, eval_loader, args.channels_last)
-        _logger.info(f"Teacher on '{data.eval_split}': top-1 {state['teacher']['top1']:.2f}%, "
-                     f"top-5 {state['teacher']['top5']:.2f}%")
+        r.state['teacher'] = evaluate(accelerator, task.teacher_logits, r.eval_loader, args.channels_last)
+        _logger.info(f"Teacher on '{r.data.eval_split}': top-1 {r.state['teacher']['top1']:.2f}%, "
+                     f"top-5 {r.state['teacher']['top5']:.2f}%")
+
+
+def checkpoint(r: Run, state: dict) -> None:
+    """Save a checkpoint; the first one also lets go of a run replaced with --overwrite."""
+    save_checkpoint(r.accelerator, r.output, _snapshot(state), r.scheduler, r.args.keep_checkpoints)
+    if r.accelerator.is_main_process:
+        settle_overwrite(r.output, keep_new=True)
+
+
+def fit(r: Run, argv: Optional[List[str]]) -> dict:
+    """The epoch loop from the current state, then the student folder (and the Hub push)."""
+    args, accelerator, task, state = r.args, r.accelerator, r.task, r.state
 
     def step_checkpoint(current: dict) -> None:
         if args.checkpoint_steps and current['global_step'] % args.checkpoint_steps == 0:
-            save_checkpoint(accelerator, output, _snapshot(current), scheduler, args.keep_checkpoints)
+            checkpoint(r, current)
 
-    train_set = train_loader.dataset
-    eval_metrics = state['history'][-1] if state['history'] else {}
-    try:
-        for epoch in range(state['epoch'], num_epochs):
-            state['epoch'] = epoch
-            train_loader.set_epoch(epoch)
-            train_set.set_epoch(epoch)
-            loader = accelerator.skip_first_batches(train_loader, state['step_in_epoch']) \
-                if state['step_in_epoch'] else train_loader
-            train_metrics = train_one_epoch(accelerator, task, loader, optimizer, scheduler, state, args, mixup_fn,
-                                            on_step=step_checkpoint)
-            if accelerator.num_processes > 1 and args.dist_bn in ('reduce', 'broadcast'):
-                distribute_bn(task.student, accelerator.num_processes, reduce=args.dist_bn == 'reduce')
-            task.eval()
-            metrics = evaluate(accelerator, task.get_eval_model(), eval_loader, args.channels_last)
-            scheduler.step(epoch + 1, metrics['top1'])
-            row = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items() if k != 'lr'},
-                   **{f'eval_{k}': v for k, v in metrics.items()}, 'lr': train_metrics['lr']}
-            eval_metrics = row
-            state['history'].append(row)
-            _logger.info(f"Epoch {epoch}: loss {train_metrics['loss']:.4f} (ce {train_metrics['loss_ce']:.4f}, "
-                         f"kd {train_metrics['loss_kd']:.4f}, icd {train_metrics['loss_icd']:.4f}, tau "
-                         f"{train_metrics['tau']:.3f}), eval top-1 {metrics['top1']:.2f}%, top-5 "
-                         f"{metrics['top5']:.2f}% on {metrics['count']} images")
-            if state['best_top1'] is None or metrics['top1'] > state['best_top1']:
-                state['best_top1'], state['best_epoch'] = metrics['top1'], epoch
-                if args.save_best and accelerator.is_main_process:
-                    save_student(task.student, output / 'student_best', data_config, data.label_names,
-                                 _record(args, argv, task, data, state, num_epochs, row))
-            state.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums=[0.0] * (len(LOSS_PARTS) + 1))
-            save_checkpoint(accelerator, output, _snapshot(state), scheduler, args.keep_checkpoints)
-            if accelerator.is_main_process:
-                write_text_atomic(output / 'summary.csv', _summary_csv(state['history']))
-
-        result = {'output': str(output), 'student': str(output / 'student'), 'method': task.method,
-                  'teacher': state['teacher'], 'top1': eval_metrics.get('eval_top1'),
-                  'top5': eval_metrics.get('eval_top5'), 'best_top1': state['best_top1'],
-                  'best_epoch': state['best_epoch'], 'epochs': num_epochs, 'seconds': time.time() - start,
-                  'model': task.student}
+    last = state['history'][-1] if state['history'] else {}
+    for epoch in range(state['epoch'], r.num_epochs):
+        state['epoch'] = epoch
+        r.train_loader.set_epoch(epoch)
+        r.train_loader.dataset.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(r.train_loader, state['step_in_epoch']) \
+            if state['step_in_epoch'] else r.train_loader
+        train_metrics = train_one_epoch(accelerator, task, loader, r.optimizer, r.scheduler, state, args,
+                                        r.mixup_fn, on_step=step_checkpoint)
+        if accelerator.num_processes > 1 and args.dist_bn in ('reduce', 'broadcast'):
+            distribute_bn(task.student, accelerator.num_processes, reduce=args.dist_bn == 'reduce')
+        task.eval()
+        metrics = evaluate(accelerator, task.get_eval_model(), r.eval_loader, args.channels_last)
+        r.scheduler.step(epoch + 1, metrics['top1'])
+        last = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items() if k != 'lr'},
+                **{f'eval_{k}': v for k, v in metrics.items()}, 'lr': train_metrics['lr']}
+        state['history'].append(last)
+        _logger.info(f"Epoch {epoch}: loss {train_metrics['loss']:.4f} (ce {train_metrics['loss_ce']:.4f}, "
+                     f"kd {train_metrics['loss_kd']:.4f}, icd {train_metrics['loss_icd']:.4f}, tau "
+                     f"{train_metrics['tau']:.3f}), eval top-1 {metrics['top1']:.2f}%, top-5 "
+                     f"{metrics['top5']:.2f}% on {metrics['count']} images")
+        if state['best_top1'] is None or metrics['top1'] > state['best_top1']:
+            state['best_top1'], state['best_epoch'] = metrics['top1'], epoch
+            if args.save_best and accelerator.is_main_process:
+                save_student(task.student, r.output / 'student_best', r.data_config, r.data.label_names,
+                             _record(r, argv, last))
+        state.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums=[0.0] * (len(LOSS_PARTS) + 1))
+        checkpoint(r, state)
         if accelerator.is_main_process:
-            write_text_atomic(output / 'summary.csv', _summary_csv(state['history']))
-            record = _record(args, argv, task, data, state, num_epochs, eval_metrics)
-            save_student(task.student, output / 'student', data_config, data.label_names, record)
-            if args.push_to_hub:
-                from .hub import push_student
-                result['hub_url'] = push_student(output / 'student', args.push_to_hub, private=args.hub_private,
-                                                 revision=args.hub_revision)
-        accelerator.wait_for_everyone()
+            write_text_atomic(r.output / 'summary.csv', _summary_csv(state['history']))
+
+    result = {'output': str(r.output), 'student': str(r.output / 'student'), 'method': task.method,
+              'teacher': state['teacher'], 'top1': last.get('eval_top1'), 'top5': last.get('eval_top5'),
+              'best_top1': state['best_top1'], 'best_epoch': state['best_epoch'], 'epochs': r.num_epochs,
+              'model': task.student}
+    if accelerator.is_main_process:
+        write_text_atomic(r.output / 'summary.csv', _summary_csv(state['history']))
+        save_student(task.student, r.output / 'student', r.data_config, r.data.label_names, _record(r, argv, last))
+        if args.push_to_hub:
+            from .hub import push_student
+            result['hub_url'] = push_student(r.output / 'student', args.push_to_hub, private=args.hub_private,
+                                             revision=args.hub_revision)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def run(args, argv: Optional[List[str]] = None) -> dict:
+    """Train a student as ``args`` say (see train_icd.py --help) and return its results and the model.
+
+    Every check runs before the run folder changes. If the run fails before its first checkpoint, a run it was
+    replacing with --overwrite is put back.
+    """
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format='%(message)s', force=True)
+    logging.getLogger('accelerate').setLevel(logging.WARNING)  # one INFO line per checkpoint file otherwise
+    set_seed(args.seed)
+    started = time.time()
+    if accelerator.num_processes > 1:
+        _logger.info(f'Training on {accelerator.num_processes} processes ({accelerator.distributed_type}).')
+    r = build(args, accelerator)
+    try:
+        start(r)
+        result = fit(r, argv)
+    except BaseException:
+        if accelerator.is_main_process:
+            settle_overwrite(r.output, keep_new=False)
+        raise
     finally:
-        task.remove_hooks()
+        r.task.remove_hooks()
+    result['seconds'] = time.time() - started
     accelerator.end_training()
     return result
 
 
-def _record(args, argv, task: ICDDistillationTask, data, state: dict, num_epochs: int, metrics: dict) -> dict:
+def _record(r: Run, argv: Optional[List[str]], metrics: dict) -> dict:
     """What distillation.json says about how the student was made; every number comes from this run."""
     import timm
+    args, task, data, state = r.args, r.task, r.data, r.state
     icd = task.icd
     teacher = None
     if task.teacher is not None:
@@ -254,7 +306,7 @@ def _record(args, argv, task: ICDDistillationTask, data, state: dict, num_epochs
         'dataset': {'name': data.name, 'train_split': data.train_split, 'eval_split': data.eval_split,
                     'num_classes': data.num_classes, 'train_rows': len(data.train), 'eval_rows': len(data.eval),
                     'skipped_images': data.skipped_images or None},
-        'epochs': num_epochs,
+        'epochs': r.num_epochs,
         'epoch': metrics.get('epoch'),
         'top1': metrics.get('eval_top1'),
         'top5': metrics.get('eval_top5'),
