@@ -38,7 +38,7 @@ def _all_finite(accelerator, loss: torch.Tensor) -> bool:
 def _skip_nonfinite(state: dict, out: Dict[str, torch.Tensor], allowed: int) -> None:
     """Count a non-finite step; stop the run, naming the step and the loss parts, past ``allowed`` of them."""
     state['nonfinite_steps'] += 1
-    parts = ', '.join(f'{k}={out[k].item():.4g}' for k in LOSS_PARTS if k != 'tau')
+    parts = ', '.join(f'{k}={out[k].item():.4g}' for k in LOSS_PARTS if k != 'tau' and k in out)
     if state['nonfinite_steps'] > allowed:
         raise NonFiniteLoss(
             f"non-finite loss at epoch {state['epoch']} step {state['step_in_epoch']} (global step "
@@ -60,6 +60,8 @@ def train_one_epoch(
         on_step: Optional[Callable[[dict], None]] = None,
 ) -> Dict[str, float]:
     """Train for the rest of epoch ``state['epoch']``, starting after ``state['step_in_epoch']`` batches.
+
+    Works with any ``timm.task.TrainingTask``; loss parts a task does not return are logged as 0.
 
     Args:
         state: Run state, updated in place (step counters, loss sums, non-finite count).
@@ -91,7 +93,8 @@ def train_one_epoch(
                         accelerator.clip_grad_norm_(module.parameters(), args.clip_grad)
                     optimizer.step()
                     optimizer.zero_grad()
-                    sums += torch.stack([out[k].detach().double() for k in LOSS_PARTS] + [sums.new_ones(())])
+                    sums += torch.stack([out[k].detach().double() if k in out else sums.new_zeros(())
+                                         for k in LOSS_PARTS] + [sums.new_ones(())])
                 else:
                     module.zero_grad(set_to_none=True)  # also mid-accumulation, where optimizer.zero_grad() waits
                     _skip_nonfinite(state, out, args.skip_nonfinite)

@@ -1,0 +1,28 @@
+"""The benchmark scripts run in their quick modes and write their result files."""
+import csv
+
+from conftest import run_cli
+
+METHODS = {'vanilla', 'kd', 'timm_logit', 'timm_feature', 'icd', 'icd+kd'}
+
+
+def test_quality_quick_trains_every_method_and_writes_results(tmp_path):
+    out, data = tmp_path / 'results', tmp_path / 'data'
+    result = run_cli('--quick', '--out', out, '--data-dir', data, script='benchmarks/quality.py', timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / 'quality_quick_runs.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert {r['method'] for r in rows} == METHODS and len(rows) == 6
+    for r in rows:
+        assert int(r['test_size']) == 500 and int(r['train_size']) == 320
+        assert 0.0 <= float(r['test_top1']) <= 100.0 and float(r['train_loss']) > 0
+    taus = {r['method']: float(r['tau']) for r in rows}
+    assert taus['icd'] > 0 and taus['icd+kd'] > 0 and taus['kd'] == 0 and taus['timm_logit'] == 0
+    report = (out / 'quality_quick.md').read_text()
+    assert '| resnet18->mobilenetv3_small_050 |' in report and 'quick mode' in report
+    assert (out / 'quality_quick.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert not list(out.glob('*.safetensors'))  # weights stay in the data folder
+    # a second invocation resumes: nothing is retrained, the report is rewritten
+    again = run_cli('--quick', '--out', out, '--data-dir', data, script='benchmarks/quality.py', timeout=600)
+    assert again.returncode == 0 and 'seed 0: test top-1' not in again.stdout
+    assert len((out / 'quality_quick_runs.csv').read_text().strip().splitlines()) == 7
