@@ -21,10 +21,11 @@ def offline_env(**extra) -> dict:
     return env
 
 
-def run_cli(*args, env=None, timeout=600, script='train_icd.py') -> subprocess.CompletedProcess:
-    """Run train_icd.py (or another repo script) as a user would, offline."""
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, env=env or offline_env(), timeout=timeout)
+def run_cli(*args, env=None, timeout=600, script='train_icd.py', module=None) -> subprocess.CompletedProcess:
+    """Run train_icd.py, another repo script, or ``python -m module``, as a user would (offline by default)."""
+    target = ['-m', module] if module else [str(REPO / script)]
+    return subprocess.run([sys.executable, *target, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          env=env or offline_env(), timeout=timeout)
 
 
 @pytest.fixture(scope='session')

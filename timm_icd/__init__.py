@@ -2,6 +2,7 @@
 __version__ = '0.1.0'
 
 from .errors import UserError
+from .hub import load_student, push_student
 from .hooks import FeatureHook, pool_features, probe_feature_dim
 from .loss import ICDLoss, icd_terms, kd_loss
 from .models import create_student, create_teacher, load_weights_file
@@ -10,5 +11,5 @@ from .task import METHOD_WEIGHTS, METHODS, ICDDistillationTask, ICDTeacher, ICDT
 __all__ = [
     'ICDDistillationTask', 'ICDLoss', 'ICDTeacher', 'ICDTrainableModule', 'FeatureHook', 'METHODS', 'METHOD_WEIGHTS',
     'UserError', 'create_distiller', 'create_student', 'create_teacher', 'icd_terms', 'kd_loss',
-    'load_weights_file', 'pool_features', 'probe_feature_dim',
+    'load_student', 'load_weights_file', 'pool_features', 'probe_feature_dim', 'push_student',
 ]

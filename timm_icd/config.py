@@ -274,6 +274,9 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.mixed_precision == 'fp16' and not torch.cuda.is_available():
         raise UserError('--mixed-precision fp16 needs a GPU (fp16 autocast does not run on CPU); use bf16.')
     _check(args.method == 'vanilla' or bool(args.teacher), f'--method {args.method} needs --teacher.')
+    if args.push_to_hub:  # repo id and token now, not after hours of training
+        from .hub import check_push_target
+        check_push_target(args.push_to_hub)
 
     # let timm's own factories judge optimizer and schedule settings, on a throwaway parameter
     dummy = torch.nn.Linear(1, 1)

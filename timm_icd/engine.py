@@ -74,8 +74,9 @@ def train_one_epoch(
     module = task.trainable_module
     sums = torch.tensor(state['epoch_sums'], dtype=torch.float64, device=accelerator.device)
     total = len(loader) + state['step_in_epoch']
+    # a bar on the main process's terminal only (disable=None: off when stderr is not a terminal, e.g. in logs)
     bar = tqdm(total=total, initial=state['step_in_epoch'], desc=f"epoch {state['epoch']}", leave=False,
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+               disable=None if accelerator.is_local_main_process else True, dynamic_ncols=True)
     try:
         for x, y in loader:
             if args.channels_last:

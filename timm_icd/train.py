@@ -287,10 +287,15 @@ def _record(r: Run, argv: Optional[List[str]], metrics: dict) -> dict:
     icd = task.icd
     teacher = None
     if task.teacher is not None:
+        hub_id = None  # the Hub repository the teacher's weights came from
+        if args.teacher.startswith('hf-hub:'):
+            hub_id = args.teacher[len('hf-hub:'):]
+        elif args.teacher_pretrained and not args.teacher_checkpoint and not is_hub_or_local(args.teacher):
+            hub_id = task.teacher.model.pretrained_cfg.get('hf_hub_id')
         teacher = {
             'name': args.teacher, 'source': teacher_source(args.teacher, args.teacher_pretrained,
                                                            args.teacher_checkpoint),
-            'num_classes': task.teacher.num_classes,
+            'hf_hub_id': hub_id, 'num_classes': task.teacher.num_classes,
             'top1': (state['teacher'] or {}).get('top1'), 'top5': (state['teacher'] or {}).get('top5'),
         }
     return {
