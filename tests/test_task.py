@@ -79,12 +79,15 @@ def test_batch_is_renormalised_and_resized_for_the_teacher():
                                student_std=(0.25, 0.25, 0.25), student_input_size=(3, 24, 24),
                                teacher_input_size=(3, 40, 40))
     x = torch.randn(2, 3, 24, 24)
-    prepared = task.teacher.prepare_input(x, task.student_mean, task.student_std)
+    prepared = task.teacher.prepare_input(x)
     raw = x * 0.25 + 0.5
     mean, std = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1), torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)
     expected = F.interpolate((raw - mean) / std, size=(40, 40), mode='bilinear', align_corners=False)
     torch.testing.assert_close(prepared, expected)
     assert task.teacher.feature_hook is None  # kd needs no teacher features
+    same = ICDDistillationTask(*_pair(), method='kd', student_mean=(0.5, 0.5, 0.5), student_std=(0.5, 0.5, 0.5),
+                               student_input_size=(3, 24, 24), teacher_input_size=(3, 24, 24))
+    assert not same.teacher.renormalize and same.teacher.prepare_input(x) is x  # same normalisation: no op at all
 
 
 def test_method_weights_and_auto_choice():

@@ -229,9 +229,11 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def _image(self, index: int) -> Image.Image:
+    def _row(self, index: int):
+        """(RGB image, label) of one row, decoded once."""
         try:
-            return _to_rgb(self.ds[index][self.image_column])
+            row = self.ds[index]
+            return _to_rgb(row[self.image_column]), (row[self.label_column] if self.label_column else None)
         except Exception as e:
             if self.check_only:
                 raise
@@ -250,26 +252,34 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         if self.check_only:
             try:
-                image = self._image(index)
-                image.load()
+                self._row(index)[0].load()
                 return index, True
             except Exception:
                 return index, False
-        image = self._image(index)
-        label = self.ds[index][self.label_column]
+        image, label = self._row(index)
         if self.transform is None:
             return image, label
         if self.seed is None:
             return self.transform(image), label
-        # a private RNG stream per (seed, epoch, index); the global streams are restored afterwards
-        sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0])
-        py_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            try:
-                return self.transform(image), label
-            finally:
+        return self._seeded_transform(image, hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF), label
+
+    def _seeded_transform(self, image: Image.Image, sample_seed: int) -> torch.Tensor:
+        """Run the transform with the CPU torch and Python RNGs seeded for this sample.
+
+        Only the CPU generator is seeded (``torch.manual_seed`` would also seed every device, ~100x slower). In a
+        DataLoader worker nothing else uses these RNGs; in the main process their state is restored afterwards,
+        so dropout and the rest of training draw exactly what they would without augmentation.
+        """
+        in_worker = torch.utils.data.get_worker_info() is not None
+        if not in_worker:
+            torch_state, py_state = torch.get_rng_state(), random.getstate()
+        torch.default_generator.manual_seed(sample_seed)
+        random.seed(sample_seed)
+        try:
+            return self.transform(image)
+        finally:
+            if not in_worker:
+                torch.set_rng_state(torch_state)
                 random.setstate(py_state)
 
 

@@ -89,14 +89,27 @@ class ICDTeacher(DistillationTeacher):
         self.input_size = tuple(input_size) if input_size else None
         self.layer = layer
         self.feature_hook = FeatureHook(model, layer) if need_features else None
+        self.set_student_norm(self.mean_kd, self.std_kd)
+
+    def set_student_norm(self, student_mean: torch.Tensor, student_std: torch.Tensor) -> None:
+        """Precompute the affine map from the student's normalisation to the teacher's.
+
+        ``x_t = (x * std_s + mean_s - mean_t) / std_t = x * scale + shift``: one fused op per step, decided once
+        here instead of with ``torch.equal`` (a host sync on GPU) on every batch as ``normalize_input`` does.
+        """
+        mean_s = torch.as_tensor(student_mean, dtype=torch.float32).reshape(1, -1, 1, 1).to(self.mean_kd.device)
+        std_s = torch.as_tensor(student_std, dtype=torch.float32).reshape(1, -1, 1, 1).to(self.mean_kd.device)
+        self.renormalize = not (torch.equal(mean_s, self.mean_kd.float()) and torch.equal(std_s, self.std_kd.float()))
+        self.register_buffer('scale', std_s / self.std_kd, persistent=False)
+        self.register_buffer('shift', (mean_s - self.mean_kd) / self.std_kd, persistent=False)
 
     @property
     def num_classes(self) -> int:
         return unwrap_model(self.model).num_classes
 
-    def prepare_input(self, input: torch.Tensor, student_mean: torch.Tensor, student_std: torch.Tensor):
+    def prepare_input(self, input: torch.Tensor) -> torch.Tensor:
         """Re-normalise a student batch for the teacher and resize it to the teacher's input size."""
-        x = self.normalize_input(input, student_mean, student_std)
+        x = torch.addcmul(self.shift, input, self.scale) if self.renormalize else input
         if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size[-2:]):
             x = F.interpolate(x, size=tuple(self.input_size[-2:]), mode='bilinear', align_corners=False)
         return x
@@ -246,6 +259,8 @@ class ICDDistillationTask(TrainingTask):
         std = torch.tensor(student_std or student_cfg.get('std', (0.229, 0.224, 0.225)), device=self.device)
         self.register_buffer('student_mean', mean.view(1, -1, 1, 1), persistent=False)
         self.register_buffer('student_std', std.view(1, -1, 1, 1), persistent=False)
+        if self.teacher is not None:
+            self.teacher.set_student_norm(self.student_mean, self.student_std)
 
     @property
     def student(self) -> nn.Module:
@@ -266,7 +281,7 @@ class ICDDistillationTask(TrainingTask):
 
     def teacher_logits(self, input: torch.Tensor) -> torch.Tensor:
         """Teacher logits for a student-normalised batch (used to measure the teacher's accuracy)."""
-        return self.teacher(self.teacher.prepare_input(input, self.student_mean, self.student_std))[0]
+        return self.teacher(self.teacher.prepare_input(input))[0]
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Distillation forward pass.
@@ -277,8 +292,7 @@ class ICDDistillationTask(TrainingTask):
         """
         teacher_logits = teacher_features = None
         if self.teacher is not None:
-            teacher_logits, teacher_features = self.teacher(
-                self.teacher.prepare_input(input, self.student_mean, self.student_std))
+            teacher_logits, teacher_features = self.teacher(self.teacher.prepare_input(input))
         logits, icd_out = self.trainable_module(input, teacher_features)
         loss_ce = self.criterion(logits, target)
         loss = self.task_loss_weight * loss_ce
