@@ -54,3 +54,30 @@ def test_two_processes_sync_weights_gather_metrics_once_and_only_rank0_writes(tm
     assert '"global_step": 8' in state
     assert sorted(p.name for p in out.iterdir()) == ['args.yaml', 'checkpoints', 'student', 'summary.csv']
     assert result.stdout.count('done:') == 0  # the worker prints nothing; train_icd.py prints on rank 0 only
+
+
+def test_global_negatives_equal_one_process_on_the_concatenated_batch(tmp_path):
+    import json
+    result = accelerate_launch(29532, str(REPO / 'tests' / 'global_negatives_worker.py'), tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f'rank{rank}.json').read_text())
+        assert r['world'] == 2
+        assert r['loss'] == pytest.approx(r['loss_ref'], abs=1e-5)
+        assert abs(r['loss_local_only'] - r['loss_ref']) > 1e-3  # the gather really changes the loss
+        for name, diff in r['grad_max_abs_diff'].items():
+            assert diff < 1e-5, (rank, name, diff)
+        assert all(norm > 0 for norm in r['grad_norm_ref'].values())
+
+
+def test_training_with_global_negatives_end_to_end(tmp_path, digits_small):
+    out = tmp_path / 'run'
+    result = accelerate_launch(29533, str(REPO / 'train_icd.py'), '--teacher', 'test_resnet', '--teacher-pretrained',
+                               'false', '--student', 'test_efficientnet', '--method', 'icd', '--icd-negatives', 'global',
+                               '--dataset', digits_small, '--epochs', '1', '-b', '16', '--output', out, *FAST)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(out / 'summary.csv') as f:
+        row = list(csv.DictReader(f))[0]
+    assert float(row['train_loss_icd']) > 0 and int(row['eval_count']) == 72
+    record = (out / 'student' / 'distillation.json').read_text()
+    assert '"negatives": "global"' in record

@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Step-time benchmark: distillation against its cost floor and against timm's own distillation tasks.
+
+The floor of a distillation step is one teacher inference (under inference_mode) plus one student training step
+with CE on the same batch. For each teacher/student pair and input size, every variant is timed in ONE process,
+interleaved (the order rotates each round), after warm-up, as a full optimizer step (forward, backward, SGD step)
+on the same batch; the table reports medians and ratios to the floor and to timm's tasks:
+
+    floor, timm_logit (timm.task.LogitDistillationTask), timm_feature (timm.task.FeatureDistillationTask),
+    kd, icd, icd+kd (timm_icd), and options: icd+kd with a bf16 teacher, with channels_last (CNN pairs, against a
+    channels_last floor), and with torch.compile (against a compiled floor).
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated per variant in the same process; on CPU, the peak RSS of a
+separate process that runs only that variant (RSS high-water marks cannot be separated inside one process).
+
+    python benchmarks/step_time.py                 # writes benchmarks/results/step_time.md
+    python benchmarks/step_time.py --quick         # tiny models, for the tests
+"""
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.task import FeatureDistillationTask, LogitDistillationTask
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from timm_icd import ICDDistillationTask  # noqa: E402
+
+PAIRS = {
+    'resnet50->mobilenetv3_small_100': ('resnet50', 'mobilenetv3_small_100'),
+    'vit_small_patch16_224->resnet18': ('vit_small_patch16_224', 'resnet18'),
+}
+QUICK_PAIRS = {'test_resnet->test_efficientnet': ('test_resnet', 'test_efficientnet'),
+               'test_vit->test_resnet': ('test_vit', 'test_resnet')}
+BASE = ('floor', 'timm_logit', 'timm_feature', 'kd', 'icd', 'icd+kd')
+TARGETS = {'floor': 1.05, 'timm_feature': 1.00}
+
+
+def make_models(pair: str, size: int, pairs: dict, device):
+    teacher_name, student_name = pairs[pair]
+    kwargs = {}
+    if timm.models.get_pretrained_cfg_value(teacher_name, 'fixed_input_size'):
+        kwargs['img_size'] = size
+    torch.manual_seed(0)
+    teacher = timm.create_model(teacher_name, num_classes=100, **kwargs).to(device).eval().requires_grad_(False)
+    student = timm.create_model(student_name, num_classes=100).to(device)
+    return teacher, student
+
+
+class Variant:
+    """One kind of training step, with its own copies of the models and its own optimizer."""
+
+    def __init__(self, name: str, teacher, student, size: int, device):
+        self.name = name
+        teacher, student = copy.deepcopy(teacher), copy.deepcopy(student)
+        base = name.split(' ')[0]
+        channels_last = 'channels_last' in name
+        compiled = 'compile' in name
+        if channels_last:
+            teacher.to(memory_format=torch.channels_last)
+            student.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+        self.teacher, self.student = teacher, student
+        size3 = (3, size, size)
+        if base == 'floor':
+            self.task = None
+            params = student.parameters()
+            if compiled:
+                self.student_fwd = torch.compile(student)
+                self.teacher_fwd = torch.compile(teacher)
+            else:
+                self.student_fwd, self.teacher_fwd = student, teacher
+        elif base == 'timm_logit':  # timm train.py defaults: weights 1.0, temperature 4
+            self.task = LogitDistillationTask(student, teacher, temperature=4.0, verbose=False, device=device)
+        elif base == 'timm_feature':
+            self.task = FeatureDistillationTask(student, teacher, verbose=False, device=device)
+        else:
+            self.task = ICDDistillationTask(
+                student, teacher, method=base, student_input_size=size3, teacher_input_size=size3,
+                teacher_dtype=torch.bfloat16 if 'bf16' in name else None, verbose=False, device=device)
+            if compiled:
+                self.task.compile()
+        if self.task is not None:
+            params = self.task.get_trainable_module().parameters()
+        self.optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+
+    def step(self, x, y):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.task is None:
+            with torch.inference_mode():
+                self.teacher_fwd(x)
+            loss = F.cross_entropy(self.student_fwd(x), y)
+        else:
+            loss = self.task(x, y)['loss']
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def variant_names(pair: str, pairs: dict, compile_ok: bool):
+    names = list(BASE) + ['icd+kd bf16-teacher']
+    teacher_name = pairs[pair][0]
+    if 'vit' not in teacher_name:
+        names += ['floor channels_last', 'icd+kd channels_last']
+    if compile_ok:
+        names += ['floor compile', 'icd+kd compile']
+    return names
+
+
+def can_compile(device) -> str:
+    """'' when torch.compile works here, else why not (the compile rows are then skipped with that note)."""
+    try:
+        fn = torch.compile(lambda t: torch.sin(t) * 2)
+        fn(torch.randn(4, device=device))
+        return ''
+    except Exception as e:  # no C++ compiler, unsupported platform, ...
+        return f'{type(e).__name__}: {str(e).splitlines()[0][:120]}'
+
+
+def time_all(variants, x, y, rounds: int, warmup: int, device):
+    """Median seconds per step of each variant, interleaved and rotated so none always runs first."""
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    for v in variants:
+        for _ in range(warmup):
+            v.step(x, y)
+    times = {v.name: [] for v in variants}
+    for r in range(rounds):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for v in order:
+            sync()
+            start = time.perf_counter()
+            v.step(x, y)
+            sync()
+            times[v.name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}, times
+
+
+def peak_memory(args, pair: str, size: int, name: str, device) -> float:
+    """MiB: CUDA max allocated (same process) or the peak RSS of a separate process running only this variant."""
+    if device.type == 'cuda':
+        return float('nan')  # filled in by the caller from torch.cuda.max_memory_allocated
+    cmd = [sys.executable, __file__, '--memory-probe', json.dumps([pair, size, name]), '--batch-size',
+           str(args.batch_size)] + (['--quick'] if args.quick else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return float('nan')
+
+
+def memory_probe(args) -> int:
+    pair, size, name = json.loads(args.memory_probe)
+    pairs = QUICK_PAIRS if args.quick else PAIRS
+    device = torch.device('cpu')
+    teacher, student = make_models(pair, size, pairs, device)
+    x, y = torch.randn(args.batch_size, 3, size, size), torch.randint(0, 100, (args.batch_size,))
+    variant = Variant(name, teacher, student, size, device)
+    del teacher, student
+    for _ in range(3):
+        variant.step(x, y)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return 0
+
+
+def machine(device) -> str:
+    if device.type == 'cuda':
+        return f'{torch.cuda.get_device_name()}, torch {torch.__version__}'
+    cpu = 'unknown CPU'
+    try:
+        cpu = next(line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return f'{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}'
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true', help='tiny models and few rounds (for the tests)')
+    parser.add_argument('--sizes', type=int, nargs='+', default=None, help='input sizes (default: 64 112 on CPU, '
+                                                                            '160 224 on GPU)')
+    parser.add_argument('--batch-size', type=int, default=None, help='default: 32 on CPU, 128 on GPU')
+    parser.add_argument('--rounds', type=int, default=None, help='timed steps per variant (default: 12)')
+    parser.add_argument('--out', default=str(Path(__file__).parent / 'results' / 'step_time.md'))
+    parser.add_argument('--no-compile', action='store_true', help='skip the torch.compile rows')
+    parser.add_argument('--memory-probe', default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        return memory_probe(args)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    gpu = device.type == 'cuda'
+    pairs = QUICK_PAIRS if args.quick else PAIRS
+    sizes = args.sizes or ([32] if args.quick else [160, 224] if gpu else [64, 112])
+    args.batch_size = args.batch_size or (8 if args.quick else 128 if gpu else 32)
+    rounds = args.rounds or (3 if args.quick else 12)
+    compile_note = 'skipped (--no-compile)' if args.no_compile or args.quick else can_compile(device)
+    started = time.time()
+    sections, verdicts = [], []
+    for pair in pairs:
+        for size in sizes:
+            teacher, student = make_models(pair, size, pairs, device)
+            names = variant_names(pair, pairs, not compile_note)
+            variants = [Variant(n, teacher, student, size, device) for n in names]
+            torch.manual_seed(1)
+            x = torch.randn(args.batch_size, 3, size, size, device=device)
+            y = torch.randint(0, 100, (args.batch_size,), device=device)
+            medians, _ = time_all(variants, x, y, rounds, warmup=1 if args.quick else 3, device=device)
+            memory = {}
+            for v in variants:
+                if gpu:
+                    torch.cuda.reset_peak_memory_stats()
+                    v.step(x, y)
+                    torch.cuda.synchronize()
+                    memory[v.name] = torch.cuda.max_memory_allocated() / 2 ** 20
+                elif 'compile' in v.name:
+                    memory[v.name] = float('nan')  # a separate process would spend minutes compiling again
+                else:
+                    memory[v.name] = peak_memory(args, pair, size, v.name, device)
+            del variants
+            rows = [f'### {pair}, {size}x{size}, batch {args.batch_size}', '',
+                    '| variant | median ms/step | / floor | / timm_feature | / timm_logit | peak memory (MiB) |',
+                    '|---|---|---|---|---|---|']
+            for name in names:
+                floor = medians['floor channels_last' if 'channels_last' in name else 'floor compile'
+                                if 'compile' in name else 'floor']
+                rows.append(f'| {name} | {medians[name] * 1e3:.1f} | {medians[name] / floor:.3f} | '
+                            f'{medians[name] / medians["timm_feature"]:.3f} | '
+                            f'{medians[name] / medians["timm_logit"]:.3f} | {memory[name]:.0f} |')
+            sections += rows + ['']
+            ratio_floor = medians['icd+kd'] / medians['floor']
+            ratio_feature = medians['icd+kd'] / medians['timm_feature']
+            met = ratio_floor <= TARGETS['floor'] and ratio_feature <= TARGETS['timm_feature']
+            verdicts.append(f'| {pair} | {size} | {ratio_floor:.3f} | {ratio_feature:.3f} | '
+                            f'{"met" if met else "missed"} |')
+            print('\n'.join(rows), flush=True)
+    header = [
+        '# Step time: distillation against its floor and against timm\'s tasks', '',
+        f'Generated by `python benchmarks/step_time.py{" --quick" if args.quick else ""}` on {machine(device)}, '
+        f'{time.strftime("%Y-%m-%d")}; {rounds} timed steps per variant after warm-up, interleaved in one process, '
+        f'medians. Each step: forward, backward and an SGD step of the student (and heads) on the same random '
+        f'batch; the floor is the teacher under inference_mode plus a CE step of the student. Peak memory: '
+        + ('CUDA max allocated.' if gpu else 'peak RSS of a separate process running only that variant '
+                                            '(includes the Python/torch baseline of ~0.5 GB).'),
+        '', f'torch.compile rows: {"measured" if not compile_note else compile_note}.', '',
+        '## Targets: icd+kd / floor <= 1.05 and icd+kd / timm_feature <= 1.00', '',
+        '| pair | size | icd+kd / floor | icd+kd / timm_feature | target |', '|---|---|---|---|---|', *verdicts, '',
+        '## All variants', '']
+    notes = Path(args.out).with_name(Path(args.out).stem + '_notes.md')
+    footer = [f'Total benchmark time: {(time.time() - started) / 60:.1f} min.']
+    if notes.exists():
+        footer.append(f'Analysis and profile: [{notes.name}]({notes.name}).')
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text('\n'.join(header + sections + footer) + '\n')
+    print(f'wrote {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Run by the tests under accelerate launch with 2 CPU processes.
+
+ICD with --icd-negatives global on each process's half of a batch, wrapped in DDP as in training, against one
+process computing ICD on the whole batch: the loss and every (DDP-synced) gradient must match.
+"""
+import json
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from timm_icd.loss import ICDLoss
+
+
+class Net(torch.nn.Module):
+    """A stand-in student backbone feeding the ICD heads, so gradients flow through the gather into it."""
+
+    def __init__(self, negatives: str):
+        super().__init__()
+        self.backbone = torch.nn.Linear(12, 16)
+        self.icd = ICDLoss(16, 20, feat_dim=8, negatives=negatives)
+
+    def forward(self, x, f_t):
+        return self.icd(self.backbone(x), f_t)['loss_icd']
+
+
+if __name__ == '__main__':
+    accelerator = Accelerator(cpu=True)
+    rank, world, per_rank = accelerator.process_index, accelerator.num_processes, 6
+    torch.manual_seed(0)
+    x, f_t = torch.randn(per_rank * world, 12), torch.randn(per_rank * world, 20)
+    local = slice(rank * per_rank, (rank + 1) * per_rank)
+
+    torch.manual_seed(1)
+    reference = Net('local')  # one process, the whole batch
+    loss_ref = reference(x, f_t)
+    loss_ref.backward()
+
+    torch.manual_seed(1)
+    net = Net('global')
+    model = accelerator.prepare(net)
+    loss = model(x[local], f_t[local])
+    accelerator.backward(loss)
+
+    with torch.no_grad():
+        plain = Net('local')
+        plain.load_state_dict(net.state_dict())
+        loss_local_only = plain(x[local], f_t[local])
+    grads = {name: (p.grad - dict(reference.named_parameters())[name].grad).abs().max().item()
+             for name, p in net.named_parameters()}
+    result = {'rank': rank, 'world': world, 'loss': loss.item(), 'loss_ref': loss_ref.item(),
+              'loss_local_only': loss_local_only.item(), 'grad_max_abs_diff': grads,
+              'grad_norm_ref': {n: p.grad.norm().item() for n, p in reference.named_parameters()}}
+    with open(f'{sys.argv[1]}/rank{rank}.json', 'w') as f:
+        json.dump(result, f)
