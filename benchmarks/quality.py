@@ -87,10 +87,13 @@ def fashion_mnist(data_dir: Path) -> datasets.DatasetDict:
     return datasets.load_from_disk(str(folder))
 
 
-def loaders(train, test, seed: int, batch_size: int = 64):
+def loaders(train, test, seed: int, model, batch_size: int = 64):
+    """Train/test loaders normalised with ``model``'s own mean and std, which the distillation tasks (timm's and
+    ours) assume for the student's batches when they re-normalise them for the teacher."""
+    norm = {'mean': model.pretrained_cfg['mean'], 'std': model.pretrained_cfg['std']}
     train_tf = create_transform(INPUT_SIZE, is_training=True, scale=(0.6, 1.0), hflip=0.5, color_jitter=0.0,
-                                interpolation='bilinear')
-    test_tf = create_transform(INPUT_SIZE, crop_pct=1.0, interpolation='bilinear')
+                                interpolation='bilinear', **norm)
+    test_tf = create_transform(INPUT_SIZE, crop_pct=1.0, interpolation='bilinear', **norm)
     train_set = ImageClassificationDataset(train, 'image', 'label', train_tf, seed=seed)
     test_set = ImageClassificationDataset(test, 'image', 'label', test_tf, split_name='test')
     common = dict(num_workers=1, persistent_workers=False)
@@ -173,7 +176,7 @@ def run(args) -> int:
         teacher.load_state_dict(safetensors.torch.load_file(teacher_path))
     else:
         t0 = time.time()
-        train_loader, test_loader = loaders(train, test, seed=1000)
+        train_loader, test_loader = loaders(train, test, seed=1000, model=teacher)
         task = build_task('vanilla', teacher, None)
         metrics, _, _ = fit_task(accelerator, task, train_loader, test_loader, TEACHER['opt'], args.teacher_epochs,
                               0, 1000, curve=False)
@@ -199,7 +202,7 @@ def run(args) -> int:
                 torch.manual_seed(seed)
                 student = create_student(cfg['student'], len(LABELS), **cfg['kwargs'])
                 task = build_task(method, student, teacher)
-                train_loader, test_loader = loaders(train, test, seed=seed)
+                train_loader, test_loader = loaders(train, test, seed=seed, model=student)
                 metrics, train_metrics, curve = fit_task(accelerator, task, train_loader, test_loader, cfg['opt'],
                                                       args.epochs, cfg['warmup'], seed, curve=seed == 0)
                 if hasattr(task, 'remove_hooks'):

@@ -140,11 +140,15 @@ def test_timm_augmentation_bf16_and_grad_accumulation(digits_small, tmp_path):
     result = run_cli('--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student', 'test_efficientnet',
                      '--dataset', digits_small, '--epochs', '1', '-b', '32', '--output', out, '--mixup', '0.4',
                      '--cutmix', '0.4', '--smoothing', '0.1', '--aa', 'rand-m9-mstd0.5', '--reprob', '0.25',
-                     '--mixed-precision', 'bf16', '--grad-accum-steps', '2', '--save-best', *FAST)
+                     '--mixed-precision', 'bf16', '--grad-accum-steps', '2', '--save-best', '--checkpoint-steps', '1',
+                     '--keep-checkpoints', '100', *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     row = read_summary(out)[0]
     assert all(float(row[k]) > 0 for k in ('train_loss_ce', 'train_loss_kd', 'train_loss_icd'))
-    state = json.loads(next((out / 'checkpoints').iterdir()).joinpath('run_state.json').read_text())
+    ckpts = sorted((out / 'checkpoints').iterdir())
+    # a checkpoint after every update, never between the two batches of one: global steps 2, 4, 6 and 8
+    assert [p.name for p in ckpts] == [f'checkpoint-0000000{i}' for i in (2, 4, 6, 8)]
+    state = json.loads(ckpts[-1].joinpath('run_state.json').read_text())
     assert state['global_step'] == 8 and state['num_updates'] == 4  # 256 rows / 32 per batch, 2 per update
     best = json.loads((out / 'student_best' / 'distillation.json').read_text())
     assert best['best_epoch'] == 0 and best['top1'] == pytest.approx(float(row['eval_top1']))

@@ -39,8 +39,6 @@ def test_two_processes_sync_weights_gather_metrics_once_and_only_rank0_writes(tm
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
         assert torch.equal(rank0[key], saved[key]), key
-    initial = safetensors.torch.load_file(next((out / 'checkpoints').iterdir()) / 'model.safetensors')
-    assert not torch.equal(initial['student.conv_stem.weight'], torch.zeros_like(initial['student.conv_stem.weight']))
 
     with open(out / 'summary.csv') as f:
         rows = list(csv.DictReader(f))

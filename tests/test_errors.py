@@ -201,3 +201,17 @@ def test_skip_nonfinite_tolerates_up_to_n_steps(inputs, tmp_path):
     assert state['nonfinite_steps'] == 7 and state['global_step'] == 8  # only the first of 8 steps was applied
     result = run_cli(*args, '--skip-nonfinite', '3', '--overwrite')
     check_one_line_error(result, r'non-finite loss at epoch 0 step 4 \(global step 4\)')
+
+
+def test_an_interrupted_set_aside_is_put_back(tmp_path):
+    """A kill while --overwrite moves the old run aside must not cost the files not yet moved."""
+    from timm_icd.checkpoint import claim_output_dir
+    out = tmp_path / 'run'
+    (out / '.overwritten-run.partial').mkdir(parents=True)
+    (out / '.overwritten-run.partial' / 'summary.csv').write_text('moved before the kill')
+    (out / 'args.yaml').write_text('not moved yet')
+    claim_output_dir(out, overwrite=True)
+    backup = out / '.overwritten-run'
+    assert (backup / 'summary.csv').read_text() == 'moved before the kill'
+    assert (backup / 'args.yaml').read_text() == 'not moved yet'
+    assert not (out / '.overwritten-run.partial').exists() and not (out / 'summary.csv').exists()

@@ -82,6 +82,7 @@ def test_card_parses_validates_and_carries_the_runs_numbers(hub, pushed):
     assert data.library_name == 'timm' and data.license == 'apache-2.0'
     assert {'image-classification', 'timm', 'knowledge-distillation', 'icd'} <= set(data.tags)
     assert data.base_model is None and data.datasets is None  # local teacher and local data
+    assert '/tmp' not in str(data.to_dict())  # local paths stay out of the metadata
     with open(out / 'summary.csv') as f:
         last = list(csv.DictReader(f))[-1]
     _, results = model_index_to_eval_results(data.to_dict()['model-index'])

@@ -33,6 +33,15 @@ def test_teacher_from_wrapped_torch_checkpoint(tmp_path):
     torch.testing.assert_close(teacher.fc.weight, source.fc.weight)
 
 
+def test_timm_training_checkpoint_with_args_namespace_loads(tmp_path):
+    import argparse
+    source = timm.create_model('test_resnet', num_classes=3)
+    torch.save({'epoch': 9, 'arch': 'test_resnet', 'state_dict': source.state_dict(),
+                'args': argparse.Namespace(lr=0.1, model='test_resnet')}, tmp_path / 'model_best.pth.tar')
+    teacher = create_teacher('test_resnet', checkpoint=str(tmp_path / 'model_best.pth.tar'))
+    torch.testing.assert_close(teacher.fc.weight, source.fc.weight)
+
+
 def test_pickle_that_needs_code_is_refused(tmp_path):
     torch.save({'state_dict': {'w': torch.zeros(1)}, 'extra': NotAWeight()}, tmp_path / 'evil.pth')
     with pytest.raises(UserError, match='refusing to load.*arbitrary code'):

@@ -1,6 +1,7 @@
 """Kill and resume: a run SIGKILLed during a step, a checkpoint write and an evaluation, then resumed with
 --resume auto each time, ends exactly where an uninterrupted run ends."""
 import json
+import shutil
 import signal
 
 import safetensors.torch
@@ -9,10 +10,10 @@ import torch
 from conftest import FAST, offline_env, run_cli
 from timm_icd.checkpoint import find_latest_checkpoint
 
-# dropout, drop-path and mixup make the run consume every RNG stream a checkpoint must restore
+# dropout, drop-path, mixup and RandAugment (numpy) make the run consume every RNG stream a checkpoint must restore
 RUN = ['--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student', 'test_efficientnet', '--epochs', '3',
        '-b', '32', '--checkpoint-steps', '3', '--keep-checkpoints', '2', '--drop', '0.2', '--drop-path', '0.1',
-       '--mixup', '0.2', '--seed', '3', *FAST]
+       '--mixup', '0.2', '--aa', 'rand-m9-mstd0.5', '--seed', '3', *FAST]
 
 
 def test_killed_and_resumed_run_equals_uninterrupted_run(digits_small, tmp_path):
@@ -20,10 +21,10 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(digits_small, tmp_path)
     result = run_cli('--dataset', digits_small, '--output', a, *RUN)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    def run_b(crash, resume=True):
+    def run_b(crash, resume=True):  # B loads data with 2 worker processes, A in the main process
         env = offline_env(TIMM_ICD_CRASH_AT=crash) if crash else offline_env()
         return run_cli('--dataset', digits_small, '--output', b, *(['--resume', 'auto'] if resume else []), *RUN,
-                       env=env)
+                       '-j', '2', env=env)
 
     # 8 steps per epoch; step checkpoints every 3 global steps, epoch checkpoints at 8, 16, 24
     killed = run_b('step:5', resume=False)                     # mid-epoch 0, after checkpoint 3
@@ -65,3 +66,7 @@ def test_resume_path_and_fingerprint(digits_small, tmp_path):
     other = run_cli(*[a if a != '64' else '32' for a in args], '--epochs', '3', '--resume', 'auto')
     assert other.returncode == 2
     assert 'written with different batch_size; resume with the original settings' in other.stderr
+    shutil.rmtree(out / 'checkpoints')  # results but nothing to continue from: refuse rather than overwrite them
+    refused = run_cli(*args, '--epochs', '3', '--resume', 'auto')
+    assert refused.returncode == 2 and 'holds results (summary.csv, student) but no complete checkpoint' in \
+        refused.stderr

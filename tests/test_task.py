@@ -110,6 +110,26 @@ def test_logit_kd_with_another_label_space_names_both_counts(method):
         ICDDistillationTask(student, teacher, method=method)
 
 
+def test_a_kd_weight_override_needs_the_same_label_space():
+    student, teacher = _pair(10, 1000)
+    with pytest.raises(UserError, match="KD weight of 0.5 needs a teacher with the dataset's 10 classes"):
+        ICDDistillationTask(student, teacher, method='icd', kd_loss_weight=0.5)
+
+
+def test_optimizer_groups_follow_timm_for_the_student_and_heads():
+    from timm.optim import create_optimizer_v2
+    student, teacher = timm.create_model('test_vit', num_classes=10), timm.create_model('test_resnet', num_classes=10)
+    task = ICDDistillationTask(student, teacher, method='icd+kd', teacher_input_size=(3, 32, 32))
+    opt = create_optimizer_v2(task.trainable_module, opt='adamw', lr=1e-3, weight_decay=0.05)
+    no_decay = {id(p) for g in opt.param_groups if g['weight_decay'] == 0 for p in g['params']}
+    assert id(student.pos_embed) in no_decay and id(student.cls_token) in no_decay and id(task.icd.t) in no_decay
+    assert id(task.icd.student_head.weight) not in no_decay
+    opt = create_optimizer_v2(task.trainable_module, opt='adamw', lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    scale_of = {id(p): g['lr_scale'] for g in opt.param_groups for p in g['params']}
+    assert scale_of[id(task.icd.student_head.weight)] == 1.0 == scale_of[id(student.head.weight)]
+    assert scale_of[id(student.patch_embed.proj.weight)] < 0.1
+
+
 def test_vanilla_needs_no_teacher_and_has_no_heads():
     student, _ = _pair()
     task = ICDDistillationTask(student, None, method='vanilla')

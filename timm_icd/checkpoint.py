@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .faults import crash_point
 
 _logger = logging.getLogger(__name__)
@@ -32,8 +32,12 @@ OVERWRITTEN = '.overwritten-run'
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a file through a temporary sibling and a rename, so readers never see half of it."""
     tmp = path.with_name(f'.tmp-{path.name}')
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f'cannot write {path} ({e.strerror or e}; a full disk?); earlier files are intact.') from e
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -75,23 +79,31 @@ def _remove(path: Path) -> None:
 
 def claim_output_dir(output: Path, overwrite: bool) -> None:
     """Create the run folder. With ``overwrite``, set an earlier run's files aside in ``.overwritten-run``:
-    ``settle_overwrite`` drops them once the new run has a checkpoint, or puts them back if it fails before."""
+    ``settle_overwrite`` drops them once the new run has a checkpoint, or puts them back if it fails before.
+
+    Setting aside is atomic: files move into ``.overwritten-run.partial``, which is renamed when all are in; a
+    partial set-aside left by a kill is put back first.
+    """
+    backup, partial = output / OVERWRITTEN, output / f'{OVERWRITTEN}.partial'
     try:
         output.mkdir(parents=True, exist_ok=True)
+        if partial.exists():  # killed while setting aside: restore, then start over
+            for path in partial.iterdir():
+                os.replace(path, output / path.name)
+            partial.rmdir()
+        if not overwrite:
+            return
+        existing = [name for name in RUN_FILES if (output / name).exists()]
+        if backup.exists():  # an earlier --overwrite run died before its first checkpoint: its files are partial
+            for name in existing:
+                _remove(output / name)
+        elif existing:
+            partial.mkdir()
+            for name in existing:
+                os.replace(output / name, partial / name)
+            os.replace(partial, backup)
     except OSError as e:
-        raise UserError(f'cannot create --output {output}: {e.strerror or e}.') from e
-    if not overwrite:
-        return
-    backup = output / OVERWRITTEN
-    existing = [name for name in RUN_FILES if (output / name).exists()]
-    if backup.exists():  # an earlier --overwrite run died before its first checkpoint: keep the original aside
-        for name in existing:
-            _remove(output / name)
-        return
-    if existing:
-        backup.mkdir()
-        for name in existing:
-            os.replace(output / name, backup / name)
+        raise UserError(f'cannot prepare --output {output}: {e.strerror or e}.') from e
 
 
 def settle_overwrite(output: Path, keep_new: bool) -> None:
@@ -130,6 +142,10 @@ def resolve_resume(output: Path, resume: str) -> Optional[Path]:
     if resume == 'auto':
         latest = find_latest_checkpoint(output)
         if latest is None:
+            results = [name for name in ('summary.csv', 'student', 'student_best') if (output / name).exists()]
+            if results:
+                raise UserError(f'--resume auto: {output} holds results ({", ".join(results)}) but no complete '
+                                f'checkpoint to continue from; pass --overwrite to start over.')
             _logger.info(f'--resume auto: no complete checkpoint in {output}, starting from the beginning.')
         return latest
     path = Path(resume)
@@ -161,7 +177,7 @@ def save_checkpoint(accelerator, output: Path, run_state: dict, scheduler, keep:
     except Exception as e:  # safetensors and torch.save report a failed write with their own exception types
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = getattr(e, 'strerror', None) or str(e).strip().splitlines()[0][:200]
+        reason = getattr(e, 'strerror', None) or first_line(e, 200)
         raise UserError(f'cannot save checkpoint {final.name} ({reason}; a full disk?); earlier checkpoints are '
                         f'intact: free space, then rerun with --resume auto.') from e
     accelerator.wait_for_everyone()
@@ -179,12 +195,17 @@ def prune_checkpoints(root: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def read_run_state(path: Path) -> dict:
+    """The run state of a checkpoint (cheap: read before any weights, to check it fits the run)."""
+    return json.loads((path / RUN_STATE).read_text())
+
+
 def load_checkpoint(accelerator, path: Path, scheduler) -> dict:
     """Restore model, optimizer, RNG and schedule from ``path`` and return its run state."""
     try:
         accelerator.load_state(str(path))
     except Exception as e:
-        raise UserError(f'cannot resume from {path}: {str(e).splitlines()[0][:300]} (was it written by a run '
-                        f'with the same models and method?).') from e
+        raise UserError(f'cannot resume from {path}: {first_line(e)} (was it written by a run with the same '
+                        f'models and method?).') from e
     scheduler.load_state_dict(torch.load(path / SCHEDULER_STATE, map_location='cpu', weights_only=True))
-    return json.loads((path / RUN_STATE).read_text())
+    return read_run_state(path)

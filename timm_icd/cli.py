@@ -25,7 +25,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .train import run
         result = run(args, argv)
     except UserError as e:
-        if int(os.environ.get('RANK', '0')) == 0:
+        rank = getattr(e, 'rank', None)  # set for errors raised once training started, on processes other than 0
+        if rank is not None:
+            print(f'[rank {rank}] error: {error_line(e)}', file=sys.stderr)
+        elif int(os.environ.get('RANK', '0')) == 0:  # checks before training fail the same on every process
             print(f'error: {error_line(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -36,3 +39,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"done: {result['method']} student top-1 {top1} after {result['epochs']} epochs in "
               f"{result['seconds']:.0f}s; saved to {result['student']}")
     return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 _logger = logging.getLogger(__name__)
 
@@ -68,13 +68,13 @@ def load_dataset_dict(spec: Union[str, datasets.DatasetDict]) -> datasets.Datase
         try:
             return datasets.load_dataset('imagefolder', data_dir=path)
         except Exception as e:
-            raise UserError(f'cannot read images from {path}: {_first_line(e)}') from e
+            raise UserError(f'cannot read images from {path}: {first_line(e)}') from e
     if os.path.isdir(spec):
         try:
             loaded = datasets.load_from_disk(spec)
         except Exception as e:
             raise UserError(
-                f'{spec} is not a datasets save_to_disk folder ({_first_line(e)}); for a folder of class '
+                f'{spec} is not a datasets save_to_disk folder ({first_line(e)}); for a folder of class '
                 f'sub-folders use --dataset imagefolder:{spec}.') from e
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
     if spec.startswith(('/', '.', '~')) or spec.count('/') > 1:  # a path, not a Hub id (NAME or ORG/NAME)
@@ -83,13 +83,8 @@ def load_dataset_dict(spec: Union[str, datasets.DatasetDict]) -> datasets.Datase
         return datasets.load_dataset(spec)
     except Exception as e:
         raise UserError(
-            f"cannot load dataset '{spec}' from the Hub ({_first_line(e)}); pass a Hub id, a save_to_disk folder, "
+            f"cannot load dataset '{spec}' from the Hub ({first_line(e)}); pass a Hub id, a save_to_disk folder, "
             f"imagefolder:PATH or digits.") from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 def _detect_column(ds: datasets.Dataset, wanted: Optional[str], feature_type, names: Sequence[str], what: str):
@@ -239,7 +234,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                 raise
             raise UserError(
                 f"cannot decode the image in row {index}{self._file(index)} of split '{self.split_name}' "
-                f"({_first_line(e)}); fix or remove it, or pass --skip-bad-images to skip such rows.") from e
+                f"({first_line(e)}); fix or remove it, or pass --skip-bad-images to skip such rows.") from e
 
     def _file(self, index: int) -> str:
         """' (file PATH)' for an image stored as a file, else ''."""
@@ -264,23 +259,26 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         return self._seeded_transform(image, hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF), label
 
     def _seeded_transform(self, image: Image.Image, sample_seed: int) -> torch.Tensor:
-        """Run the transform with the CPU torch and Python RNGs seeded for this sample.
+        """Run the transform with the CPU torch, Python and numpy RNGs seeded for this sample.
 
-        Only the CPU generator is seeded (``torch.manual_seed`` would also seed every device, ~100x slower). In a
-        DataLoader worker nothing else uses these RNGs; in the main process their state is restored afterwards,
-        so dropout and the rest of training draw exactly what they would without augmentation.
+        timm's transforms draw from all three (RandAugment and AugMix use numpy). Only the CPU torch generator is
+        seeded (``torch.manual_seed`` would also seed every device, ~100x slower). In a DataLoader worker nothing
+        else uses these RNGs; in the main process their states are restored afterwards, so dropout and the rest
+        of training draw exactly what they would without augmentation.
         """
         in_worker = torch.utils.data.get_worker_info() is not None
         if not in_worker:
-            torch_state, py_state = torch.get_rng_state(), random.getstate()
+            states = torch.get_rng_state(), random.getstate(), np.random.get_state()
         torch.default_generator.manual_seed(sample_seed)
         random.seed(sample_seed)
+        np.random.seed(sample_seed & 0xFFFF_FFFF)
         try:
             return self.transform(image)
         finally:
             if not in_worker:
-                torch.set_rng_state(torch_state)
-                random.setstate(py_state)
+                torch.set_rng_state(states[0])
+                random.setstate(states[1])
+                np.random.set_state(states[2])
 
 
 def create_loaders(data: ImageData, data_config: dict, args) -> Tuple[torch.utils.data.DataLoader, ...]:

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 COMMON = ['--dataset', 'digits', '--input-size', '3', '32', '32', '-b', '64', '--hflip', '0', '--scale', '0.6', '1',
           '--color-jitter', '0', '--seed', '0', '--overwrite']
 # the paper's learning rates: 0.05 for ResNet-style teachers, 0.01 for MobileNet/ShuffleNet students
@@ -29,8 +28,8 @@ def stage(name: str, out: Path, args: list) -> dict:
     print(f'[{name}] train_icd.py {" ".join(args)}', flush=True)
     log = out / f'{name}.log'
     with open(log, 'w') as f:
-        result = subprocess.run([sys.executable, str(REPO / 'train_icd.py'), *args, '--output', str(out / name)],
-                                stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+        result = subprocess.run([sys.executable, '-m', 'timm_icd.cli', *args, '--output', str(out / name)],
+                                stdout=f, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:]
         raise SystemExit(f'[{name}] failed (exit {result.returncode}): {" ".join(tail)}; full log: {log}')

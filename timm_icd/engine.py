@@ -8,6 +8,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import UserError
@@ -73,6 +74,7 @@ def train_one_epoch(
     task.train()
     module = task.trainable_module
     sums = torch.tensor(state['epoch_sums'], dtype=torch.float64, device=accelerator.device)
+    zero, one = torch.zeros((), device=accelerator.device), torch.ones((), device=accelerator.device)
     total = len(loader) + state['step_in_epoch']
     # a bar on the main process's terminal only (disable=None: off when stderr is not a terminal, e.g. in logs)
     bar = tqdm(total=total, initial=state['step_in_epoch'], desc=f"epoch {state['epoch']}", leave=False,
@@ -94,8 +96,8 @@ def train_one_epoch(
                         accelerator.clip_grad_norm_(module.parameters(), args.clip_grad)
                     optimizer.step()
                     optimizer.zero_grad()
-                    sums += torch.stack([out[k].detach().double() if k in out else sums.new_zeros(())
-                                         for k in LOSS_PARTS] + [sums.new_ones(())])
+                    parts = [out[k].detach().float() if k in out else zero for k in LOSS_PARTS]
+                    sums += torch.stack(parts + [one]).double()
                 else:
                     module.zero_grad(set_to_none=True)  # also mid-accumulation, where optimizer.zero_grad() waits
                     _skip_nonfinite(state, out, args.skip_nonfinite)
@@ -126,21 +128,20 @@ def evaluate(accelerator, model_fn: Callable, loader, channels_last: bool = Fals
     """Top-1 / top-5 (%) and CE loss of ``model_fn`` (in eval mode) over the eval split, each sample counted once.
 
     ``gather_for_metrics`` drops the samples Accelerate repeats to even out the last batch across processes.
+    Counts stay on the device until the end.
     """
-    correct1 = correct5 = loss_sum = count = 0.0
-    for x, y in loader:
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # top-1, top-5, loss sum, count
+    for batch_index, (x, y) in enumerate(loader):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
             logits = model_fn(x)
         logits, y = accelerator.gather_for_metrics((logits.float(), y))
-        if count == 0:
+        if batch_index == 0:
             crash_point('eval')
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top.eq(y[:, None])
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
-        loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction='sum').item()
-        count += y.numel()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(y[:, None])
+        totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
+                               F.cross_entropy(logits, y, reduction='sum'), totals.new_tensor(y.numel())]).double()
+    correct1, correct5, loss_sum, count = totals.tolist()
     return {'top1': 100.0 * correct1 / count, 'top5': 100.0 * correct5 / count, 'loss': loss_sum / count,
             'count': int(count)}

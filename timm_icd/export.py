@@ -14,6 +14,7 @@ import torch.nn as nn
 from timm.models import save_for_hf
 
 from .checkpoint import replace_dir
+from .errors import first_line
 
 _logger = logging.getLogger(__name__)
 
@@ -39,15 +40,20 @@ def save_student(
     """
     folder = Path(folder)
     tmp = folder.with_name(f'.tmp-{folder.name}')
-    if tmp.exists():
-        shutil.rmtree(tmp)
     model_config = {'label_names': list(label_names)} if label_names else None
-    save_for_hf(
-        model, tmp, model_config=model_config, safe_serialization=True,
-        data_config={k: data_config[k] for k in DATA_CONFIG_KEYS if data_config.get(k) is not None})
-    if record is not None:
-        (tmp / DISTILLATION_JSON).write_text(json.dumps(record, indent=2))
-    replace_dir(tmp, folder)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_for_hf(
+            model, tmp, model_config=model_config, safe_serialization=True,
+            data_config={k: data_config[k] for k in DATA_CONFIG_KEYS if data_config.get(k) is not None})
+        if record is not None:
+            (tmp / DISTILLATION_JSON).write_text(json.dumps(record, indent=2))
+        replace_dir(tmp, folder)
+    except Exception as e:  # safetensors reports a failed write with its own exception type
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f'cannot save the student to {folder} ({getattr(e, "strerror", None) or first_line(e)}; '
+                        f'a full disk?); the checkpoints are intact: rerun with --resume auto to write it.') from e
     return folder
 
 

@@ -11,6 +11,7 @@ folder instead (``HfApi.upload_folder``), which also lets finished offline runs 
 import json
 import logging
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -22,12 +23,12 @@ from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, first_line
 from .export import DISTILLATION_JSON, read_record
 
 _logger = logging.getLogger(__name__)
 
-CARD_TEMPLATE = Path(__file__).resolve().parents[1] / 'hub_cards' / 'model_card.md'
+CARD_NAME = 'model_card.md'
 STUDENT_FILES = ('model.safetensors', 'config.json', DISTILLATION_JSON)
 TAGS = ['image-classification', 'timm', 'knowledge-distillation', 'icd']
 METHOD_NAMES = {
@@ -53,9 +54,24 @@ def check_push_target(repo_id: str) -> str:
     return token
 
 
+def card_template() -> Path:
+    """hub_cards/model_card.md: beside the package in a checkout, or under share/timm_icd when pip-installed."""
+    for root in (Path(__file__).resolve().parents[1], Path(sys.prefix) / 'share' / 'timm_icd'):
+        if (root / 'hub_cards' / CARD_NAME).is_file():
+            return root / 'hub_cards' / CARD_NAME
+    raise UserError(f'model card template hub_cards/{CARD_NAME} not found; reinstall timm_icd.')
+
+
 def _hub_dataset_id(name: str) -> Optional[str]:
     """The dataset's Hub id, or None for local and built-in data."""
     return None if name.startswith(LOCAL_DATASETS) or name.count('/') > 1 else name
+
+
+def _public_dataset_name(name: str) -> str:
+    """A Hub id as is; a local folder by its last path part only, so no local path is published."""
+    if _hub_dataset_id(name):
+        return name
+    return Path(name.split(':', 1)[-1]).name or name
 
 
 def teacher_hub_id(record: dict) -> Optional[str]:
@@ -77,19 +93,20 @@ def render_card(record: dict, config: dict, repo_id: str, license: str = 'apache
     """
     dataset = record['dataset']
     dataset_id = _hub_dataset_id(dataset['name'])
+    public_name = _public_dataset_name(dataset['name'])
     eval_results = []
     for metric, name in (('top1', 'top-1 accuracy'), ('top5', 'top-5 accuracy')):
         if record.get(metric) is not None:
             eval_results.append(EvalResult(
-                task_type='image-classification', dataset_type=dataset_id or dataset['name'],
-                dataset_name=dataset['name'], dataset_split=dataset['eval_split'], metric_type='accuracy',
+                task_type='image-classification', dataset_type=dataset_id or public_name,
+                dataset_name=public_name, dataset_split=dataset['eval_split'], metric_type='accuracy',
                 metric_name=name, metric_value=round(record[metric], 4)))
     card_data = ModelCardData(
         model_name=repo_id.split('/')[-1], library_name='timm', license=license, tags=list(TAGS),
         pipeline_tag='image-classification', datasets=[dataset_id] if dataset_id else None,
         base_model=teacher_hub_id(record), eval_results=eval_results or None)
     return ModelCard.from_template(
-        card_data, template_path=str(CARD_TEMPLATE), repo_id=repo_id, record=record, config=config,
+        card_data, template_path=str(card_template()), repo_id=repo_id, record=record, config=config,
         baseline=baseline, method_name=METHOD_NAMES.get(record['method'], record['method']),
         timm_icd_version=__version__)
 
@@ -103,7 +120,7 @@ def _describe_error(e: Exception, endpoint: str) -> str:
         if status == 403:
             return f'the token may not write to this repository (403: {reason})'
         return f'the Hub at {endpoint} answered {status}: {reason}'
-    return f'cannot reach the Hub at {endpoint} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else "no answer"})'
+    return f'cannot reach the Hub at {endpoint} ({type(e).__name__}: {first_line(e, 200)})'
 
 
 def push_student(folder, repo_id: str, private: bool = False, revision: Optional[str] = None,
@@ -155,4 +172,4 @@ def load_student(name: str, **kwargs) -> nn.Module:
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as e:
-        raise UserError(f"cannot load student '{name}': {str(e).splitlines()[0][:300]}") from e
+        raise UserError(f"cannot load student '{name}': {first_line(e)}") from e

@@ -6,21 +6,22 @@ Models are named as timm names them: a registered architecture (``resnet50``), `
 import difflib
 import logging
 import os
-import pickle
 from typing import Dict, Optional
 
 import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
-from timm.models import clean_state_dict, get_pretrained_cfg_value
+from timm.models import get_pretrained_cfg_value, load_state_dict as timm_load_state_dict
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .hooks import get_classifier_module
 
 _logger = logging.getLogger(__name__)
 
 _SOURCES = ('hf-hub:', 'local-dir:')
+# what torch.load(weights_only=True) says, directly or through timm, when a pickle needs non-allowlisted code
+_NEEDS_CODE = ('Weights only load failed', 'weights_only=True blocked', 'Unsupported global')
 
 
 def is_hub_or_local(name: str) -> bool:
@@ -44,10 +45,10 @@ def check_model_name(name: str, role: str = 'model') -> None:
 
 
 def load_weights_file(path: str) -> Dict[str, torch.Tensor]:
-    """Read a state dict from safetensors, or from a timm/PyTorch checkpoint with ``weights_only=True``.
-
-    Checkpoints that wrap the weights (``state_dict``, ``model`` or ``state_dict_ema`` keys, as timm's train.py
-    writes them) are unwrapped and DDP ``module.`` prefixes removed. Pickles that need arbitrary code are refused.
+    """Read a state dict with timm's ``load_state_dict``: safetensors, or a timm/PyTorch checkpoint with
+    ``weights_only=True`` (timm allows the argparse.Namespace its training checkpoints carry), unwrapping
+    ``state_dict_ema``/``state_dict``/``model`` keys and DDP prefixes. A safetensors file is recognised by its
+    content, whatever its extension. Pickles that need arbitrary code are refused.
     """
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, 'model.safetensors')):
         path = os.path.join(path, 'model.safetensors')
@@ -55,34 +56,19 @@ def load_weights_file(path: str) -> Dict[str, torch.Tensor]:
         raise UserError(f'checkpoint not found: {path}')
     with open(path, 'rb') as f:
         head = f.read(9)
-    if path.endswith('.safetensors') or head[8:9] == b'{':  # safetensors: 8-byte header length, then JSON
-        try:
-            return safetensors.torch.load_file(path, device='cpu')
-        except Exception as e:
-            raise UserError(f'cannot read {path}: corrupt or truncated safetensors file ({_first_line(e)}).') from e
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        if 'Weights only load failed' not in str(e):
-            raise UserError(f'cannot read {path}: corrupt or truncated checkpoint ({_first_line(e)}).') from e
-        raise UserError(
-            f'refusing to load {path}: it needs arbitrary code to unpickle (weights_only=True failed). '
-            f'Re-save it as safetensors or a plain state_dict.') from e
+        if head[8:9] == b'{' and not path.endswith('.safetensors'):  # 8-byte header length, then JSON
+            return safetensors.torch.load_file(path, device='cpu')
+        state_dict = timm_load_state_dict(path, use_ema=True, weights_only=True)
     except Exception as e:
-        raise UserError(f'cannot read {path}: corrupt or truncated checkpoint ({_first_line(e)}).') from e
-    if isinstance(checkpoint, dict):
-        for key in ('state_dict_ema', 'state_dict', 'model'):
-            if isinstance(checkpoint.get(key), dict):
-                checkpoint = checkpoint[key]
-                break
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        if any(marker in str(e) for marker in _NEEDS_CODE):
+            raise UserError(f'refusing to load {path}: it needs arbitrary code to unpickle (weights_only=True '
+                            f'failed). Re-save it as safetensors or a plain state_dict.') from e
+        kind = 'safetensors file' if path.endswith('.safetensors') or head[8:9] == b'{' else 'checkpoint'
+        raise UserError(f'cannot read {path}: corrupt or truncated {kind} ({first_line(e)}).') from e
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise UserError(f'{path} does not hold a state dict of tensors.')
-    return clean_state_dict(checkpoint)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
+    return state_dict
 
 
 def _classifier_key(model: nn.Module) -> Optional[str]:
@@ -179,7 +165,7 @@ def _create(name: str, role: str, pretrained: bool, **kwargs) -> nn.Module:
             raise
         flag = '--teacher-checkpoint FILE or --teacher-pretrained false' if role == 'teacher' \
             else '--student-checkpoint FILE or --no-pretrained'
-        raise UserError(f"cannot load pretrained weights for {role} '{name}' ({_first_line(e)}); pass {flag}.") from e
+        raise UserError(f"cannot load pretrained weights for {role} '{name}' ({first_line(e)}); pass {flag}.") from e
 
 
 def fixed_size_kwargs(name: str, input_size) -> dict:

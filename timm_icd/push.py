@@ -3,11 +3,14 @@
     python -m timm_icd.push OUT/student ORG/NAME [--private] [--revision BRANCH] [--baseline VANILLA/student]
 """
 import argparse
+import logging
 import sys
 from typing import List, Optional
 
 from .cli import error_line
 from .errors import UserError
+
+_logger = logging.getLogger(__name__)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.task import DistillationTeacher, TrainingTask, resolve_classification_loss
+from timm.models import group_parameters
 from timm.utils import unwrap_model
 
 from .errors import UserError
@@ -84,6 +85,7 @@ class ICDTeacher(DistillationTeacher):
         model.requires_grad_(False)
         if dtype is not None:
             model.to(dtype=dtype)
+        self.input_dtype = next(model.parameters()).dtype
         if input_size is None:
             input_size = getattr(model, 'pretrained_cfg', {}).get('input_size')
         self.input_size = tuple(input_size) if input_size else None
@@ -114,11 +116,12 @@ class ICDTeacher(DistillationTeacher):
             x = F.interpolate(x, size=tuple(self.input_size[-2:]), mode='bilinear', align_corners=False)
         return x
 
+    # no_grad rather than inference_mode: the features feed the trainable ICD head, and autograd cannot save
+    # inference tensors for backward. Either way the teacher keeps no activations and never runs backward.
     @torch.no_grad()
     def forward(self, input: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Teacher logits and pooled features (None without a feature hook) for an input prepared for it."""
-        param = next(self.model.parameters())
-        logits = self.model(input.to(param.dtype))
+        logits = self.model(input.to(self.input_dtype))
         features = self.feature_hook.pop() if self.feature_hook is not None else None
         return logits.float(), features
 
@@ -140,6 +143,20 @@ class ICDTrainableModule(nn.Module):
         self.student = student
         self.icd = icd
         self.feature_hook = FeatureHook(student, student_layer) if icd is not None else None
+
+    def no_weight_decay(self):
+        """The student's own exclusions (e.g. ViT pos_embed, cls_token), as timm's trainable modules forward them."""
+        student = unwrap_model(self.student)
+        return {f'student.{n}' for n in student.no_weight_decay()} if hasattr(student, 'no_weight_decay') else set()
+
+    def group_matcher(self, coarse: bool = False):
+        """The student's layer groups for --layer-decay; the ICD heads join the last group (with the classifier)."""
+        student = unwrap_model(self.student)
+        if not hasattr(student, 'group_matcher'):
+            return {}
+        layer_of = group_parameters(student, student.group_matcher(coarse=coarse), reverse=True)
+        last = max(layer_of.values(), default=0)
+        return lambda name: layer_of.get(name[len('student.'):], last) if name.startswith('student.') else last
 
     def forward(
             self,
@@ -222,6 +239,10 @@ class ICDDistillationTask(TrainingTask):
             float(w) if w is not None else d for w, d in zip(weights, defaults))
         if self.method == 'vanilla':
             self.kd_loss_weight = self.icd_loss_weight = 0.0
+        if self.kd_loss_weight > 0 and teacher_classes != student.num_classes:
+            raise UserError(f'a KD weight of {self.kd_loss_weight} needs a teacher with the dataset\'s '
+                            f'{student.num_classes} classes, but the teacher has {teacher_classes}; set '
+                            f'--kd-loss-weight 0 or fine-tune the teacher first.')
         self.kd_temperature = kd_temperature
         if verbose:
             _logger.info(f'Method {reason}; loss = {self.task_loss_weight} * ce + {self.kd_loss_weight} * kd + '

@@ -23,8 +23,8 @@ from timm.utils import distribute_bn
 
 from . import __version__
 from .checkpoint import (
-    check_output_dir, claim_output_dir, load_checkpoint, resolve_resume, save_checkpoint, settle_overwrite,
-    write_text_atomic)
+    check_output_dir, claim_output_dir, load_checkpoint, read_run_state, resolve_resume, save_checkpoint,
+    settle_overwrite, write_text_atomic)
 from .config import args_to_yaml, teacher_dtype
 from .data import ImageData, create_loaders, find_bad_images, load_image_data
 from .engine import LOSS_PARTS, evaluate, train_one_epoch
@@ -37,8 +37,9 @@ from .task import ICDDistillationTask
 _logger = logging.getLogger(__name__)
 
 # settings a resumed run must share with the run that wrote the checkpoint
-FINGERPRINT = ('student', 'teacher', 'teacher_checkpoint', 'method', 'dataset', 'batch_size', 'grad_accum_steps',
-               'seed', 'icd_feat_dim', 'student_layer', 'teacher_layer')
+FINGERPRINT = ('student', 'teacher', 'teacher_checkpoint', 'teacher_pretrained', 'method', 'dataset', 'input_size',
+               'batch_size', 'grad_accum_steps', 'seed', 'icd_feat_dim', 'icd_negatives', 'student_layer',
+               'teacher_layer', 'num_processes')
 
 
 def default_output(args, accelerator: Accelerator) -> Path:
@@ -60,12 +61,17 @@ def _summary_csv(history: List[dict]) -> str:
     return buf.getvalue()
 
 
-def _fresh_state(args) -> dict:
+def _fingerprint(args, accelerator) -> dict:
+    settings = {**vars(args), 'num_processes': accelerator.num_processes}
+    return {k: settings[k] for k in FINGERPRINT}
+
+
+def _fresh_state(args, accelerator) -> dict:
     return {
         'epoch': 0, 'step_in_epoch': 0, 'global_step': 0, 'num_updates': 0,
         'epoch_sums': [0.0] * (len(LOSS_PARTS) + 1), 'nonfinite_steps': 0,
         'best_top1': None, 'best_epoch': None, 'history': [], 'teacher': None,
-        'fingerprint': {k: getattr(args, k) for k in FINGERPRINT},
+        'fingerprint': _fingerprint(args, accelerator),
     }
 
 
@@ -89,6 +95,7 @@ class Run:
     train_loader: Any
     eval_loader: Any
     mixup_fn: Optional[Mixup]
+    resume_from: Optional[Path] = None
     optimizer: Any = None
     scheduler: Any = None
     num_epochs: int = 0
@@ -104,13 +111,16 @@ def build(args, accelerator: Accelerator) -> Run:
         check_model_name(args.teacher, 'teacher')
     check_output_dir(output, args.resume, args.overwrite)
 
-    with accelerator.main_process_first():
+    with accelerator.main_process_first():  # the hold-out of a dataset without eval split is fixed (seed 0)
         data = load_image_data(args.dataset, args.train_split, args.val_split, args.image_column, args.label_column,
-                               args.val_fraction, args.seed)
+                               args.val_fraction)
     if args.skip_bad_images:
         for split in ('train', 'eval'):
             ds = getattr(data, split)
-            bad = find_bad_images(ds, data.image_column, args.workers)
+            bad = [find_bad_images(ds, data.image_column, args.workers) if accelerator.is_main_process else None]
+            if accelerator.num_processes > 1:  # decode everything once, on the main process
+                broadcast_object_list(bad)
+            bad = bad[0]
             if bad:
                 _logger.warning(f'Skipping {len(bad)} unreadable images in split {split} (rows {bad[:10]}).')
                 setattr(data, split, ds.select(sorted(set(range(len(ds))) - set(bad))))
@@ -148,39 +158,43 @@ def build(args, accelerator: Accelerator) -> Run:
         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
         num_classes=data.num_classes) if mixup_active else None
-    return Run(args, accelerator, output, data, data_config, task, train_loader, eval_loader, mixup_fn)
+    resume_from = resolve_resume(output, args.resume) if args.resume else None
+    if resume_from is not None:  # before any weights are read: a precise message for a mismatched run
+        expected = {**_fingerprint(args, accelerator), 'method': task.method}
+        saved = read_run_state(resume_from)['fingerprint']
+        changed = [k for k in FINGERPRINT if saved.get(k) != expected[k]]
+        if changed:
+            raise UserError(f'cannot resume {resume_from}: it was written with different '
+                            f'{", ".join(changed)}; resume with the original settings.')
+    return Run(args, accelerator, output, data, data_config, task, train_loader, eval_loader, mixup_fn,
+               resume_from=resume_from)
 
 
 def start(r: Run) -> None:
     """Claim the run folder, move everything onto the device(s), and restore a checkpoint or measure the teacher."""
     args, accelerator, task = r.args, r.accelerator, r.task
-    resume_from = resolve_resume(r.output, args.resume) if args.resume else None
     if accelerator.is_main_process:
         claim_output_dir(r.output, args.overwrite)
-        if not (r.output / 'args.yaml').exists():
-            write_text_atomic(r.output / 'args.yaml', args_to_yaml(args))
+        write_text_atomic(r.output / 'args.yaml', args_to_yaml(args))
     accelerator.wait_for_everyone()
 
     task.to(accelerator.device)
     if args.channels_last:
         task.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(task.trainable_module, **optimizer_kwargs(args))
+    if args.compile:  # student + heads and teacher, with their hooks, before DDP wraps the student (as timm)
+        task.compile()
     task.trainable_module, r.optimizer, r.train_loader, r.eval_loader = accelerator.prepare(
         task.trainable_module, optimizer, r.train_loader, r.eval_loader)
     updates_per_epoch = -(-len(r.train_loader) // args.grad_accum_steps)
     r.scheduler, r.num_epochs = create_scheduler_v2(
         r.optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
 
-    r.state = _fresh_state(args)
+    r.state = _fresh_state(args, accelerator)
     r.state['fingerprint']['method'] = task.method
-    if resume_from is not None:
-        saved = load_checkpoint(accelerator, resume_from, r.scheduler)
-        changed = [k for k in FINGERPRINT if saved['fingerprint'].get(k) != r.state['fingerprint'][k]]
-        if changed:
-            raise UserError(f'cannot resume {resume_from}: it was written with different '
-                            f'{", ".join(changed)}; resume with the original settings.')
-        r.state = saved
-        _logger.info(f"Resumed from {resume_from}: epoch {r.state['epoch']}, step {r.state['step_in_epoch']}.")
+    if r.resume_from is not None:
+        r.state = load_checkpoint(accelerator, r.resume_from, r.scheduler)
+        _logger.info(f"Resumed from {r.resume_from}: epoch {r.state['epoch']}, step {r.state['step_in_epoch']}.")
     elif task.teacher is not None and task.teacher.num_classes == r.data.num_classes:
         task.eval()
         r.state['teacher'] = evaluate(accelerator, task.teacher_logits, r.eval_loader, args.channels_last)
@@ -200,7 +214,8 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
     args, accelerator, task, state = r.args, r.accelerator, r.task, r.state
 
     def step_checkpoint(current: dict) -> None:
-        if args.checkpoint_steps and current['global_step'] % args.checkpoint_steps == 0:
+        # every N optimizer updates, so never in the middle of a gradient accumulation cycle
+        if args.checkpoint_steps and accelerator.sync_gradients and current['num_updates'] % args.checkpoint_steps == 0:
             checkpoint(r, current)
 
     last = state['history'][-1] if state['history'] else {}
@@ -231,7 +246,7 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
                              _record(r, argv, last))
         state.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums=[0.0] * (len(LOSS_PARTS) + 1))
         checkpoint(r, state)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and epoch + 1 < r.num_epochs:
             write_text_atomic(r.output / 'summary.csv', _summary_csv(state['history']))
 
     result = {'output': str(r.output), 'student': str(r.output / 'student'), 'method': task.method,
@@ -239,13 +254,13 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
               'best_top1': state['best_top1'], 'best_epoch': state['best_epoch'], 'epochs': r.num_epochs,
               'model': task.student}
     if accelerator.is_main_process:
-        write_text_atomic(r.output / 'summary.csv', _summary_csv(state['history']))
+        write_text_atomic(r.output / 'summary.csv', _summary_csv(state['history']))  # also after a resume at the end
         save_student(task.student, r.output / 'student', r.data_config, r.data.label_names, _record(r, argv, last))
-        if args.push_to_hub:
-            from .hub import push_student
-            result['hub_url'] = push_student(r.output / 'student', args.push_to_hub, private=args.hub_private,
-                                             revision=args.hub_revision)
     accelerator.wait_for_everyone()
+    if args.push_to_hub and accelerator.is_main_process:  # after the barrier: the others need not wait for it
+        from .hub import push_student
+        result['hub_url'] = push_student(r.output / 'student', args.push_to_hub, private=args.hub_private,
+                                         revision=args.hub_revision)
     return result
 
 
@@ -269,9 +284,11 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
     try:
         start(r)
         result = fit(r, argv)
-    except BaseException:
+    except BaseException as e:
         if accelerator.is_main_process:
             settle_overwrite(r.output, keep_new=False)
+        if isinstance(e, UserError) and accelerator.process_index > 0:
+            e.rank = accelerator.process_index  # may be this process's alone (e.g. a bad image in its shard)
         raise
     finally:
         r.task.remove_hooks()

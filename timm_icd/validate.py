@@ -4,6 +4,7 @@
 """
 import argparse
 import json
+import logging
 import sys
 import time
 from typing import List, Optional
@@ -16,6 +17,8 @@ from .cli import error_line
 from .data import ImageClassificationDataset, load_image_data
 from .engine import evaluate
 from .errors import UserError
+
+_logger = logging.getLogger(__name__)
 
 
 def validate(model_name: str, dataset: str, split: Optional[str] = None, batch_size: int = 256, workers: int = 2,
