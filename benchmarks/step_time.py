@@ -10,8 +10,10 @@ on the same batch; the table reports medians and ratios to the floor and to timm
     kd, icd, icd+kd (timm_icd), and options: icd+kd with a bf16 teacher, with channels_last (CNN pairs, against a
     channels_last floor), and with torch.compile (against a compiled floor).
 
-Peak memory: on CUDA, torch.cuda.max_memory_allocated per variant in the same process; on CPU, the peak RSS of a
-separate process that runs only that variant (RSS high-water marks cannot be separated inside one process).
+Peak memory: on CUDA, torch.cuda.max_memory_allocated per variant in the same process; on CPU, from a separate
+process that runs only that variant (RSS high-water marks cannot be separated inside one process): the peak RSS
+over three steps after warm-up, and that peak minus the RSS at rest just before them (the step's own working set:
+activations, gradients, temporaries).
 
     python benchmarks/step_time.py                 # writes benchmarks/results/step_time.md
     python benchmarks/step_time.py --quick         # tiny models, for the tests
@@ -20,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -34,6 +35,8 @@ from timm.task import FeatureDistillationTask, LogitDistillationTask
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timm_icd import ICDDistillationTask  # noqa: E402
+
+from rss import peak_rss_mib  # noqa: E402
 
 PAIRS = {
     'resnet50->mobilenetv3_small_100': ('resnet50', 'mobilenetv3_small_100'),
@@ -145,20 +148,20 @@ def time_all(variants, x, y, rounds: int, warmup: int, device):
     return {name: statistics.median(ts) for name, ts in times.items()}, times
 
 
-def peak_memory(args, pair: str, size: int, name: str, device) -> float:
-    """MiB: CUDA max allocated (same process) or the peak RSS of a separate process running only this variant."""
-    if device.type == 'cuda':
-        return float('nan')  # filled in by the caller from torch.cuda.max_memory_allocated
+def peak_memory(args, pair: str, size: int, name: str, device) -> tuple:
+    """(peak RSS, step peak above the resting RSS) in MiB, from a separate process running only this variant."""
     cmd = [sys.executable, __file__, '--memory-probe', json.dumps([pair, size, name]), '--batch-size',
            str(args.batch_size)] + (['--quick'] if args.quick else [])
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     try:
-        return float(out.stdout.strip().splitlines()[-1])
+        peak, above = out.stdout.strip().splitlines()[-1].split()
+        return float(peak), float(above)
     except (ValueError, IndexError):
-        return float('nan')
+        return float('nan'), float('nan')
 
 
 def memory_probe(args) -> int:
+    """Prints the peak RSS over three steps of one variant after warm-up, and that peak minus the RSS at rest."""
     pair, size, name = json.loads(args.memory_probe)
     pairs = QUICK_PAIRS if args.quick else PAIRS
     device = torch.device('cpu')
@@ -166,9 +169,10 @@ def memory_probe(args) -> int:
     x, y = torch.randn(args.batch_size, 3, size, size), torch.randint(0, 100, (args.batch_size,))
     variant = Variant(name, teacher, student, size, device)
     del teacher, student
-    for _ in range(3):
+    for _ in range(2):
         variant.step(x, y)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak, above = peak_rss_mib(lambda: variant.step(x, y))
+    print(f'{peak:.1f} {above:.1f}')
     return 0
 
 
@@ -189,7 +193,7 @@ def main(argv=None) -> int:
     parser.add_argument('--sizes', type=int, nargs='+', default=None, help='input sizes (default: 64 112 on CPU, '
                                                                             '160 224 on GPU)')
     parser.add_argument('--batch-size', type=int, default=None, help='default: 32 on CPU, 128 on GPU')
-    parser.add_argument('--rounds', type=int, default=None, help='timed steps per variant (default: 12)')
+    parser.add_argument('--rounds', type=int, default=None, help='timed steps per variant (default: 20)')
     parser.add_argument('--out', default=str(Path(__file__).parent / 'results' / 'step_time.md'))
     parser.add_argument('--no-compile', action='store_true', help='skip the torch.compile rows')
     parser.add_argument('--memory-probe', default=None, help=argparse.SUPPRESS)
@@ -201,7 +205,7 @@ def main(argv=None) -> int:
     pairs = QUICK_PAIRS if args.quick else PAIRS
     sizes = args.sizes or ([32] if args.quick else [160, 224] if gpu else [64, 112])
     args.batch_size = args.batch_size or (8 if args.quick else 128 if gpu else 32)
-    rounds = args.rounds or (3 if args.quick else 12)
+    rounds = args.rounds or (3 if args.quick else 20)
     compile_note = 'skipped (--no-compile)' if args.no_compile or args.quick else can_compile(device)
     started = time.time()
     sections, verdicts = [], []
@@ -220,21 +224,22 @@ def main(argv=None) -> int:
                     torch.cuda.reset_peak_memory_stats()
                     v.step(x, y)
                     torch.cuda.synchronize()
-                    memory[v.name] = torch.cuda.max_memory_allocated() / 2 ** 20
-                elif 'compile' in v.name:
-                    memory[v.name] = float('nan')  # a separate process would spend minutes compiling again
+                    memory[v.name] = (torch.cuda.max_memory_allocated() / 2 ** 20, float('nan'))
+                elif 'compile' in v.name or args.quick:
+                    memory[v.name] = (float('nan'),) * 2  # compile: minutes again in a separate process; quick: skip
                 else:
                     memory[v.name] = peak_memory(args, pair, size, v.name, device)
             del variants
             rows = [f'### {pair}, {size}x{size}, batch {args.batch_size}', '',
-                    '| variant | median ms/step | / floor | / timm_feature | / timm_logit | peak memory (MiB) |',
-                    '|---|---|---|---|---|---|']
+                    '| variant | median ms/step | / floor | / timm_feature | / timm_logit | peak memory (MiB) '
+                    '| step above rest (MiB) |', '|---|---|---|---|---|---|---|']
             for name in names:
                 floor = medians['floor channels_last' if 'channels_last' in name else 'floor compile'
                                 if 'compile' in name else 'floor']
                 rows.append(f'| {name} | {medians[name] * 1e3:.1f} | {medians[name] / floor:.3f} | '
                             f'{medians[name] / medians["timm_feature"]:.3f} | '
-                            f'{medians[name] / medians["timm_logit"]:.3f} | {memory[name]:.0f} |')
+                            f'{medians[name] / medians["timm_logit"]:.3f} | '
+                            f'{memory[name][0]:.0f} | {memory[name][1]:.0f} |')
             sections += rows + ['']
             ratio_floor = medians['icd+kd'] / medians['floor']
             ratio_feature = medians['icd+kd'] / medians['timm_feature']
@@ -248,8 +253,11 @@ def main(argv=None) -> int:
         f'{time.strftime("%Y-%m-%d")}; {rounds} timed steps per variant after warm-up, interleaved in one process, '
         f'medians. Each step: forward, backward and an SGD step of the student (and heads) on the same random '
         f'batch; the floor is the teacher under inference_mode plus a CE step of the student. Peak memory: '
-        + ('CUDA max allocated.' if gpu else 'peak RSS of a separate process running only that variant '
-                                            '(includes the Python/torch baseline of ~0.5 GB).'),
+        + ('CUDA max allocated.' if gpu else 'peak RSS of a separate process running only that variant, over '
+                                            'three steps after warm-up (includes the Python/torch baseline of '
+                                            '~0.5 GB and the models), and that peak minus the RSS at rest just '
+                                            'before the steps (the step\'s own activations, gradients and '
+                                            'temporaries).'),
         '', f'torch.compile rows: {"measured" if not compile_note else compile_note}.', '',
         '## Targets: icd+kd / floor <= 1.05 and icd+kd / timm_feature <= 1.00', '',
         '| pair | size | icd+kd / floor | icd+kd / timm_feature | target |', '|---|---|---|---|---|', *verdicts, '',

@@ -53,3 +53,4 @@ if __name__ == '__main__':
               'grad_norm_ref': {n: p.grad.norm().item() for n, p in reference.named_parameters()}}
     with open(f'{sys.argv[1]}/rank{rank}.json', 'w') as f:
         json.dump(result, f)
+    accelerator.end_training()  # destroy the gloo group: left to interpreter exit, its threads can abort

@@ -26,3 +26,16 @@ def test_quality_quick_trains_every_method_and_writes_results(tmp_path):
     again = run_cli('--quick', '--out', out, '--data-dir', data, script='benchmarks/quality.py', timeout=600)
     assert again.returncode == 0 and 'seed 0: test top-1' not in again.stdout
     assert len((out / 'quality_quick_runs.csv').read_text().strip().splitlines()) == 7
+
+
+def test_step_time_quick_times_every_variant(tmp_path):
+    out = tmp_path / 'step_time.md'
+    result = run_cli('--quick', '--out', out, script='benchmarks/step_time.py', timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    for variant in ('floor', 'timm_logit', 'timm_feature', 'kd', 'icd', 'icd+kd', 'icd+kd bf16-teacher',
+                    'icd+kd channels_last'):
+        assert f'| {variant} |' in text
+    rows = [line.split('|') for line in text.splitlines() if line.startswith('| floor |')]
+    assert rows and all(float(r[3]) == 1.0 for r in rows)  # the floor is 1.000 of itself
+    assert text.count('| test_resnet->test_efficientnet | 32 |') == 1

@@ -70,9 +70,10 @@ def test_global_negatives_equal_one_process_on_the_concatenated_batch(tmp_path):
 
 def test_training_with_global_negatives_end_to_end(tmp_path, digits_small):
     out = tmp_path / 'run'
-    result = accelerate_launch(29533, str(REPO / 'train_icd.py'), '--teacher', 'test_resnet', '--teacher-pretrained',
-                               'false', '--student', 'test_efficientnet', '--method', 'icd', '--icd-negatives', 'global',
-                               '--dataset', digits_small, '--epochs', '1', '-b', '16', '--output', out, *FAST)
+    result = accelerate_launch(
+        29533, str(REPO / 'train_icd.py'), '--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student',
+        'test_efficientnet', '--method', 'icd', '--icd-negatives', 'global', '--dataset', digits_small, '--epochs',
+        '1', '-b', '16', '--output', out, *FAST)
     assert result.returncode == 0, result.stderr[-4000:]
     with open(out / 'summary.csv') as f:
         row = list(csv.DictReader(f))[0]

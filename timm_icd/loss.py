@@ -50,14 +50,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every process in rank order, keeping the gradient path to each process's slice.
 
-    torch.distributed.nn.functional.all_gather sums the incoming gradients over processes in backward, so with
-    every process computing the same global loss and DDP averaging the parameter gradients, the result is exactly
-    the gradient of one process on the concatenated batch.
+    The gather's backward sums the incoming gradients over processes (a reduce-scatter), so with every process
+    computing the same global loss and DDP averaging the parameter gradients, the result is exactly the gradient of
+    one process on the concatenated batch. torch deprecates ``torch.distributed.nn.functional.all_gather`` (which
+    also refuses to run under torch.compile) in favour of this functional collective, which traces under compile.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(x), dim=0)
+    from torch.distributed._functional_collectives import all_gather_single_autograd
+    return all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
 
 
 class ICDLoss(nn.Module):
