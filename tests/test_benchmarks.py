@@ -1,5 +1,6 @@
 """The benchmark scripts run in their quick modes and write their result files."""
 import csv
+import re
 
 from conftest import run_cli
 
@@ -39,3 +40,25 @@ def test_step_time_quick_times_every_variant(tmp_path):
     rows = [line.split('|') for line in text.splitlines() if line.startswith('| floor |')]
     assert rows and all(float(r[3]) == 1.0 for r in rows)  # the floor is 1.000 of itself
     assert text.count('| test_resnet->test_efficientnet | 32 |') == 1
+
+
+def test_step_time_profile_breaks_down_op_time(tmp_path):
+    result = run_cli('--quick', '--profile', 'test_resnet->test_efficientnet', '32', '--batch-size', '4', '--out',
+                     tmp_path / 'step_time.md', script='benchmarks/step_time.py', timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = (tmp_path / 'step_time_profile_cnn_32.md').read_text()
+    totals = re.search(r'floor ([\d.]+) ms, timm_feature ([\d.]+) ms .*icd\+kd ([\d.]+) ms', text)
+    assert totals and all(float(t) > 0 for t in totals.groups())
+    assert '| `aten::' in text  # per-op rows
+
+
+def test_scaling_quick_measures_batch_processes_and_paper_arithmetic(tmp_path):
+    out = tmp_path / 'scaling.md'
+    result = run_cli('--quick', '--out', out, script='benchmarks/scaling.py', timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert re.search(r'^\| 16 \| [\d.]+ \| 0\.00 \| [\d.]+ \|$', text, re.M)  # B=16: time, 1 KiB logits, memory
+    assert re.search(r'^\| 2 \| 8 \| [\d.]+ \| [\d.]+ \| 16 \|', text, re.M)  # 2 processes, global B = 16
+    assert 'not measured' not in text
+    share = float(re.search(r'The ICD term is ([\d.]+)% of the step', text).group(1))
+    assert 0 < share < 1  # the 8-GPU arithmetic: the B_global^2 term is a sliver of the step
