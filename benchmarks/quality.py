@@ -122,6 +122,7 @@ INVESTIGATE = [
     ('icd', {'icd_alpha': 0.0}, 64),
     ('icd', {'student_layer': 'blocks.4', 'teacher_layer': 'layer3'}, 64),
     ('icd+kd', {'kd_temperature': 2.0}, 64), ('icd+kd', {'kd_temperature': 8.0}, 64),
+    ('icd', {'icd_max_tau': 5.0}, 64), ('icd', {'icd_max_tau': 20.0}, 64),  # tau sits at the clamp of 10 here
 ]
 
 
@@ -254,13 +255,12 @@ def run(args) -> int:
     if runs_csv.exists():  # resume an interrupted benchmark: completed runs are kept, not rerun
         with open(runs_csv) as f:
             done = {(r['pair'], r['method'], int(r['seed'])) for r in csv.DictReader(f)}
-    started = time.time()
-    print(f'Fashion-MNIST: {len(train)} train images (stratified subset of 60,000), {len(test)} test images; '
-          f'{len(pairs)} pairs x {len(METHODS)} methods x {len(seeds)} seeds, {args.epochs} epochs', flush=True)
-
     if args.investigate:
         investigate(args, dd, accelerator, out)
         return 0
+    started = time.time()
+    print(f'Fashion-MNIST: {len(train)} train images (stratified subset of 60,000), {len(test)} test images; '
+          f'{len(pairs)} pairs x {len(METHODS)} methods x {len(seeds)} seeds, {args.epochs} epochs', flush=True)
     teacher_file = out / f'{args.name}_teacher.json'
     if args.report_only:
         write_report(out, args, json.loads(teacher_file.read_text()))

@@ -23,6 +23,16 @@ def test_python_api_example_runs():
 def test_top_commands_are_make_targets():
     readme = (REPO / 'README.md').read_text()
     makefile = (REPO / 'Makefile').read_text()
-    for target in re.findall(r'^make (\w+)', readme, flags=re.M):
-        assert re.search(rf'^{target}:', makefile, flags=re.M), target
+    targets = re.findall(r'^make ([\w-]+)', readme, flags=re.M)
+    assert {'demo', 'test'} <= set(targets)
+    for target in targets:
+        assert re.search(rf'^{re.escape(target)}:', makefile, flags=re.M), target
     assert 'make test' in (REPO / '.ci' / 'run').read_text()
+
+
+def test_relative_links_and_images_exist():
+    readme = (REPO / 'README.md').read_text()
+    links = [t for t in re.findall(r'\]\(([^)#\s]+)[^)]*\)', readme) if not re.match(r'[a-z]+:', t)]
+    assert 'benchmarks/results/quality.png' in links
+    missing = [t for t in links if not (REPO / t).exists()]
+    assert not missing, missing
