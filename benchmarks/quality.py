@@ -258,13 +258,13 @@ def run(args) -> int:
     if args.investigate:
         investigate(args, dd, accelerator, out)
         return 0
-    started = time.time()
-    print(f'Fashion-MNIST: {len(train)} train images (stratified subset of 60,000), {len(test)} test images; '
-          f'{len(pairs)} pairs x {len(METHODS)} methods x {len(seeds)} seeds, {args.epochs} epochs', flush=True)
     teacher_file = out / f'{args.name}_teacher.json'
     if args.report_only:
         write_report(out, args, json.loads(teacher_file.read_text()))
         return 0
+    started = time.time()
+    print(f'Fashion-MNIST: {len(train)} train images (stratified subset of 60,000), {len(test)} test images; '
+          f'{len(pairs)} pairs x {len(METHODS)} methods x {len(seeds)} seeds, {args.epochs} epochs', flush=True)
     teacher_path = Path(args.data_dir) / f'{args.name}_teacher.safetensors'  # weights stay out of results/
     teacher, teacher_record = get_teacher(accelerator, train, test, teacher_path, teacher_file, args.teacher_epochs)
 
