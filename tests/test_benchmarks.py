@@ -57,7 +57,8 @@ def test_scaling_quick_measures_batch_processes_and_paper_arithmetic(tmp_path):
     result = run_cli('--quick', '--out', out, script='benchmarks/scaling.py', timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
-    assert re.search(r'^\| 16 \| [\d.]+ \| 0\.00 \| [\d.]+ \|$', text, re.M)  # B=16: time, 1 KiB logits, memory
+    # B=16: time, 1 KiB of logits, memory (nan where /proc/self/clear_refs is not writable)
+    assert re.search(r'^\| 16 \| [\d.]+ \| 0\.00 \| ([\d.]+|nan) \|$', text, re.M)
     assert re.search(r'^\| 2 \| 8 \| [\d.]+ \| [\d.]+ \| 16 \|', text, re.M)  # 2 processes, global B = 16
     assert 'not measured' not in text
     share = float(re.search(r'The ICD term is ([\d.]+)% of the step', text).group(1))
