@@ -1,6 +1,5 @@
 """Student/teacher creation and safe weight loading."""
 import os
-import pickle
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import timm
 import torch
 
 from timm_icd import UserError, create_student, create_teacher, load_weights_file
+from timm_icd.export import save_student
 
 
 class NotAWeight:
@@ -92,3 +92,18 @@ def test_missing_pretrained_weights_name_the_checkpoint_flag():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=120)
     assert out.stdout.startswith('UserError cannot load pretrained weights for teacher')
     assert '--teacher-checkpoint' in out.stdout
+
+
+def test_save_student_failure_is_one_user_error_and_leaves_the_old_folder(tmp_path):
+    model = timm.create_model('test_resnet', num_classes=3)
+    config = {'input_size': (3, 16, 16), 'mean': (0.5,) * 3, 'std': (0.5,) * 3}
+    folder = save_student(model, tmp_path / 'student', config, ['a', 'b', 'c'])
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (tmp_path / '.tmp-student').write_text('a file where the temporary folder must go')
+    tmp_path.chmod(0o500)  # nothing new can be created beside the folder
+    try:
+        with pytest.raises(UserError, match=r'cannot save the student to .*student .*rerun with --resume auto'):
+            save_student(model, folder, config, ['a', 'b', 'c'])
+    finally:
+        tmp_path.chmod(0o700)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -14,7 +14,7 @@ import torch.nn as nn
 from timm.models import save_for_hf
 
 from .checkpoint import replace_dir
-from .errors import first_line
+from .errors import UserError, first_line
 
 _logger = logging.getLogger(__name__)
 

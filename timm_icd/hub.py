@@ -45,7 +45,7 @@ def check_push_target(repo_id: str) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise UserError(f"bad Hub repo id '{repo_id}': {str(e).splitlines()[0]} Use ORG/NAME.") from e
+        raise UserError(f"bad Hub repo id '{repo_id}': {first_line(e)} Use ORG/NAME.") from e
     if '/' not in repo_id:
         raise UserError(f"bad Hub repo id '{repo_id}': use ORG/NAME (the user or organisation to push to).")
     token = get_token()
@@ -114,7 +114,7 @@ def render_card(record: dict, config: dict, repo_id: str, license: str = 'apache
 def _describe_error(e: Exception, endpoint: str) -> str:
     if isinstance(e, HfHubHTTPError):
         status = e.response.status_code if e.response is not None else None
-        reason = str(e).splitlines()[0][:200]
+        reason = first_line(e, 200)
         if status == 401:
             return f'the Hub at {endpoint} rejected the token (401): set a valid HF_TOKEN or run `hf auth login`'
         if status == 403:

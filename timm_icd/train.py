@@ -61,17 +61,18 @@ def _summary_csv(history: List[dict]) -> str:
     return buf.getvalue()
 
 
-def _fingerprint(args, accelerator) -> dict:
-    settings = {**vars(args), 'num_processes': accelerator.num_processes}
+def _fingerprint(args, accelerator, method: str) -> dict:
+    """The FINGERPRINT settings of this run; ``method`` is the resolved one (``auto`` becomes kd, icd, ...)."""
+    settings = {**vars(args), 'num_processes': accelerator.num_processes, 'method': method}
     return {k: settings[k] for k in FINGERPRINT}
 
 
-def _fresh_state(args, accelerator) -> dict:
+def _fresh_state(args, accelerator, method: str) -> dict:
     return {
         'epoch': 0, 'step_in_epoch': 0, 'global_step': 0, 'num_updates': 0,
         'epoch_sums': [0.0] * (len(LOSS_PARTS) + 1), 'nonfinite_steps': 0,
         'best_top1': None, 'best_epoch': None, 'history': [], 'teacher': None,
-        'fingerprint': _fingerprint(args, accelerator),
+        'fingerprint': _fingerprint(args, accelerator, method),
     }
 
 
@@ -160,7 +161,7 @@ def build(args, accelerator: Accelerator) -> Run:
         num_classes=data.num_classes) if mixup_active else None
     resume_from = resolve_resume(output, args.resume) if args.resume else None
     if resume_from is not None:  # before any weights are read: a precise message for a mismatched run
-        expected = {**_fingerprint(args, accelerator), 'method': task.method}
+        expected = _fingerprint(args, accelerator, task.method)
         saved = read_run_state(resume_from)['fingerprint']
         changed = [k for k in FINGERPRINT if saved.get(k) != expected[k]]
         if changed:
@@ -190,8 +191,7 @@ def start(r: Run) -> None:
     r.scheduler, r.num_epochs = create_scheduler_v2(
         r.optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
 
-    r.state = _fresh_state(args, accelerator)
-    r.state['fingerprint']['method'] = task.method
+    r.state = _fresh_state(args, accelerator, task.method)
     if r.resume_from is not None:
         r.state = load_checkpoint(accelerator, r.resume_from, r.scheduler)
         _logger.info(f"Resumed from {r.resume_from}: epoch {r.state['epoch']}, step {r.state['step_in_epoch']}.")
