@@ -1,4 +1,6 @@
-"""Peak CPU memory of a piece of work, for the benchmarks (Linux: /proc; NaN elsewhere).
+"""What the benchmark scripts share: the machine's description, and peak CPU memory of a piece of work.
+
+Peak memory uses Linux's /proc (NaN elsewhere).
 
 The process's RSS high-water mark (VmHWM) is reset to the current RSS through ``/proc/self/clear_refs`` just before
 the work, after freed heap is handed back to the OS (``malloc_trim``), so the peak reflects this work rather than
@@ -9,9 +11,12 @@ allocator kept, are not visible to it, so values under ~1 MiB are noise.
 import ctypes
 import ctypes.util
 import gc
-from typing import Callable, Tuple
+import os
+from typing import Callable, Optional, Tuple
 
-__all__ = ['peak_rss_mib']
+import torch
+
+__all__ = ['machine', 'peak_rss_mib']
 
 
 def _status_mib(key: str) -> float:
@@ -37,3 +42,16 @@ def peak_rss_mib(work: Callable[[], object], repeats: int = 3) -> Tuple[float, f
         work()
     peak = _status_mib('VmHWM')
     return peak, peak - rest
+
+
+def machine(device: Optional[torch.device] = None) -> str:
+    """The GPU, or the CPU model, cores and threads, with the torch version: for a results file's header."""
+    if device is not None and device.type == 'cuda':
+        return f'{torch.cuda.get_device_name(device)}, torch {torch.__version__}'
+    cpu = 'unknown CPU'
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return f'{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}'

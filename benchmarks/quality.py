@@ -21,8 +21,6 @@ import argparse
 import csv
 import gzip
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -42,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timm_icd import ICDDistillationTask, create_student  # noqa: E402
 from timm_icd.data import ImageClassificationDataset  # noqa: E402
 from timm_icd.engine import evaluate, train_one_epoch, LOSS_PARTS  # noqa: E402
+
+from common import machine  # noqa: E402
 
 FASHION_MNIST_IDX = Path('/usr/share/datasets/fashion-mnist')
 LABELS = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
@@ -137,9 +137,10 @@ def investigate(args, dd, accelerator, out: Path) -> None:
     pool = stratified_subset(dd['train'], args.train_size)
     order = rng.permutation(len(pool))
     val, fit = pool.select(np.sort(order[:1000])), pool.select(np.sort(order[1000:]))
-    teacher, teacher_record = get_teacher(accelerator, fit, val, Path(args.data_dir) / 'investigation_teacher.st',
-                                          out / 'quality_investigation_teacher.json', args.teacher_epochs)
-    csv_path = out / 'quality_investigation.csv'
+    name = f'{args.name}_investigation'
+    teacher, teacher_record = get_teacher(accelerator, fit, val, Path(args.data_dir) / f'{name}_teacher.st',
+                                          out / f'{name}_teacher.json', args.teacher_epochs)
+    csv_path = out / f'{name}.csv'
     fields = ['method', 'settings', 'batch', 'seed', 'val_top1', 'seconds']
     done = set()
     if csv_path.exists():  # resume: settings already measured are kept
@@ -179,7 +180,7 @@ def investigate(args, dd, accelerator, out: Path) -> None:
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         lines.append(f'| {method} | {settings if settings != "{}" else "paper default"} | {batch} | '
                      f'{statistics.mean(values):.2f} +- {std:.2f} |')
-    (out / 'quality_investigation.md').write_text('\n'.join(lines) + '\n')
+    (out / f'{name}.md').write_text('\n'.join(lines) + '\n')
 
 
 def fit_task(accelerator, task, train_loader, test_loader, opt_cfg: dict, epochs: int, warmup: int, seed: int,
@@ -203,7 +204,8 @@ def fit_task(accelerator, task, train_loader, test_loader, opt_cfg: dict, epochs
         if curve or epoch == epochs - 1:
             task.eval()
             metrics = evaluate(accelerator, task.get_eval_model(), test_dl)
-            curve_points.append((epoch, metrics['top1']))
+            if curve:
+                curve_points.append((epoch, metrics['top1']))
     accelerator.free_memory()
     return metrics, train_metrics, curve_points
 
@@ -222,7 +224,7 @@ def get_teacher(accelerator, train, test, weights: Path, record_file: Path, epoc
     record = json.loads(record_file.read_text()) if record_file.exists() else {}
     torch.manual_seed(1000)
     teacher = create_student(TEACHER['name'], len(LABELS))
-    if weights.exists() and record:
+    if weights.exists() and record.get('epochs') == epochs:  # else (re)train: a cache of other settings is stale
         teacher.load_state_dict(safetensors.torch.load_file(weights))
     else:
         t0 = time.time()
@@ -250,18 +252,23 @@ def run(args) -> int:
     pairs = {k: PAIRS[k] for k in list(PAIRS)[:args.pairs]}
     seeds = list(range(args.seeds))
     accelerator = Accelerator(cpu=True)
+    if args.investigate:
+        investigate(args, dd, accelerator, out)
+        return 0
+    if args.report_only:
+        write_report(out, args, json.loads((out / f'{args.name}_teacher.json').read_text()))
+        return 0
     runs_csv, curves_csv = out / f'{args.name}_runs.csv', out / f'{args.name}_curves.csv'
     done = set()
     if runs_csv.exists():  # resume an interrupted benchmark: completed runs are kept, not rerun
         with open(runs_csv) as f:
-            done = {(r['pair'], r['method'], int(r['seed'])) for r in csv.DictReader(f)}
-    if args.investigate:
-        investigate(args, dd, accelerator, out)
-        return 0
+            previous = list(csv.DictReader(f))
+        stale = {(r['epochs'], r['train_size']) for r in previous} - {(str(args.epochs), str(len(train)))}
+        if stale:  # resuming must not mix runs of another budget into one table
+            raise SystemExit(f'{runs_csv} holds runs with other (epochs, train size) {sorted(stale)}; move it '
+                             f'aside or pass --out to another folder.')
+        done = {(r['pair'], r['method'], int(r['seed'])) for r in previous}
     teacher_file = out / f'{args.name}_teacher.json'
-    if args.report_only:
-        write_report(out, args, json.loads(teacher_file.read_text()))
-        return 0
     started = time.time()
     print(f'Fashion-MNIST: {len(train)} train images (stratified subset of 60,000), {len(test)} test images; '
           f'{len(pairs)} pairs x {len(METHODS)} methods x {len(seeds)} seeds, {args.epochs} epochs', flush=True)
@@ -290,7 +297,7 @@ def run(args) -> int:
                        'train_loss': train_metrics['loss'], 'train_loss_ce': train_metrics['loss_ce'],
                        'tau': train_metrics['tau'], 'seconds': round(time.time() - t0, 1)}
                 append_csv(runs_csv, fields, row)
-                for epoch, top1 in (curve if seed == 0 else []):
+                for epoch, top1 in curve:  # seed 0 only
                     append_csv(curves_csv, ['pair', 'method', 'seed', 'epoch', 'test_top1'],
                                {'pair': pair, 'method': method, 'seed': seed, 'epoch': epoch, 'test_top1': top1})
                 print(f"{pair} {method:12s} seed {seed}: test top-1 {metrics['top1']:.2f}% "
@@ -306,16 +313,6 @@ def append_csv(path: Path, fields, row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow(row)
-
-
-def machine() -> str:
-    cpu = 'unknown CPU'
-    try:
-        cpu = next(line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return f'{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), ' \
-           f'{platform.system()}'
 
 
 def summarize(rows):

@@ -10,7 +10,8 @@ on the same batch; the table reports medians and ratios to the floor and to timm
     kd, icd, icd+kd (timm_icd), and options: icd+kd with a bf16 teacher, with channels_last (CNN pairs, against a
     channels_last floor), and with torch.compile (against a compiled floor).
 
-Peak memory: on CUDA, torch.cuda.max_memory_allocated per variant in the same process; on CPU, from a separate
+Peak memory: on CUDA, torch.cuda.max_memory_allocated over one step of each variant in this process (and that peak
+minus the allocation before the step, since every variant's models are resident); on CPU, from a separate
 process that runs only that variant (RSS high-water marks cannot be separated inside one process): the peak RSS
 over three steps after warm-up, and that peak minus the RSS at rest just before them (the step's own working set:
 activations, gradients, temporaries).
@@ -22,7 +23,6 @@ activations, gradients, temporaries).
 import argparse
 import copy
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -37,7 +37,7 @@ from timm.task import FeatureDistillationTask, LogitDistillationTask
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timm_icd import ICDDistillationTask  # noqa: E402
 
-from rss import peak_rss_mib  # noqa: E402
+from common import machine, peak_rss_mib  # noqa: E402
 
 PAIRS = {
     'resnet50->mobilenetv3_small_100': ('resnet50', 'mobilenetv3_small_100'),
@@ -73,11 +73,9 @@ class Variant:
             teacher.to(memory_format=torch.channels_last)
             student.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
-        self.teacher, self.student = teacher, student
         size3 = (3, size, size)
         if base == 'floor':
             self.task = None
-            params = student.parameters()
             if compiled:
                 self.student_fwd = torch.compile(student)
                 self.teacher_fwd = torch.compile(teacher)
@@ -93,9 +91,8 @@ class Variant:
                 teacher_dtype=torch.bfloat16 if 'bf16' in name else None, verbose=False, device=device)
             if compiled:
                 self.task.compile()
-        if self.task is not None:
-            params = self.task.get_trainable_module().parameters()
-        self.optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+        trainable = student if self.task is None else self.task.get_trainable_module()
+        self.optimizer = torch.optim.SGD(trainable.parameters(), lr=1e-4, momentum=0.9)
 
     def step(self, x, y):
         if self.channels_last:
@@ -146,10 +143,10 @@ def time_all(variants, x, y, rounds: int, warmup: int, device):
             v.step(x, y)
             sync()
             times[v.name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}, times
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def peak_memory(args, pair: str, size: int, name: str, device) -> tuple:
+def peak_memory(args, pair: str, size: int, name: str) -> tuple:
     """(peak RSS, step peak above the resting RSS) in MiB, from a separate process running only this variant."""
     cmd = [sys.executable, __file__, '--memory-probe', json.dumps([pair, size, name]), '--batch-size',
            str(args.batch_size)] + (['--quick'] if args.quick else [])
@@ -226,17 +223,6 @@ def profile(args) -> int:
     return 0
 
 
-def machine(device) -> str:
-    if device.type == 'cuda':
-        return f'{torch.cuda.get_device_name()}, torch {torch.__version__}'
-    cpu = 'unknown CPU'
-    try:
-        cpu = next(line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
-    return f'{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}'
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='tiny models and few rounds (for the tests)')
@@ -272,19 +258,22 @@ def main(argv=None) -> int:
             torch.manual_seed(1)
             x = torch.randn(args.batch_size, 3, size, size, device=device)
             y = torch.randint(0, 100, (args.batch_size,), device=device)
-            medians, _ = time_all(variants, x, y, rounds, warmup=1 if args.quick else 3, device=device)
+            medians = time_all(variants, x, y, rounds, warmup=1 if args.quick else 3, device=device)
             memory = {}
             for v in variants:
-                if gpu:
+                if gpu:  # every variant's models are resident: the step's own share is the peak above rest
+                    torch.cuda.synchronize()
+                    rest = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
                     v.step(x, y)
                     torch.cuda.synchronize()
-                    memory[v.name] = (torch.cuda.max_memory_allocated() / 2 ** 20, float('nan'))
+                    peak = torch.cuda.max_memory_allocated()
+                    memory[v.name] = (peak / 2 ** 20, (peak - rest) / 2 ** 20)
                 elif 'compile' in v.name or args.quick:
                     memory[v.name] = (float('nan'),) * 2  # compile: minutes again in a separate process; quick: skip
                 else:
-                    memory[v.name] = peak_memory(args, pair, size, v.name, device)
-            del variants
+                    memory[v.name] = peak_memory(args, pair, size, v.name)
+            del variants, v  # free this setting's models before the next one is built
             rows = [f'### {pair}, {size}x{size}, batch {args.batch_size}', '',
                     '| variant | median ms/step | / floor | / timm_feature | / timm_logit | peak memory (MiB) '
                     '| step above rest (MiB) |', '|---|---|---|---|---|---|---|']
@@ -308,13 +297,14 @@ def main(argv=None) -> int:
         f'{time.strftime("%Y-%m-%d")}; {rounds} timed steps per variant after warm-up, interleaved in one process, '
         f'medians. Each step: forward, backward and an SGD step of the student (and heads) on the same random '
         f'batch; the floor is the teacher under inference_mode plus a CE step of the student. Peak memory: '
-        + ('CUDA max allocated.' if gpu else 'peak RSS of a separate process running only that variant, over '
-                                            'three steps after warm-up (includes the Python/torch baseline of '
-                                            '~0.5 GB and the models), and that peak minus the RSS at rest just '
-                                            'before the steps (the step\'s own activations, gradients and '
-                                            'temporaries).'),
+        + ('CUDA max allocated during one step (every variant\'s models are resident), and that peak minus the '
+           'allocation just before the step.' if gpu else
+           'peak RSS of a separate process running only that variant, over three steps after warm-up (includes the '
+           'Python/torch baseline of ~0.5 GB and the models), and that peak minus the RSS at rest just before the '
+           'steps (the step\'s own activations, gradients and temporaries).'),
         '', f'torch.compile rows: {"measured" if not compile_note else compile_note}.', '',
-        '## Targets: icd+kd / floor <= 1.05 and icd+kd / timm_feature <= 1.00', '',
+        f'## Targets: icd+kd / floor <= {TARGETS["floor"]:.2f} and icd+kd / timm_feature <= '
+        f'{TARGETS["timm_feature"]:.2f}', '',
         '| pair | size | icd+kd / floor | icd+kd / timm_feature | target |', '|---|---|---|---|---|', *verdicts, '',
         '## All variants', '']
     notes = Path(args.out).with_name(Path(args.out).stem + '_notes.md')

@@ -46,8 +46,8 @@ if __name__ == '__main__':
         plain = Net('local')
         plain.load_state_dict(net.state_dict())
         loss_local_only = plain(x[local], f_t[local])
-    grads = {name: (p.grad - dict(reference.named_parameters())[name].grad).abs().max().item()
-             for name, p in net.named_parameters()}
+    ref = dict(reference.named_parameters())
+    grads = {name: (p.grad - ref[name].grad).abs().max().item() for name, p in net.named_parameters()}
     result = {'rank': rank, 'world': world, 'loss': loss.item(), 'loss_ref': loss_ref.item(),
               'loss_local_only': loss_local_only.item(), 'grad_max_abs_diff': grads,
               'grad_norm_ref': {n: p.grad.norm().item() for n, p in reference.named_parameters()}}

@@ -2,7 +2,7 @@
 
 create_repo (POST /api/repos/create), create_branch, README validation (POST /api/validate-yaml), upload_folder /
 create_commit (POST .../preupload/{rev} answering "regular" uploads, then the NDJSON POST .../commit/{rev}), repo
-info, whoami, and file download (HEAD/GET /{repo}/resolve/{rev}/{path} with ETag, X-Repo-Commit and Content-Length).
+info, and file download (HEAD/GET /{repo}/resolve/{rev}/{path} with ETag, X-Repo-Commit and Content-Length).
 The real huggingface_hub client talks to it unpatched through HF_ENDPOINT. Repositories live in memory.
 
 ``mode = 'drop'`` makes it close every connection without answering (a server that drops the connection).
@@ -70,7 +70,6 @@ class FakeHub:
         routes = [
             ('POST', r'/api/repos/create', self.create_repo),
             ('POST', r'/api/validate-yaml', self.validate_yaml),
-            ('GET', r'/api/whoami-v2', self.whoami),
             ('POST', rf'/api/models/{REPO}/preupload/(?P<rev>[^/]+)', self.preupload),
             ('POST', rf'/api/models/{REPO}/commit/(?P<rev>[^/]+)', self.commit),
             ('POST', rf'/api/models/{REPO}/branch/(?P<rev>[^/]+)', self.create_branch),
@@ -100,21 +99,18 @@ class FakeHub:
         if method != 'HEAD':
             req.wfile.write(data)
 
-    def _repo(self, repo, authed, write=False):
-        """(repo, error reply): repositories the caller may not see look missing, as on the Hub."""
+    def _repo(self, repo, authed, write=False, rev=None):
+        """(repo, branch ``rev`` or None, error reply): what the caller may not see looks missing, as on the Hub."""
         if write and not authed:
-            return None, (401, {'error': 'Invalid credentials in Authorization header'}, {})
+            return None, None, (401, {'error': 'Invalid credentials in Authorization header'}, {})
         entry = self.repos.get(repo)
         if entry is None or (entry['private'] and not authed):
-            return None, (404, {'error': 'Repository not found'}, {'X-Error-Code': 'RepoNotFound'})
-        return entry, None
+            return None, None, (404, {'error': 'Repository not found'}, {'X-Error-Code': 'RepoNotFound'})
+        if rev is not None and rev not in entry['branches']:
+            return entry, None, (404, {'error': f'Invalid rev id: {rev}'}, {'X-Error-Code': 'RevisionNotFound'})
+        return entry, entry['branches'].get(rev), None
 
     # --- endpoints ------------------------------------------------------------------------------------------------
-
-    def whoami(self, authed, **_):
-        if not authed:
-            return 401, {'error': 'Invalid credentials in Authorization header'}, {}
-        return 200, {'type': 'user', 'name': 'tester', 'orgs': [], 'auth': {'type': 'access_token'}}, {}
 
     def create_repo(self, body, authed, **_):
         if not authed:
@@ -154,19 +150,16 @@ class FakeHub:
         return (400, {'errors': [{'message': e} for e in errors]}, {}) if errors else (200, {'warnings': []}, {})
 
     def preupload(self, repo, rev, body, authed, **_):
-        entry, error = self._repo(repo, authed, write=True)
+        _, _, error = self._repo(repo, authed, write=True)
         if error:
             return error
         files = json.loads(body)['files']
         return 200, {'files': [{'path': f['path'], 'uploadMode': 'regular', 'shouldIgnore': False} for f in files]}, {}
 
     def commit(self, repo, rev, body, authed, **_):
-        entry, error = self._repo(repo, authed, write=True)
+        entry, branch, error = self._repo(repo, authed, write=True, rev=rev)
         if error:
             return error
-        if rev not in entry['branches']:
-            return 404, {'error': f'Invalid rev id: {rev}'}, {'X-Error-Code': 'RevisionNotFound'}
-        branch = entry['branches'][rev]
         lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
         header = next(item['value'] for item in lines if item['key'] == 'header')
         for item in lines:
@@ -181,7 +174,7 @@ class FakeHub:
         return 200, {'commitUrl': f'{self.endpoint}/{repo}/commit/{branch["sha"]}', 'commitOid': branch['sha']}, {}
 
     def create_branch(self, repo, rev, authed, **_):
-        entry, error = self._repo(repo, authed, write=True)
+        entry, _, error = self._repo(repo, authed, write=True)
         if error:
             return error
         if rev in entry['branches']:
@@ -191,22 +184,16 @@ class FakeHub:
         return 200, {}, {}
 
     def repo_info(self, repo, authed, rev='main', **_):
-        entry, error = self._repo(repo, authed)
+        entry, branch, error = self._repo(repo, authed, rev=rev)
         if error:
             return error
-        branch = entry['branches'].get(rev)
-        if branch is None:
-            return 404, {'error': f'Invalid rev id: {rev}'}, {'X-Error-Code': 'RevisionNotFound'}
         return 200, {'id': repo, 'modelId': repo, 'sha': branch['sha'], 'private': entry['private'],
                      'siblings': [{'rfilename': name} for name in sorted(branch['files'])]}, {}
 
-    def resolve(self, repo, rev, file, authed, method, **_):
-        entry, error = self._repo(repo, authed)
+    def resolve(self, repo, rev, file, authed, **_):
+        _, branch, error = self._repo(repo, authed, rev=rev)
         if error:
             return error
-        branch = entry['branches'].get(rev)
-        if branch is None:
-            return 404, {'error': f'Invalid rev id: {rev}'}, {'X-Error-Code': 'RevisionNotFound'}
         if file not in branch['files']:
             return 404, {'error': 'Entry not found'}, {'X-Error-Code': 'EntryNotFound', 'X-Repo-Commit': branch['sha']}
         data = branch['files'][file]

@@ -2,6 +2,8 @@
 import csv
 import re
 
+import pytest
+
 from conftest import run_cli
 
 METHODS = {'vanilla', 'kd', 'timm_logit', 'timm_feature', 'icd', 'icd+kd'}
@@ -37,9 +39,16 @@ def test_step_time_quick_times_every_variant(tmp_path):
     for variant in ('floor', 'timm_logit', 'timm_feature', 'kd', 'icd', 'icd+kd', 'icd+kd bf16-teacher',
                     'icd+kd channels_last'):
         assert f'| {variant} |' in text
-    rows = [line.split('|') for line in text.splitlines() if line.startswith('| floor |')]
-    assert rows and all(float(r[3]) == 1.0 for r in rows)  # the floor is 1.000 of itself
     assert text.count('| test_resnet->test_efficientnet | 32 |') == 1
+    sections = text.split('\n### ')[1:]
+    assert len(sections) == 2
+    for section in sections:  # every ratio is this row's median over its own floor's and timm_feature's
+        rows = {cells[1].strip(): [float(c) for c in cells[2:5]] for cells in
+                (line.split('|') for line in section.splitlines() if line.startswith('| ') and 'ms/step' not in line)}
+        for name, (ms, to_floor, to_feature) in rows.items():
+            floor = rows['floor channels_last' if 'channels_last' in name else 'floor'][0]
+            assert ms > 0 and to_floor == pytest.approx(ms / floor, rel=0.03), name
+            assert to_feature == pytest.approx(ms / rows['timm_feature'][0], rel=0.03), name
 
 
 def test_step_time_profile_breaks_down_op_time(tmp_path):

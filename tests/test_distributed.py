@@ -1,5 +1,6 @@
 """Two real CPU processes under accelerate launch (--cpu alone starts one: accelerate issue 2741)."""
 import csv
+import json
 import subprocess
 import sys
 
@@ -9,7 +10,6 @@ import torch
 
 from conftest import FAST, REPO, offline_env
 from test_cli import eval_with_timm
-
 
 
 def accelerate_launch(port, *args, timeout=600):
@@ -55,7 +55,6 @@ def test_two_processes_sync_weights_gather_metrics_once_and_only_rank0_writes(tm
 
 
 def test_global_negatives_equal_one_process_on_the_concatenated_batch(tmp_path):
-    import json
     result = accelerate_launch(29532, str(REPO / 'tests' / 'global_negatives_worker.py'), tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in (0, 1):
@@ -78,5 +77,5 @@ def test_training_with_global_negatives_end_to_end(tmp_path, digits_small):
     with open(out / 'summary.csv') as f:
         row = list(csv.DictReader(f))[0]
     assert float(row['train_loss_icd']) > 0 and int(row['eval_count']) == 72
-    record = (out / 'student' / 'distillation.json').read_text()
-    assert '"negatives": "global"' in record
+    record = json.loads((out / 'student' / 'distillation.json').read_text())
+    assert record['icd']['negatives'] == 'global'

@@ -3,7 +3,6 @@
 Each case runs train_icd.py against a copy of a finished run with --overwrite, the strongest test that nothing is
 touched before the checks pass (and that a run failing later, before its first checkpoint, puts the old run back).
 """
-import pickle
 import resource
 import shutil
 import subprocess
@@ -16,7 +15,6 @@ import safetensors.torch
 import timm
 import torch
 import yaml
-from PIL import Image
 
 from conftest import FAST, REPO, offline_env, run_cli
 from timm_icd.data import digits_dataset

@@ -1,6 +1,7 @@
 """Publishing and reusing students through the real huggingface_hub client, against the loopback Hub server."""
 import csv
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from conftest import FAST, REPO, offline_env, run_cli
+from conftest import FAST, offline_env, run_cli
 from hub_server import FakeHub
 from timm_icd.hub import render_card
 
@@ -52,6 +53,7 @@ def pushed(hub, tmp_path_factory, teacher_run, digits_small):
 
 def test_push_then_plain_timm_loads_identical_model_in_a_fresh_process(hub, pushed, tmp_path):
     out, result, _ = pushed
+    calls_before = len(hub.calls)
     files = hub.repos[REPO_ID]['branches']['main']['files']
     assert sorted(files) == ['README.md', 'config.json', 'distillation.json', 'model.safetensors']
     weights = safetensors.torch.load(files['model.safetensors'])
@@ -71,10 +73,10 @@ def test_push_then_plain_timm_loads_identical_model_in_a_fresh_process(hub, push
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     diff, size = fresh.stdout.split(maxsplit=1)
     assert float(diff) < 1e-6 and size.strip() == '(3, 16, 16)'
-    assert any(m == 'GET' and p.endswith('/resolve/main/model.safetensors') for m, p in hub.calls)
+    assert any(m == 'GET' and p.endswith('/resolve/main/model.safetensors') for m, p in hub.calls[calls_before:])
 
 
-def test_card_parses_validates_and_carries_the_runs_numbers(hub, pushed):
+def test_card_parses_validates_and_carries_the_runs_numbers(hub, pushed, teacher_run, digits_small):
     out, _, _ = pushed
     card = ModelCard(hub.repos[REPO_ID]['branches']['main']['files']['README.md'].decode())
     assert hub.validated_cards and hub.validated_cards[-1] == str(card)  # the server validated what was uploaded
@@ -82,7 +84,8 @@ def test_card_parses_validates_and_carries_the_runs_numbers(hub, pushed):
     assert data.library_name == 'timm' and data.license == 'apache-2.0'
     assert {'image-classification', 'timm', 'knowledge-distillation', 'icd'} <= set(data.tags)
     assert data.base_model is None and data.datasets is None  # local teacher and local data
-    assert '/tmp' not in str(data.to_dict())  # local paths stay out of the metadata
+    meta = str(data.to_dict())
+    assert str(digits_small) not in meta and str(teacher_run) not in meta  # local paths stay out of the metadata
     with open(out / 'summary.csv') as f:
         last = list(csv.DictReader(f))[-1]
     _, results = model_index_to_eval_results(data.to_dict()['model-index'])
@@ -135,9 +138,9 @@ def test_private_push_to_a_branch(hub, pushed, tmp_path):
 
 
 def test_the_token_is_never_printed_or_written(hub, pushed):
-    out, result, tmp = pushed
+    _, result, tmp = pushed
     assert hub.token not in result.stdout + result.stderr
-    for path in out.rglob('*'):
+    for path in tmp.rglob('*'):  # the run folder and the Hub cache alike
         if path.is_file():
             assert hub.token.encode() not in path.read_bytes(), path
 
@@ -158,13 +161,11 @@ def _closed_port() -> int:
     ('bad-token', r'error: push to icd-tests/digits-student failed: the Hub at .* rejected the token \(401\)'),
 ])
 def test_push_failures_are_one_line_and_leave_the_run_unchanged(case, expected, hub, pushed, tmp_path):
-    import re
     out, _, _ = pushed
     before = snapshot(out)
-    env = hub_env(hub, tmp_path, token=case != 'no-token')
+    endpoint = f'http://127.0.0.1:{_closed_port()}' if case == 'refused' else None
+    env = hub_env(hub, tmp_path, token=case != 'no-token', endpoint=endpoint)
     repo_id = 'not a repo!!' if case == 'bad-repo-id' else REPO_ID
-    if case == 'refused':
-        env['HF_ENDPOINT'] = f'http://127.0.0.1:{_closed_port()}'
     if case == 'bad-token':
         env['HF_TOKEN'] = 'hf_wrong_token'
     if case == 'dropped':

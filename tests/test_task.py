@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from timm.task import TrainingTask
 
-from timm_icd import ICDDistillationTask, ICDTeacher, METHOD_WEIGHTS, UserError, create_distiller, kd_loss
+from timm_icd import ICDDistillationTask, METHOD_WEIGHTS, UserError, create_distiller, kd_loss
 
 
 def _pair(student_classes=10, teacher_classes=10, seed=0):
