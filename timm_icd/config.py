@@ -12,12 +12,13 @@ import torch
 import yaml
 
 from .errors import UserError
-from .loss import ICD_NEGATIVES
+from .loss import ICD_NEGATIVES, LS_TEMPERATURE
 from .task import METHODS
 
 _logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ('no', 'bf16', 'fp16')
+KD_TEMPERATURE = 4.0  # Hinton KD's usual temperature; LS_TEMPERATURE (2) with --kd-standardize
 TEACHER_DTYPES = {'float32': None, 'fp32': None, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
                   'float16': torch.float16, 'fp16': torch.float16}
 
@@ -76,7 +77,10 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--task-loss-weight', type=float, default=None, help="CE weight (default: the method's)")
     group.add_argument('--kd-loss-weight', type=float, default=None, help="KD weight (default: the method's)")
     group.add_argument('--icd-loss-weight', type=float, default=None, help="ICD weight (default: the method's)")
-    group.add_argument('--kd-temperature', type=float, default=4.0, help='KD temperature (default: 4)')
+    group.add_argument('--kd-temperature', type=float, default=None,
+                       help='KD temperature (default: 4, or 2 with --kd-standardize as in Sun et al.)')
+    group.add_argument('--kd-standardize', action='store_true',
+                       help='Z-score both logits per sample before KD (Sun et al., CVPR 2024); sets T to 2 if unset')
     group.add_argument('--icd-feat-dim', type=int, default=128, help='ICD embedding width (default: 128)')
     group.add_argument('--icd-alpha', type=float, default=0.5, help='weight of the invariance term (default: 0.5)')
     group.add_argument('--icd-init-t', type=float, default=1.0, help='initial t; tau = exp(t) (default: 1)')
@@ -95,6 +99,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--image-column', default=None, metavar='NAME', help='image column (default: detected)')
     group.add_argument('--label-column', default=None, metavar='NAME', help='label column (default: detected)')
     group.add_argument('--skip-bad-images', action='store_true', help='skip and count images that cannot be read')
+    group.add_argument('--input-pipeline', default='auto', choices=('auto', 'memory', 'loader'),
+                       help='memory: decode once, augment batches on the device; loader: per-sample workers; '
+                            'auto (default): memory when the data fits and the augmentation allows')
     group.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
                        help='data loading processes per training process')
     group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
@@ -230,7 +237,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     config_args, _ = config_parser.parse_known_args(argv)
     if config_args.config:
         parser.set_defaults(**load_config_file(parser, config_args.config))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.kd_temperature is None:  # standardised logits have unit std, so the paper's base temperature is 2
+        args.kd_temperature = LS_TEMPERATURE if args.kd_standardize else KD_TEMPERATURE
+    return args
 
 
 def _check(condition: bool, message: str) -> None:
@@ -247,6 +257,11 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         _check(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")
     _check(args.kd_temperature > 0, f'--kd-temperature must be > 0, got {args.kd_temperature}.')
+    if args.kd_standardize:
+        no_kd = args.method == 'vanilla' or (args.method == 'icd' and not args.kd_loss_weight)
+        _check(not no_kd, f'--kd-standardize needs a KD term, which --method {args.method} does not have: use '
+                          f'--method kd, icd+kd or auto.')
+        _check(args.kd_loss_weight != 0, '--kd-standardize needs a KD term, which --kd-loss-weight 0 turns off.')
     _check(args.icd_feat_dim >= 1, f'--icd-feat-dim must be >= 1, got {args.icd_feat_dim}.')
     _check(args.icd_alpha >= 0, f'--icd-alpha must be >= 0, got {args.icd_alpha}.')
     _check(args.icd_max_tau > 0, f'--icd-max-tau must be > 0, got {args.icd_max_tau}.')

@@ -196,6 +196,8 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         transform: timm transform applied to the RGB PIL image.
         seed: When set, each sample's transform runs with RNG seeded from (seed, epoch, index); see ``set_epoch``.
         split_name: For error messages.
+        check_only: Return (index, decodable) instead of the sample (see ``find_bad_images``).
+        rgb: Convert every image to RGB (False keeps the decoded PIL image as it is).
     """
 
     def __init__(
@@ -207,6 +209,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             seed: Optional[int] = None,
             split_name: str = 'train',
             check_only: bool = False,
+            rgb: bool = True,
     ):
         self.ds = ds
         self.image_column = image_column
@@ -215,6 +218,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.split_name = split_name
         self.check_only = check_only
+        self.rgb = rgb
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -228,7 +232,8 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         """(RGB image, label) of one row, decoded once."""
         try:
             row = self.ds[index]
-            return _to_rgb(row[self.image_column]), (row[self.label_column] if self.label_column else None)
+            image = _to_rgb(row[self.image_column]) if self.rgb else row[self.image_column]
+            return image, (row[self.label_column] if self.label_column else None)
         except Exception as e:
             if self.check_only:
                 raise
@@ -279,33 +284,3 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
                 torch.set_rng_state(states[0])
                 random.setstate(states[1])
                 np.random.set_state(states[2])
-
-
-def create_loaders(data: ImageData, data_config: dict, args) -> Tuple[torch.utils.data.DataLoader, ...]:
-    """Train and eval DataLoaders with timm transforms from the student's data config and timm's aug flags.
-
-    The train loader shuffles and drops the last partial batch; its generator is private, so creating an iterator
-    never draws from the global RNG (which dropout uses and checkpoints restore).
-    """
-    from timm.data import create_transform
-    train_tf = create_transform(
-        **{**data_config, 'interpolation': args.train_interpolation}, is_training=True, no_aug=args.no_aug,
-        scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
-        color_jitter=args.color_jitter, auto_augment=args.aa, re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount)
-    eval_tf = create_transform(**data_config, is_training=False)
-    train_set = ImageClassificationDataset(
-        data.train, data.image_column, data.label_column, train_tf, seed=args.seed, split_name=data.train_split)
-    eval_set = ImageClassificationDataset(
-        data.eval, data.image_column, data.label_column, eval_tf, split_name=data.eval_split)
-    if len(train_set) < args.batch_size:
-        raise UserError(f"--batch-size {args.batch_size} is larger than the {len(train_set)} rows of split "
-                        f"'{data.train_split}': lower it.")
-    common = dict(num_workers=args.workers, pin_memory=torch.cuda.is_available())
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-        generator=torch.Generator().manual_seed(args.seed), **common)
-    eval_loader = torch.utils.data.DataLoader(
-        eval_set, batch_size=args.validation_batch_size or args.batch_size, shuffle=False,
-        generator=torch.Generator().manual_seed(args.seed), **common)
-    return train_loader, eval_loader

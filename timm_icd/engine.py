@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .faults import crash_point
+from .pipeline import batch_seed
 
 _logger = logging.getLogger(__name__)
 
@@ -21,11 +22,6 @@ LOSS_PARTS = ('loss', 'loss_ce', 'loss_kd', 'loss_icd', 'tau')
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or Inf more often than --skip-nonfinite allows."""
-
-
-def mixup_seed(seed: int, epoch: int, step: int, rank: int) -> int:
-    """Seed for one batch's Mixup/CutMix draw, so resumed runs mix exactly as uninterrupted ones."""
-    return int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1)[0])
 
 
 def _all_finite(accelerator, loss: torch.Tensor) -> bool:
@@ -59,6 +55,7 @@ def train_one_epoch(
         args,
         mixup_fn: Optional[Callable] = None,
         on_step: Optional[Callable[[dict], None]] = None,
+        prepare: Optional[Callable] = None,
 ) -> Dict[str, float]:
     """Train for the rest of epoch ``state['epoch']``, starting after ``state['step_in_epoch']`` batches.
 
@@ -67,6 +64,8 @@ def train_one_epoch(
     Args:
         state: Run state, updated in place (step counters, loss sums, non-finite count).
         on_step: Called after every batch but the epoch's last (e.g. to write step checkpoints).
+        prepare: The device stage that turns a loader batch into ``(x, y)`` (``pipeline.InputStage``); None when the
+            loader yields normalised ``(x, y)`` itself.
 
     Returns:
         Mean of each loss part over the epoch's applied steps, and the last learning rate.
@@ -80,11 +79,13 @@ def train_one_epoch(
     bar = tqdm(total=total, initial=state['step_in_epoch'], desc=f"epoch {state['epoch']}", leave=False,
                disable=None if accelerator.is_local_main_process else True, dynamic_ncols=True)
     try:
-        for x, y in loader:
+        for batch in loader:
+            x, y = batch if prepare is None else prepare(
+                batch, state['epoch'], state['step_in_epoch'], accelerator.process_index)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if mixup_fn is not None:
-                np.random.seed(mixup_seed(args.seed, state['epoch'], state['step_in_epoch'], accelerator.process_index))
+                np.random.seed(batch_seed(args.seed, state['epoch'], state['step_in_epoch'], accelerator.process_index))
                 x, y = mixup_fn(x, y)
             with accelerator.accumulate(module):
                 with accelerator.autocast():
@@ -124,14 +125,16 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(accelerator, model_fn: Callable, loader, channels_last: bool = False) -> Dict[str, float]:
+def evaluate(accelerator, model_fn: Callable, loader, channels_last: bool = False,
+             prepare: Optional[Callable] = None) -> Dict[str, float]:
     """Top-1 / top-5 (%) and CE loss of ``model_fn`` (in eval mode) over the eval split, each sample counted once.
 
     ``gather_for_metrics`` drops the samples Accelerate repeats to even out the last batch across processes.
     Counts stay on the device until the end.
     """
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # top-1, top-5, loss sum, count
-    for batch_index, (x, y) in enumerate(loader):
+    for batch_index, batch in enumerate(loader):
+        x, y = batch if prepare is None else prepare(batch)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():

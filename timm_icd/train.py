@@ -26,12 +26,13 @@ from .checkpoint import (
     check_output_dir, claim_output_dir, load_checkpoint, read_run_state, resolve_resume, save_checkpoint,
     settle_overwrite, write_text_atomic)
 from .config import args_to_yaml, teacher_dtype
-from .data import ImageData, create_loaders, find_bad_images, load_image_data
+from .data import ImageData, find_bad_images, load_image_data
 from .engine import LOSS_PARTS, evaluate, train_one_epoch
 from .errors import UserError
 from .export import save_student
 from .models import (
     check_model_name, create_student, create_teacher, fixed_size_kwargs, is_hub_or_local, teacher_source)
+from .pipeline import Pipeline, create_pipeline
 from .task import ICDDistillationTask
 
 _logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ _logger = logging.getLogger(__name__)
 # settings a resumed run must share with the run that wrote the checkpoint
 FINGERPRINT = ('student', 'teacher', 'teacher_checkpoint', 'teacher_pretrained', 'method', 'dataset', 'input_size',
                'batch_size', 'grad_accum_steps', 'seed', 'icd_feat_dim', 'icd_negatives', 'student_layer',
-               'teacher_layer', 'num_processes')
+               'teacher_layer', 'num_processes', 'input_pipeline')
 
 
 def default_output(args, accelerator: Accelerator) -> Path:
@@ -61,18 +62,18 @@ def _summary_csv(history: List[dict]) -> str:
     return buf.getvalue()
 
 
-def _fingerprint(args, accelerator, method: str) -> dict:
-    """The FINGERPRINT settings of this run; ``method`` is the resolved one (``auto`` becomes kd, icd, ...)."""
-    settings = {**vars(args), 'num_processes': accelerator.num_processes, 'method': method}
+def _fingerprint(args, accelerator, method: str, pipeline: str) -> dict:
+    """The FINGERPRINT settings of this run; ``method`` and ``pipeline`` are the resolved ones (not ``auto``)."""
+    settings = {**vars(args), 'num_processes': accelerator.num_processes, 'method': method, 'input_pipeline': pipeline}
     return {k: settings[k] for k in FINGERPRINT}
 
 
-def _fresh_state(args, accelerator, method: str) -> dict:
+def _fresh_state(args, accelerator, method: str, pipeline: str) -> dict:
     return {
         'epoch': 0, 'step_in_epoch': 0, 'global_step': 0, 'num_updates': 0,
         'epoch_sums': [0.0] * (len(LOSS_PARTS) + 1), 'nonfinite_steps': 0,
         'best_top1': None, 'best_epoch': None, 'history': [], 'teacher': None,
-        'fingerprint': _fingerprint(args, accelerator, method),
+        'fingerprint': _fingerprint(args, accelerator, method, pipeline),
     }
 
 
@@ -93,6 +94,7 @@ class Run:
     data: ImageData
     data_config: dict
     task: ICDDistillationTask
+    pipeline: Pipeline
     train_loader: Any
     eval_loader: Any
     mixup_fn: Optional[Mixup]
@@ -148,26 +150,28 @@ def build(args, accelerator: Accelerator) -> Run:
         student, teacher, method=args.method,
         criterion_kwargs={'smoothing': args.smoothing, 'soft_targets': mixup_active},
         task_loss_weight=args.task_loss_weight, kd_loss_weight=args.kd_loss_weight,
-        icd_loss_weight=args.icd_loss_weight, kd_temperature=args.kd_temperature,
+        icd_loss_weight=args.icd_loss_weight, kd_temperature=args.kd_temperature, kd_standardize=args.kd_standardize,
         icd_feat_dim=args.icd_feat_dim, icd_alpha=args.icd_alpha, icd_init_t=args.icd_init_t,
         icd_max_tau=args.icd_max_tau, icd_negatives=args.icd_negatives, student_layer=args.student_layer,
         teacher_layer=args.teacher_layer, student_input_size=data_config['input_size'],
         teacher_input_size=teacher_input_size, student_mean=data_config['mean'], student_std=data_config['std'],
         teacher_dtype=teacher_dtype(args), verbose=accelerator.is_main_process)
-    train_loader, eval_loader = create_loaders(data, data_config, args)
+    pipeline = create_pipeline(data, data_config, args)
+    _logger.info(f'Input pipeline: {pipeline.description}.')
     mixup_fn = Mixup(
         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
         num_classes=data.num_classes) if mixup_active else None
     resume_from = resolve_resume(output, args.resume) if args.resume else None
     if resume_from is not None:  # before any weights are read: a precise message for a mismatched run
-        expected = _fingerprint(args, accelerator, task.method)
-        saved = read_run_state(resume_from)['fingerprint']
+        expected = _fingerprint(args, accelerator, task.method, pipeline.kind)
+        saved = {'input_pipeline': 'loader', **read_run_state(resume_from)['fingerprint']}  # 0.1 runs: the loader
         changed = [k for k in FINGERPRINT if saved.get(k) != expected[k]]
         if changed:
             raise UserError(f'cannot resume {resume_from}: it was written with different '
                             f'{", ".join(changed)}; resume with the original settings.')
-    return Run(args, accelerator, output, data, data_config, task, train_loader, eval_loader, mixup_fn,
+    return Run(args, accelerator, output, data, data_config, task, pipeline, pipeline.train_loader,
+               pipeline.eval_loader, mixup_fn,
                resume_from=resume_from)
 
 
@@ -180,6 +184,7 @@ def start(r: Run) -> None:
     accelerator.wait_for_everyone()
 
     task.to(accelerator.device)
+    r.pipeline.to(accelerator.device)
     if args.channels_last:
         task.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(task.trainable_module, **optimizer_kwargs(args))
@@ -191,13 +196,14 @@ def start(r: Run) -> None:
     r.scheduler, r.num_epochs = create_scheduler_v2(
         r.optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
 
-    r.state = _fresh_state(args, accelerator, task.method)
+    r.state = _fresh_state(args, accelerator, task.method, r.pipeline.kind)
     if r.resume_from is not None:
         r.state = load_checkpoint(accelerator, r.resume_from, r.scheduler)
         _logger.info(f"Resumed from {r.resume_from}: epoch {r.state['epoch']}, step {r.state['step_in_epoch']}.")
     elif task.teacher is not None and task.teacher.num_classes == r.data.num_classes:
         task.eval()
-        r.state['teacher'] = evaluate(accelerator, task.teacher_logits, r.eval_loader, args.channels_last)
+        r.state['teacher'] = evaluate(accelerator, task.teacher_logits, r.eval_loader, args.channels_last,
+                                      r.pipeline.eval_stage)
         _logger.info(f"Teacher on '{r.data.eval_split}': top-1 {r.state['teacher']['top1']:.2f}%, "
                      f"top-5 {r.state['teacher']['top5']:.2f}%")
 
@@ -219,26 +225,30 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
             checkpoint(r, current)
 
     last = state['history'][-1] if state['history'] else {}
+    epoch_seconds = []  # wall time of each epoch this process ran (train + eval), for the log and benchmarks
     for epoch in range(state['epoch'], r.num_epochs):
+        started = time.perf_counter()
         state['epoch'] = epoch
         r.train_loader.set_epoch(epoch)
         r.train_loader.dataset.set_epoch(epoch)
         loader = accelerator.skip_first_batches(r.train_loader, state['step_in_epoch']) \
             if state['step_in_epoch'] else r.train_loader
         train_metrics = train_one_epoch(accelerator, task, loader, r.optimizer, r.scheduler, state, args,
-                                        r.mixup_fn, on_step=step_checkpoint)
+                                        r.mixup_fn, on_step=step_checkpoint, prepare=r.pipeline.train_stage)
         if accelerator.num_processes > 1 and args.dist_bn in ('reduce', 'broadcast'):
             distribute_bn(task.student, accelerator.num_processes, reduce=args.dist_bn == 'reduce')
         task.eval()
-        metrics = evaluate(accelerator, task.get_eval_model(), r.eval_loader, args.channels_last)
+        metrics = evaluate(accelerator, task.get_eval_model(), r.eval_loader, args.channels_last,
+                           r.pipeline.eval_stage)
         r.scheduler.step(epoch + 1, metrics['top1'])
+        epoch_seconds.append(time.perf_counter() - started)
         last = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items() if k != 'lr'},
                 **{f'eval_{k}': v for k, v in metrics.items()}, 'lr': train_metrics['lr']}
         state['history'].append(last)
         _logger.info(f"Epoch {epoch}: loss {train_metrics['loss']:.4f} (ce {train_metrics['loss_ce']:.4f}, "
                      f"kd {train_metrics['loss_kd']:.4f}, icd {train_metrics['loss_icd']:.4f}, tau "
                      f"{train_metrics['tau']:.3f}), eval top-1 {metrics['top1']:.2f}%, top-5 "
-                     f"{metrics['top5']:.2f}% on {metrics['count']} images")
+                     f"{metrics['top5']:.2f}% on {metrics['count']} images ({epoch_seconds[-1]:.1f}s)")
         if state['best_top1'] is None or metrics['top1'] > state['best_top1']:
             state['best_top1'], state['best_epoch'] = metrics['top1'], epoch
             if args.save_best and accelerator.is_main_process:
@@ -252,7 +262,7 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
     result = {'output': str(r.output), 'student': str(r.output / 'student'), 'method': task.method,
               'teacher': state['teacher'], 'top1': last.get('eval_top1'), 'top5': last.get('eval_top5'),
               'best_top1': state['best_top1'], 'best_epoch': state['best_epoch'], 'epochs': r.num_epochs,
-              'model': task.student}
+              'model': task.student, 'epoch_seconds': epoch_seconds, 'input_pipeline': r.pipeline.kind}
     if accelerator.is_main_process:
         write_text_atomic(r.output / 'summary.csv', _summary_csv(state['history']))  # also after a resume at the end
         save_student(task.student, r.output / 'student', r.data_config, r.data.label_names, _record(r, argv, last))
@@ -272,7 +282,8 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
     """
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed))
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
+                                                  non_blocking=torch.cuda.is_available()))
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format='%(message)s', force=True)
     logging.getLogger('accelerate').setLevel(logging.WARNING)  # one INFO line per checkpoint file otherwise
@@ -321,6 +332,7 @@ def _record(r: Run, argv: Optional[List[str]], metrics: dict) -> dict:
         'method': task.method,
         'loss_weights': {'task': task.task_loss_weight, 'kd': task.kd_loss_weight, 'icd': task.icd_loss_weight},
         'kd_temperature': task.kd_temperature if task.kd_loss_weight > 0 else None,
+        'kd_standardize': task.kd_standardize if task.kd_loss_weight > 0 else None,
         'icd': None if icd is None else {
             'feat_dim': icd.student_head.out_features, 'alpha': icd.alpha, 'negatives': icd.negatives,
             'max_tau': icd.max_tau, 'tau_final': float(icd.tau.item()),
