@@ -114,6 +114,8 @@ CASES = [
     ('negative-lr', ['--lr', '-0.1'], r'--lr must be > 0, got -0\.1'),
     ('feat-dim-zero', ['--icd-feat-dim', '0'], r'--icd-feat-dim must be >= 1, got 0'),
     ('temperature-zero', ['--kd-temperature', '0'], r'--kd-temperature must be > 0, got 0\.0'),
+    ('kd-standardize-without-kd', ['--method', 'vanilla', '--kd-standardize'],
+     r'--kd-standardize needs a KD term, which --method vanilla does not have'),
     ('unknown-opt', ['--opt', 'adamwz'], r'--opt adamwz: .*list_optimizers'),
     ('unknown-sched', ['--sched', 'cosinee'], r"--sched cosinee: Unknown scheduler 'cosinee'"),
     ('unknown-method', ['--method', 'distill'], r"argument --method: invalid choice: 'distill'"),
@@ -214,3 +216,19 @@ def test_an_interrupted_set_aside_is_put_back(tmp_path):
     assert (backup / 'summary.csv').read_text() == 'moved before the kill'
     assert (backup / 'args.yaml').read_text() == 'not moved yet'
     assert not (out / '.overwritten-run.partial').exists() and not (out / 'summary.csv').exists()
+
+
+def test_kd_standardize_needs_a_kd_term_and_defaults_the_temperature_to_2(tmp_path):
+    from timm_icd.config import parse_and_validate
+    from timm_icd.errors import UserError
+    assert parse_and_validate([]).kd_temperature == 4.0
+    assert parse_and_validate(['--kd-standardize']).kd_temperature == 2.0  # Sun et al.'s base temperature
+    assert parse_and_validate(['--kd-standardize', '--kd-temperature', '4']).kd_temperature == 4.0
+    (tmp_path / 'ls.yaml').write_text(yaml.safe_dump({'kd_standardize': True, 'kd_temperature': 3.0}))
+    assert parse_and_validate(['--config', str(tmp_path / 'ls.yaml')]).kd_temperature == 3.0
+    for ok in (['--method', 'kd'], ['--method', 'icd+kd'], ['--method', 'icd', '--kd-loss-weight', '0.5']):
+        assert parse_and_validate([*ok, '--kd-standardize']).kd_standardize is True
+    for bad, match in ((['--method', 'icd'], '--method icd does not have'),
+                       (['--method', 'kd', '--kd-loss-weight', '0'], '--kd-loss-weight 0 turns off')):
+        with pytest.raises(UserError, match=match):
+            parse_and_validate([*bad, '--kd-standardize'])

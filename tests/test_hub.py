@@ -116,6 +116,11 @@ def test_card_names_hub_dataset_base_model_and_baseline():
     assert card.data.datasets == ['uoft-cs/cifar100'] and card.data.base_model == 'timm/resnet50.a1_in1k'
     assert '| `mobilenetv3_small_100` | student trained without distillation | 68.25 | 90.50 |' in card.text
     assert '| `resnet50` | teacher | 79.10 | 94.00 |' in card.text
+    assert 'standardi' not in card.text.lower()  # a record from before --kd-standardize, without the key
+    for flag in (False, True):
+        text = ModelCard(str(render_card({**record, 'kd_standardize': flag}, config, 'org/mnv3-cifar100'))).text
+        assert ('KD temperature 4.0, with logit standardisation (Sun et al., CVPR 2024).' in text) == flag
+        assert ('title     = {Logit Standardization in Knowledge Distillation}' in text) == flag
 
 
 def test_second_push_updates_the_repository(hub, pushed, tmp_path):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from timm_icd import ICDLoss, icd_terms, kd_loss
+from timm_icd.loss import standardize_logits
 
 
 def reference_icd(f_s, f_t, w_s, c_s, w_t, c_t, t, alpha=0.5, max_tau=10.0):
@@ -121,6 +122,92 @@ def test_kd_loss_matches_float64_reference(temperature):
     ref = (p_t * (p_t.log() - log_p_s)).sum() / 5 * temperature ** 2
     assert kd_loss(s, t, temperature).item() == pytest.approx(ref.item(), rel=1e-5)
     assert kd_loss(t, t, temperature).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def reference_kd_standardized(s, t, temperature):
+    """KD on Z-scored logits (Sun et al., CVPR 2024) in float64, spelled out per sample from the formula.
+
+    z_k <- (z_k - mean) / (std + 1e-7), std = sqrt(sum_k (z_k - mean)^2 / (C - 1)), for student and teacher rows;
+    then KL(softmax(t / T) || softmax(s / T)) * T^2, averaged over the batch.
+    """
+    b, c = s.shape
+    total = s.new_zeros(())
+    for i in range(b):
+        rows = []
+        for z in (s[i], t[i]):
+            mean = z.sum() / c
+            std = (((z - mean) ** 2).sum() / (c - 1)).sqrt()
+            rows.append((z - mean) / (std + 1e-7) / temperature)
+        log_p_s = rows[0] - torch.logsumexp(rows[0], dim=0)
+        log_p_t = rows[1] - torch.logsumexp(rows[1], dim=0)
+        total = total + sum(log_p_t[k].exp() * (log_p_t[k] - log_p_s[k]) for k in range(c))
+    return total / b * temperature ** 2
+
+
+def _affine_logits(batch, classes, seed):
+    """Logits with very different per-sample scales and offsets, as real teachers and students give."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(batch, 1, generator=g) * 9.9 + 0.1
+    shift = torch.randn(batch, 1, generator=g) * 20
+    return torch.randn(batch, classes, generator=g) * scale + shift
+
+
+@pytest.mark.parametrize('batch,classes,temperature', [(1, 2, 1.0), (5, 7, 2.0), (16, 100, 4.0), (3, 1000, 2.0),
+                                                        (9, 10, 0.5)])
+def test_kd_standardize_matches_float64_reference_values_and_gradients(batch, classes, temperature):
+    s, t = _affine_logits(batch, classes, seed=classes), _affine_logits(batch, classes, seed=classes + 1)
+    s = s.requires_grad_(True)
+    got = kd_loss(s, t, temperature, standardize=True)
+    got.backward()
+    s64 = s.detach().double().requires_grad_(True)
+    ref = reference_kd_standardized(s64, t.double(), temperature)
+    ref.backward()
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    # the reference is not just plain KD: standardising changes these logits' loss
+    assert ref.item() != pytest.approx(kd_loss(s.detach(), t, temperature).item(), rel=1e-3)
+
+
+@pytest.mark.parametrize('temperature', [1.0, 2.0, 4.0])
+def test_kd_standardize_is_invariant_to_per_sample_affine_changes(temperature):
+    torch.manual_seed(3)
+    s, t = torch.randn(8, 50), torch.randn(8, 50)
+    g = torch.Generator().manual_seed(4)
+    a, c = torch.rand(8, 1, generator=g) * 10 + 0.05, torch.rand(8, 1, generator=g) * 10 + 0.05
+    b, d = torch.randn(8, 1, generator=g) * 30, torch.randn(8, 1, generator=g) * 30
+    base = kd_loss(s, t, temperature, standardize=True).item()
+    moved = kd_loss(a * s + b, c * t + d, temperature, standardize=True).item()
+    assert moved == pytest.approx(base, rel=1e-4, abs=1e-6)
+    assert base == pytest.approx(reference_kd_standardized(s.double(), t.double(), temperature).item(), rel=1e-5)
+    # without standardisation the same change moves the loss a lot
+    assert kd_loss(a * s + b, c * t + d, temperature).item() != pytest.approx(kd_loss(s, t, temperature).item(),
+                                                                           rel=1e-2)
+    # a student that is any positive affine map of the teacher is perfect under LS
+    assert kd_loss(a * t + b, t, temperature, standardize=True).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_standardize_logits_is_the_unbiased_z_score():
+    z = torch.randn(6, 11, dtype=torch.float64) * 5 + 3
+    out = standardize_logits(z)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double().mean(dim=1), torch.zeros(6, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.double().std(dim=1, correction=1), torch.ones(6, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    constant = standardize_logits(torch.full((2, 5), 7.0))  # std 0: eps keeps it finite
+    assert torch.equal(constant, torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_kd_without_standardize_is_bit_identical_to_plain_kd(dtype):
+    torch.manual_seed(5)
+    s, t = (torch.randn(7, 13) * 3).to(dtype), (torch.randn(7, 13) * 3).to(dtype)
+    for temperature in (1.0, 4.0):
+        plain = F.kl_div(F.log_softmax(s.float() / temperature, dim=-1), F.log_softmax(t.float() / temperature, dim=-1),
+                         reduction='batchmean', log_target=True) * (temperature ** 2)
+        assert torch.equal(kd_loss(s, t, temperature), plain)
+        assert torch.equal(kd_loss(s, t, temperature, standardize=False), plain)
+        assert not torch.equal(kd_loss(s, t, temperature, standardize=True), plain)
 
 
 def test_unknown_negatives_mode_is_rejected():

@@ -52,6 +52,26 @@ def test_loss_is_the_weighted_sum_of_independently_computed_parts():
     assert out['loss'].item() == pytest.approx(0.7 * ce.item() + 0.4 * kd.item() + 1.3 * icd.item(), rel=1e-5)
 
 
+def test_kd_standardize_gives_the_standardised_kd_loss():
+    student, teacher = _pair()
+    assert ICDDistillationTask(student, teacher, method='kd', student_input_size=(3, 32, 32),
+                               teacher_input_size=(3, 32, 32), verbose=False).kd_standardize is False
+    task = ICDDistillationTask(student, teacher, method='kd', kd_temperature=2.0, kd_standardize=True,
+                               student_input_size=(3, 32, 32), teacher_input_size=(3, 32, 32))
+    assert task.kd_standardize is True
+    task.eval()
+    x, y = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])
+    out = task(x, y)
+    with torch.no_grad():
+        s_logits = student(x)
+        t_logits = task.teacher_logits(x)
+    standardized = kd_loss(s_logits, t_logits, 2.0, standardize=True)
+    assert out['loss_kd'].item() == pytest.approx(standardized.item(), rel=1e-5)
+    assert out['loss_kd'].item() != pytest.approx(kd_loss(s_logits, t_logits, 2.0).item(), rel=1e-3)
+    ce = F.cross_entropy(s_logits, y)
+    assert out['loss'].item() == pytest.approx(0.1 * ce.item() + 0.9 * standardized.item(), rel=1e-5)
+
+
 def test_teacher_is_frozen_outside_the_trainable_module_and_heads_are_inside():
     student, teacher = _pair()
     task = ICDDistillationTask(student, teacher, method='icd+kd', student_input_size=(3, 32, 32),

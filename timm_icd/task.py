@@ -193,6 +193,8 @@ class ICDDistillationTask(TrainingTask):
             when None (so ``smoothing`` and Mixup/CutMix soft targets work as in timm).
         task_loss_weight, kd_loss_weight, icd_loss_weight: Override the method's weights (see METHOD_WEIGHTS).
         kd_temperature: Temperature of the KD term.
+        kd_standardize: Z-score student and teacher logits per sample before the KD softmax (logit
+            standardisation, Sun et al., CVPR 2024; see ``kd_loss``).
         icd_feat_dim, icd_alpha, icd_init_t, icd_max_tau, icd_negatives: ICD settings (see ``ICDLoss``).
         student_layer, teacher_layer: Module names to take features from; None takes each classifier's input.
         student_input_size: (C, H, W) of the student's batches; None uses its pretrained_cfg.
@@ -212,6 +214,7 @@ class ICDDistillationTask(TrainingTask):
             kd_loss_weight: Optional[float] = None,
             icd_loss_weight: Optional[float] = None,
             kd_temperature: float = 4.0,
+            kd_standardize: bool = False,
             icd_feat_dim: int = 128,
             icd_alpha: float = 0.5,
             icd_init_t: float = 1.0,
@@ -244,9 +247,11 @@ class ICDDistillationTask(TrainingTask):
                             f'{student.num_classes} classes, but the teacher has {teacher_classes}; set '
                             f'--kd-loss-weight 0 or fine-tune the teacher first.')
         self.kd_temperature = kd_temperature
+        self.kd_standardize = kd_standardize
         if verbose:
             _logger.info(f'Method {reason}; loss = {self.task_loss_weight} * ce + {self.kd_loss_weight} * kd + '
-                         f'{self.icd_loss_weight} * icd')
+                         f'{self.icd_loss_weight} * icd'
+                         + (', kd with logit standardisation' if kd_standardize and self.kd_loss_weight > 0 else ''))
 
         uses_icd = self.icd_loss_weight > 0
         self.teacher: Optional[ICDTeacher] = None
@@ -264,9 +269,9 @@ class ICDDistillationTask(TrainingTask):
         self.student_input_size = student_input_size
         icd = None
         if uses_icd:
-            student_dim = probe_feature_dim(student, student_input_size, student_layer)
+            student_dim = probe_feature_dim(student, student_input_size, student_layer, role='student')
             teacher_dim = probe_feature_dim(
-                self.teacher.model, self.teacher.input_size or student_input_size, self.teacher.layer)
+                self.teacher.model, self.teacher.input_size or student_input_size, self.teacher.layer, role='teacher')
             icd = ICDLoss(
                 student_dim, teacher_dim, feat_dim=icd_feat_dim, alpha=icd_alpha, init_t=icd_init_t,
                 max_tau=icd_max_tau, negatives=icd_negatives, device=self.device)
@@ -320,7 +325,7 @@ class ICDDistillationTask(TrainingTask):
         zero = loss_ce.new_zeros(()).detach()
         loss_kd = loss_icd = tau = zero
         if self.kd_loss_weight > 0:
-            loss_kd = kd_loss(logits, teacher_logits, self.kd_temperature)
+            loss_kd = kd_loss(logits, teacher_logits, self.kd_temperature, standardize=self.kd_standardize)
             loss = loss + self.kd_loss_weight * loss_kd
         if icd_out is not None:
             loss_icd, tau = icd_out['loss_icd'], icd_out['tau']
