@@ -69,6 +69,7 @@ class Variant:
         base = name.split(' ')[0]
         channels_last = 'channels_last' in name
         compiled = 'compile' in name
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled='bf16-autocast' in name)
         if channels_last:
             teacher.to(memory_format=torch.channels_last)
             student.to(memory_format=torch.channels_last)
@@ -97,19 +98,22 @@ class Variant:
     def step(self, x, y):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.task is None:
-            with torch.inference_mode():
-                self.teacher_fwd(x)
-            loss = F.cross_entropy(self.student_fwd(x), y)
-        else:
-            loss = self.task(x, y)['loss']
+        with self.autocast:
+            if self.task is None:
+                with torch.inference_mode():
+                    self.teacher_fwd(x)
+                loss = F.cross_entropy(self.student_fwd(x), y)
+            else:
+                loss = self.task(x, y)['loss']
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
 
 
-def variant_names(pair: str, pairs: dict, compile_ok: bool):
+def variant_names(pair: str, pairs: dict, compile_ok: bool, gpu: bool = False):
     names = list(BASE) + ['icd+kd bf16-teacher']
+    if gpu:  # bf16 autocast of the whole step (CPU autocast is slower than fp32 on this project's machine)
+        names += ['floor bf16-autocast', 'icd+kd bf16-autocast']
     teacher_name = pairs[pair][0]
     if 'vit' not in teacher_name:
         names += ['floor channels_last', 'icd+kd channels_last']
@@ -162,6 +166,7 @@ def memory_probe(args) -> int:
     """Prints the peak RSS over three steps of one variant after warm-up, and that peak minus the RSS at rest."""
     pair, size, name = json.loads(args.memory_probe)
     pairs = QUICK_PAIRS if args.quick else PAIRS
+    pairs = {k: v for k, v in pairs.items() if not args.pairs or k in args.pairs}
     device = torch.device('cpu')
     teacher, student = make_models(pair, size, pairs, device)
     x, y = torch.randn(args.batch_size, 3, size, size), torch.randint(0, 100, (args.batch_size,))
@@ -181,6 +186,7 @@ def profile(args) -> int:
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     pairs = QUICK_PAIRS if args.quick else PAIRS
+    pairs = {k: v for k, v in pairs.items() if not args.pairs or k in args.pairs}
     if pair not in pairs:
         raise SystemExit(f'error: unknown pair {pair!r}; choose from: {", ".join(pairs)}')
     teacher, student = make_models(pair, size, pairs, device)
@@ -232,6 +238,7 @@ def main(argv=None) -> int:
     parser.add_argument('--rounds', type=int, default=None, help='timed steps per variant (default: 20)')
     parser.add_argument('--out', default=str(Path(__file__).parent / 'results' / 'step_time.md'))
     parser.add_argument('--no-compile', action='store_true', help='skip the torch.compile rows')
+    parser.add_argument('--pairs', nargs='+', default=None, help='only these pairs (default: all)')
     parser.add_argument('--profile', nargs=2, metavar=('PAIR', 'SIZE'), default=None,
                         help='torch.profiler of the floor, timm_feature and icd+kd for one pair and size; '
                              'writes step_time_profile_*.md next to --out')
@@ -244,6 +251,7 @@ def main(argv=None) -> int:
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     gpu = device.type == 'cuda'
     pairs = QUICK_PAIRS if args.quick else PAIRS
+    pairs = {k: v for k, v in pairs.items() if not args.pairs or k in args.pairs}
     sizes = args.sizes or ([32] if args.quick else [160, 224] if gpu else [64, 112])
     args.batch_size = args.batch_size or (8 if args.quick else 128 if gpu else 32)
     rounds = args.rounds or (3 if args.quick else 20)
@@ -253,7 +261,7 @@ def main(argv=None) -> int:
     for pair in pairs:
         for size in sizes:
             teacher, student = make_models(pair, size, pairs, device)
-            names = variant_names(pair, pairs, not compile_note)
+            names = variant_names(pair, pairs, not compile_note, gpu)
             variants = [Variant(n, teacher, student, size, device) for n in names]
             torch.manual_seed(1)
             x = torch.randn(args.batch_size, 3, size, size, device=device)
@@ -278,8 +286,8 @@ def main(argv=None) -> int:
                     '| variant | median ms/step | / floor | / timm_feature | / timm_logit | peak memory (MiB) '
                     '| step above rest (MiB) |', '|---|---|---|---|---|---|---|']
             for name in names:
-                floor = medians['floor channels_last' if 'channels_last' in name else 'floor compile'
-                                if 'compile' in name else 'floor']
+                floor = medians[next((f'floor {o}' for o in ('channels_last', 'compile', 'bf16-autocast')
+                                      if o in name), 'floor')]
                 rows.append(f'| {name} | {medians[name] * 1e3:.1f} | {medians[name] / floor:.3f} | '
                             f'{medians[name] / medians["timm_feature"]:.3f} | '
                             f'{medians[name] / medians["timm_logit"]:.3f} | '

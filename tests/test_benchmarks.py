@@ -1,12 +1,13 @@
 """The benchmark scripts run in their quick modes and write their result files."""
 import csv
+import json
 import re
 
 import pytest
 
 from conftest import run_cli
 
-METHODS = {'vanilla', 'kd', 'timm_logit', 'timm_feature', 'icd', 'icd+kd'}
+METHODS = {'vanilla', 'kd', 'kd+ls', 'timm_logit', 'timm_feature', 'icd', 'icd+kd', 'icd+kd+ls'}
 
 
 def test_quality_quick_trains_every_method_and_writes_results(tmp_path):
@@ -15,20 +16,42 @@ def test_quality_quick_trains_every_method_and_writes_results(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out / 'quality_quick_runs.csv') as f:
         rows = list(csv.DictReader(f))
-    assert {r['method'] for r in rows} == METHODS and len(rows) == 6
-    for r in rows:
+    main = [r for r in rows if r['study'] == 'main']
+    transfer = [r for r in rows if r['study'] == 'transfer']
+    assert {r['method'] for r in main} == METHODS and len(main) == 8
+    for r in main:
         assert int(r['test_size']) == 500 and int(r['train_size']) == 320
         assert 0.0 <= float(r['test_top1']) <= 100.0 and float(r['train_loss']) > 0
-    taus = {r['method']: float(r['tau']) for r in rows}
-    assert taus['icd'] > 0 and taus['icd+kd'] > 0 and taus['kd'] == 0 and taus['timm_logit'] == 0
+    taus = {r['method']: float(r['tau']) for r in main}
+    assert taus['icd'] > 0 and taus['icd+kd+ls'] > 0 and taus['kd'] == 0 and taus['kd+ls'] == 0
+    # transfer: a 6-class clothing teacher, a 4-class footwear/bags student, scored on those 4 classes only
+    assert {r['method'] for r in transfer} == {'vanilla', 'timm_feature', 'icd'}
+    assert all(int(r['test_size']) == 4 * 50 and int(r['train_size']) == 4 * 40 for r in transfer)
+    teachers = json.loads((out / 'quality_quick_teachers.json').read_text())
+    assert len(teachers['clothing']['classes']) == 6 and len(teachers['resnet18']['classes']) == 10
     report = (out / 'quality_quick.md').read_text()
     assert '| resnet18->mobilenetv3_small_050 |' in report and 'quick mode' in report
+    assert 'Across label spaces' in report and 'Paired differences' in report
     assert (out / 'quality_quick.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert not list(out.glob('*.safetensors'))  # weights stay in the data folder
     # a second invocation resumes: nothing is retrained, the report is rewritten
     again = run_cli('--quick', '--out', out, '--data-dir', data, script='benchmarks/quality.py', timeout=600)
-    assert again.returncode == 0 and 'seed 0: test top-1' not in again.stdout
-    assert len((out / 'quality_quick_runs.csv').read_text().strip().splitlines()) == 7
+    assert again.returncode == 0 and 'test top-1' not in again.stdout
+    assert len((out / 'quality_quick_runs.csv').read_text().strip().splitlines()) == 12
+
+
+def test_paired_confidence_interval_matches_a_hand_computed_t_interval():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    from quality_report import paired
+    scores = [(71.0, 70.0), (72.5, 70.5), (70.0, 70.0)]
+    rows = [{'seed': s, 'method': m, 'test_top1': v}
+            for s, (a, b) in enumerate(scores) for m, v in (('a', a), ('b', b))]
+    mean, low, high, n = paired(rows, 'a', 'b')
+    # differences 1, 2, 0: mean 1, sd 1, t(0.975, 2) = 4.302653, half-width 4.302653 / sqrt(3)
+    assert n == 3 and mean == 1.0
+    assert abs((high - low) / 2 - 4.302653 / 3 ** 0.5) < 1e-5
 
 
 def test_step_time_quick_times_every_variant(tmp_path):
@@ -72,3 +95,89 @@ def test_scaling_quick_measures_batch_processes_and_paper_arithmetic(tmp_path):
     assert 'not measured' not in text
     share = float(re.search(r'The ICD term is ([\d.]+)% of the step', text).group(1))
     assert 0 < share < 1  # the 8-GPU arithmetic: the B_global^2 term is a sliver of the step
+
+
+def test_data_throughput_quick_measures_every_path(tmp_path):
+    import torch
+    out = tmp_path / 'data_throughput.md'
+    result = run_cli('--quick', '--threads', '1', '--data-dir', tmp_path / 'data', '--out', out,
+                     script='benchmarks/data_throughput.py', timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    rows = {cells[1].strip(): [c.strip() for c in cells[2:-1]] for cells in
+            (line.split('|') for line in text.splitlines() if line.startswith('| ') and 'images/s' not in line)}
+    assert set(rows) == {'timm_icd imagefolder (loader)', 'timm_icd save_to_disk (loader)', 'timm_icd memory',
+                         'timm create_loader', 'timm create_loader (prefetcher)'}
+    for name, (rate, per_worker, vs_best, cpu_ms, decode) in rows.items():
+        assert float(rate) > 0 and float(cpu_ms) > 0, name
+        assert float(vs_best.rstrip('x')) == pytest.approx(
+            float(rate) / max(float(rows[t][0]) for t in rows if t.startswith('timm ')), abs=0.01), name
+        if name == 'timm_icd memory':  # no workers; its one-off decode is reported apart
+            assert per_worker.startswith('n/a') and float(decode) > 0
+        else:
+            assert float(per_worker) == pytest.approx(float(rate)) and decode == '-', name  # quick: 1 worker
+    assert re.search(r"Every timm_icd path reaches >= 1\.0x timm's best: (yes|no) \(lowest: timm_icd", text)
+    assert 'quick mode: 96 JPEGs' in text and f'torch {torch.__version__}' in text  # the machine line
+
+
+def test_imagenet_like_jpegs_writes_distinct_imagenet_sized_files(tmp_path):
+    import hashlib
+    import sys
+    from pathlib import Path
+    from PIL import Image
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    from common import imagenet_like_jpegs
+    folder = imagenet_like_jpegs(tmp_path / 'jpegs', 12, classes=3, seed=5)
+    files = sorted(folder.glob('class_*/img_*.jpg'))
+    assert len(files) == 12 and {f.parent.name for f in files} == {'class_0', 'class_1', 'class_2'}
+    assert all(f.parent.name == f'class_{int(f.stem[4:]) % 3}' for f in files)
+    assert len({hashlib.sha256(f.read_bytes()).digest() for f in files}) == 12  # no two alike
+    for f in files:
+        with Image.open(f) as image:
+            assert image.format == 'JPEG' and image.mode == 'RGB' and image.size == (500, 375)
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert imagenet_like_jpegs(folder, 12, classes=3, seed=5) == folder  # idempotent: nothing rewritten
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    again = imagenet_like_jpegs(tmp_path / 'again', 12, classes=3, seed=5)  # deterministic from the seed
+    assert [f.read_bytes() for f in files] == [(again / f.relative_to(folder)).read_bytes() for f in files]
+    other = imagenet_like_jpegs(folder, 6, classes=2, seed=6)  # other settings replace the tree
+    assert len(list(other.glob('class_*/img_*.jpg'))) == 6
+
+
+def test_gpu_check_script_dry_run_writes_every_section(tmp_path):
+    """benchmarks/gpu_check.sh, as run on a lent GPU, in its seconds-long CPU form: every part runs and is collected."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, 'GPU_CHECK_QUICK': '1', 'PY': sys.executable, 'RES': str(tmp_path)}
+    result = subprocess.run(['bash', str(root / 'benchmarks' / 'gpu_check.sh')], env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    report = (tmp_path / 'gpu.md').read_text()
+    for section in ('## Step time', '## Train-loader throughput', '## Epoch time'):
+        assert section in report, section
+    rows = [line for line in (tmp_path / 'gpu_epoch_time.md').read_text().splitlines() if line.startswith('| 28 px')]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip('|').split('|')]
+    floor, memory, ratio = float(cells[5]), float(cells[6]), float(cells[7])
+    assert floor > 0 and memory > 0 and abs(ratio - memory / floor) < 0.01
+
+
+def test_arch_coverage_quick_distills_each_head_structure(tmp_path):
+    out = tmp_path / 'arch_coverage.md'
+    result = run_cli('--quick', '--out', out, script='benchmarks/arch_coverage.py', timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert '**5 of 5 timm families distill as student and as teacher**' in text
+    rows = {cells[1].strip(): [c.strip() for c in cells[2:-1]] for cells in
+            (line.split('|') for line in text.splitlines() if line.startswith('| ') and ' family ' not in line)}
+    assert set(rows) == {'resnet', 'vision_transformer', 'crossvit', 'sequencer', 'dla'}
+    for family, (model, params, side, student, teacher, width, values, layer, hooked, seconds) in rows.items():
+        assert (student, teacher, layer) == ('ok', 'ok', 'ok'), family
+        assert width.isdigit() and values == 'yes' and float(seconds) > 0, family  # width equals pre_logits
+    assert rows['sequencer'][5] == '32' and rows['crossvit'][5] == '288'  # NHWC head (shrunk); two heads concatenated
+    assert '## Failures and refusals\n\nNone.' in text
+    wrong = run_cli('--families', 'resnet,nope', '--out', out, script='benchmarks/arch_coverage.py')
+    assert wrong.returncode == 2 and 'unknown families: nope' in wrong.stderr
