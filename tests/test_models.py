@@ -107,3 +107,18 @@ def test_save_student_failure_is_one_user_error_and_leaves_the_old_folder(tmp_pa
     finally:
         tmp_path.chmod(0o700)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_tensors_sharing_storage_are_saved_apart_so_safetensors_accepts_them(tmp_path):
+    """coat ties weights: safetensors refuses shared tensors, so the student folder writes them as copies."""
+    import safetensors.torch
+    from timm_icd.export import _unshared
+    weight = torch.randn(4, 3)
+    state = {'a': weight, 'b': weight, 'c': weight[1:], 'd': torch.randn(2), 'e': torch.empty(0)}
+    with pytest.raises(RuntimeError):
+        safetensors.torch.save_file(state, tmp_path / 'shared.safetensors')
+    safetensors.torch.save_file(_unshared(state), tmp_path / 'apart.safetensors')
+    back = safetensors.torch.load_file(tmp_path / 'apart.safetensors')
+    for name, tensor in state.items():
+        assert torch.equal(back[name], tensor)
+    assert _unshared(state)['a'] is weight  # the first holder of a storage is kept as it is

@@ -10,8 +10,9 @@ import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
+import safetensors.torch
 import torch.nn as nn
-from timm.models import save_for_hf
+from timm.models._hub import save_config_for_hf
 
 from .checkpoint import replace_dir
 from .errors import UserError, first_line
@@ -44,8 +45,12 @@ def save_student(
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_for_hf(
-            model, tmp, model_config=model_config, safe_serialization=True,
+        # what timm's save_for_hf(safe_serialization=True) writes, but with tensors that share storage (tied
+        # weights, e.g. coat's) copied apart: safetensors refuses to write shared tensors
+        tmp.mkdir(parents=True)
+        safetensors.torch.save_file(_unshared(model.state_dict()), tmp / 'model.safetensors')
+        save_config_for_hf(
+            model, tmp / 'config.json', model_config=model_config,
             data_config={k: data_config[k] for k in DATA_CONFIG_KEYS if data_config.get(k) is not None})
         if record is not None:
             (tmp / DISTILLATION_JSON).write_text(json.dumps(record, indent=2))
@@ -55,6 +60,17 @@ def save_student(
         raise UserError(f'cannot save the student to {folder} ({getattr(e, "strerror", None) or first_line(e)}; '
                         f'a full disk?); the checkpoints are intact: rerun with --resume auto to write it.') from e
     return folder
+
+
+def _unshared(state_dict: dict) -> dict:
+    """``state_dict`` with every tensor that shares storage with an earlier one replaced by a contiguous copy."""
+    seen, out = set(), {}
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.device) if tensor.numel() else None
+        out[name] = tensor.clone().contiguous() if key in seen else tensor.contiguous()
+        if key is not None:
+            seen.add(key)
+    return out
 
 
 def read_record(folder: Path) -> dict:
