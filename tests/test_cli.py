@@ -152,3 +152,25 @@ def test_timm_augmentation_bf16_and_grad_accumulation(digits_small, tmp_path):
     assert state['global_step'] == 8 and state['num_updates'] == 4  # 256 rows / 32 per batch, 2 per update
     best = json.loads((out / 'student_best' / 'distillation.json').read_text())
     assert best['best_epoch'] == 0 and best['top1'] == pytest.approx(float(row['eval_top1']))
+
+
+def test_a_teacher_of_other_classes_at_the_same_count_gets_no_logit_kd(teacher_run, digits_small, tmp_path):
+    """Ten classes are not the dataset's ten classes: label names decide, so auto falls back to icd."""
+    import shutil
+    teacher = tmp_path / 'teacher'
+    shutil.copytree(teacher_run / 'student', teacher)
+    config = json.loads((teacher / 'config.json').read_text())
+    assert config['label_names'] == [str(i) for i in range(10)]  # what a digits run saves
+    config['label_names'] = [f'fashion_{i}' for i in range(10)]
+    (teacher / 'config.json').write_text(json.dumps(config))
+    common = ['--teacher', f'local-dir:{teacher}', '--student', 'test_efficientnet', '--dataset', digits_small,
+              '--epochs', '1', '-b', '32', *FAST]
+    refused = run_cli(*common, '--method', 'kd', '--output', tmp_path / 'kd')
+    assert refused.returncode == 2 and not (tmp_path / 'kd').exists()
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: --method kd needs a teacher that predicts the "
+                                                              "dataset's classes")
+    result = run_cli(*common, '--output', tmp_path / 'auto')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'auto uses icd' in result.stderr
+    record = json.loads((tmp_path / 'auto' / 'student' / 'distillation.json').read_text())
+    assert record['method'] == 'icd' and record['loss_weights']['kd'] == 0.0

@@ -105,6 +105,27 @@ class Run:
     state: dict = field(default_factory=dict)
 
 
+def _check_label_space(method: str, teacher, label_names: List[str]) -> str:
+    """The method to build, given what the teacher's config says its classes are.
+
+    Counting classes is not enough to allow logit KD: a teacher saved with label names (this tool's students, most
+    Hub models) that name other classes than the dataset's predicts another label space even at the same count.
+    Then ``auto`` becomes ``icd`` and a method with a KD term is refused.
+    """
+    names = (teacher.pretrained_cfg.get('label_names') if teacher is not None else None) or None
+    if names is None or len(names) != len(label_names) or [str(n) for n in names] == [str(n) for n in label_names]:
+        return method
+    if method == 'auto':
+        _logger.info(f"The teacher's classes ({', '.join(map(str, names[:3]))}, ...) are not the dataset's "
+                     f"({', '.join(map(str, label_names[:3]))}, ...): auto uses icd, as logit KD would be meaningless.")
+        return 'icd'
+    if 'kd' in method:
+        raise UserError(f"--method {method} needs a teacher that predicts the dataset's classes, but the teacher's "
+                        f"label names ({', '.join(map(str, names[:3]))}, ...) are not the dataset's "
+                        f"({', '.join(map(str, label_names[:3]))}, ...): use --method icd or auto.")
+    return method
+
+
 def build(args, accelerator: Accelerator) -> Run:
     """Check names, the run folder, the data and the weights, and build the task and loaders; writes nothing."""
     output = Path(args.output) if args.output else default_output(args, accelerator)
@@ -145,9 +166,10 @@ def build(args, accelerator: Accelerator) -> Run:
         if teacher.pretrained_cfg.get('interpolation') not in (None, data_config['interpolation']):
             _logger.info(f"The teacher sees the student's {data_config['interpolation']} resizing; its config "
                          f"says {teacher.pretrained_cfg['interpolation']} (set --interpolation to match it).")
+    method = _check_label_space(args.method, teacher, data.label_names)
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     task = ICDDistillationTask(
-        student, teacher, method=args.method,
+        student, teacher, method=method,
         criterion_kwargs={'smoothing': args.smoothing, 'soft_targets': mixup_active},
         task_loss_weight=args.task_loss_weight, kd_loss_weight=args.kd_loss_weight,
         icd_loss_weight=args.icd_loss_weight, kd_temperature=args.kd_temperature, kd_standardize=args.kd_standardize,
