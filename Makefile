@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.timm_icd-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: demo test bench-quality bench-step-time install
+.PHONY: demo test bench-quality bench-step-time bench-epoch-time bench-data bench-arch install
 
 install: $(STAMP)
 
@@ -33,3 +33,12 @@ bench-quality: $(STAMP) $(FASHION_MNIST)
 
 bench-step-time: $(STAMP)
 	$(PY) benchmarks/step_time.py
+
+bench-epoch-time: $(STAMP) $(FASHION_MNIST)
+	$(PY) benchmarks/epoch_time.py
+
+bench-data: $(STAMP)
+	$(PY) benchmarks/data_throughput.py
+
+bench-arch: $(STAMP)
+	$(PY) benchmarks/arch_coverage.py

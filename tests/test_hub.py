@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -95,7 +96,14 @@ def test_card_parses_validates_and_carries_the_runs_numbers(hub, pushed, teacher
     record = json.loads((out / 'student' / 'distillation.json').read_text())
     text = card.text
     assert f"{record['top1']:.2f}" in text and f"{record['teacher']['top1']:.2f}" in text
-    assert record['command'] in text and f"hf-hub:{REPO_ID}" in text and 'arXiv:2407.11802' in text
+    assert f"hf-hub:{REPO_ID}" in text and 'arXiv:2407.11802' in text
+    # published text names local data and teachers by their folder names only; the run folder keeps full paths
+    assert str(digits_small) in record['command'] and str(teacher_run) in record['teacher']['name']
+    assert str(digits_small) not in text and str(teacher_run) not in text and str(out) not in text
+    public = json.loads(hub.repos[REPO_ID]['branches']['main']['files']['distillation.json'])
+    assert public['command'] in text and public['dataset']['name'] == Path(digits_small).name
+    assert public['teacher']['name'] == 'local-dir:student' and str(out) not in json.dumps(public)
+    assert public['top1'] == record['top1'] and public['loss_weights'] == record['loss_weights']
     assert f"tau {record['icd']['tau_final']:.3f}" in text
 
 

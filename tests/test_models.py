@@ -1,4 +1,5 @@
 """Student/teacher creation and safe weight loading."""
+import json
 import os
 import subprocess
 import sys
@@ -122,3 +123,35 @@ def test_tensors_sharing_storage_are_saved_apart_so_safetensors_accepts_them(tmp
     for name, tensor in state.items():
         assert torch.equal(back[name], tensor)
     assert _unshared(state)['a'] is weight  # the first holder of a storage is kept as it is
+
+
+def test_a_saved_student_describes_itself_not_the_architectures_default_weights(tmp_path):
+    """No borrowed tag, paper or origin in config.json; the description names the run without local paths."""
+    model = timm.create_model('resnet18', num_classes=3)
+    assert model.pretrained_cfg['tag'] and model.pretrained_cfg['paper_ids']  # timm's default weights' provenance
+    record = {'student': 'resnet18', 'method': 'icd+kd', 'teacher': {'name': 'local-dir:/home/someone/runs/t/student'},
+              'dataset': {'name': 'imagefolder:/home/someone/data/flowers'}}
+    save_student(model, tmp_path / 'student', {'input_size': (3, 32, 32), 'mean': (0.5,) * 3, 'std': (0.5,) * 3},
+                 ['a', 'b', 'c'], record)
+    cfg = json.loads((tmp_path / 'student' / 'config.json').read_text())['pretrained_cfg']
+    assert not {'tag', 'paper_ids', 'origin_url', 'license'} & set(cfg)
+    assert cfg['description'] == ('resnet18 distilled with timm_icd (icd+kd) from local-dir:student on '
+                                  'imagefolder:flowers; see distillation.json')
+    assert model.pretrained_cfg['tag'] == 'a1_in1k'  # the model itself is left as it was
+    reloaded = timm.create_model(f'local-dir:{tmp_path / "student"}', pretrained=True)
+    assert reloaded.pretrained_cfg['description'] == cfg['description'] and not reloaded.pretrained_cfg.get('tag')
+
+
+def test_public_record_shortens_every_local_path_and_keeps_the_rest():
+    from timm_icd.export import public_record
+    record = {'student': 'local-dir:/home/u/runs/a/student', 'method': 'icd',
+              'teacher': {'name': 'resnet50', 'source': 'checkpoint:/home/u/w/teacher.safetensors', 'top1': 80.0},
+              'dataset': {'name': '/home/u/data/flowers', 'train_rows': 10},
+              'command': "train_icd.py --dataset imagefolder:/home/u/data/flowers --output=/home/u/runs/a "
+                         "--teacher resnet50 --student 'local-dir:/home/u/my runs/s' --dataset-x uoft-cs/cifar100"}
+    public = public_record(record)
+    assert public['student'] == 'local-dir:student' and public['dataset']['name'] == 'flowers'
+    assert public['teacher'] == {'name': 'resnet50', 'source': 'checkpoint:teacher.safetensors', 'top1': 80.0}
+    assert public['command'] == ("train_icd.py --dataset imagefolder:flowers --output=a --teacher resnet50 --student "
+                                 "local-dir:s --dataset-x uoft-cs/cifar100")
+    assert '/home/u' not in json.dumps(public) and record['dataset']['name'] == '/home/u/data/flowers'

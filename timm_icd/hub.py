@@ -24,7 +24,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from . import __version__
 from .errors import UserError, first_line
-from .export import DISTILLATION_JSON, read_record
+from .export import DISTILLATION_JSON, public_record, read_record
 
 _logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def render_card(record: dict, config: dict, repo_id: str, license: str = 'apache
         pipeline_tag='image-classification', datasets=[dataset_id] if dataset_id else None,
         base_model=teacher_hub_id(record), eval_results=eval_results or None)
     return ModelCard.from_template(
-        card_data, template_path=str(card_template()), repo_id=repo_id, record=record, config=config,
+        card_data, template_path=str(card_template()), repo_id=repo_id, record=public_record(record), config=config,
         baseline=baseline, method_name=METHOD_NAMES.get(record['method'], record['method']),
         timm_icd_version=__version__)
 
@@ -144,6 +144,8 @@ def push_student(folder, repo_id: str, private: bool = False, revision: Optional
     with tempfile.TemporaryDirectory(prefix='timm_icd_push_') as staging:
         for name in STUDENT_FILES:  # stage copies: the run folder itself is never written to
             shutil.copy2(folder / name, Path(staging) / name)
+        if record:  # published without local paths
+            (Path(staging) / DISTILLATION_JSON).write_text(json.dumps(public_record(record), indent=2))
         card.save(str(Path(staging) / 'README.md'))
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)

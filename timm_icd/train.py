@@ -227,7 +227,7 @@ def start(r: Run) -> None:
         r.state['teacher'] = evaluate(accelerator, task.teacher_logits, r.eval_loader, args.channels_last,
                                       r.pipeline.eval_stage)
         _logger.info(f"Teacher on '{r.data.eval_split}': top-1 {r.state['teacher']['top1']:.2f}%, "
-                     f"top-5 {r.state['teacher']['top5']:.2f}%")
+                     f"top-5 {r.state['teacher']['top5']:.2f}% (with the student's eval preprocessing)")
 
 
 def checkpoint(r: Run, state: dict) -> None:
@@ -347,6 +347,7 @@ def _record(r: Run, argv: Optional[List[str]], metrics: dict) -> dict:
                                                            args.teacher_checkpoint),
             'hf_hub_id': hub_id, 'num_classes': task.teacher.num_classes,
             'top1': (state['teacher'] or {}).get('top1'), 'top5': (state['teacher'] or {}).get('top5'),
+            'measured_with': "the student's eval preprocessing" if state['teacher'] else None,
         }
     return {
         'student': args.student,
