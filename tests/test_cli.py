@@ -174,3 +174,23 @@ def test_a_teacher_of_other_classes_at_the_same_count_gets_no_logit_kd(teacher_r
     assert 'auto uses icd' in result.stderr
     record = json.loads((tmp_path / 'auto' / 'student' / 'distillation.json').read_text())
     assert record['method'] == 'icd' and record['loss_weights']['kd'] == 0.0
+
+
+def test_model_ema_is_evaluated_every_epoch_and_saved_as_its_own_student(digits_small, tmp_path):
+    out = tmp_path / 'ema'
+    result = run_cli('--method', 'icd', '--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student',
+                     'test_resnet', '--dataset', digits_small, '--epochs', '2', '-b', '32', '--model-ema',
+                     '--model-ema-decay', '0.7', '--output', out, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_summary(out)
+    assert all(0 <= float(r['eval_ema_top1']) <= 100 for r in rows) and 'EMA top-1' in result.stderr
+    top1, _, _ = eval_with_timm(out / 'student_ema', digits_small)  # plain timm agrees with the logged EMA accuracy
+    assert top1 == pytest.approx(float(rows[-1]['eval_ema_top1']), abs=1e-9)
+    student = safetensors.torch.load_file(out / 'student' / 'model.safetensors')
+    ema = safetensors.torch.load_file(out / 'student_ema' / 'model.safetensors')
+    assert student.keys() == ema.keys()  # the bare student: no ICD heads
+    assert any(not torch.equal(student[k], ema[k]) for k in student if student[k].is_floating_point())
+    record = json.loads((out / 'student_ema' / 'distillation.json').read_text())
+    assert record['weights'] == 'EMA of the student (decay 0.7)' and record['top1'] == float(rows[-1]['eval_ema_top1'])
+    refused = run_cli('--dataset', digits_small, '--push-ema', '--output', tmp_path / 'x', *FAST)
+    assert refused.returncode == 2 and 'error: --push-ema needs --model-ema' in refused.stderr

@@ -13,7 +13,7 @@ from timm_icd.checkpoint import find_latest_checkpoint
 # dropout, drop-path, mixup and RandAugment (numpy) make the run consume every RNG stream a checkpoint must restore
 RUN = ['--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student', 'test_efficientnet', '--epochs', '3',
        '-b', '32', '--checkpoint-steps', '3', '--keep-checkpoints', '2', '--drop', '0.2', '--drop-path', '0.1',
-       '--mixup', '0.2', '--aa', 'rand-m9-mstd0.5', '--seed', '3', *FAST]
+       '--mixup', '0.2', '--aa', 'rand-m9-mstd0.5', '--seed', '3', '--model-ema', '--model-ema-decay', '0.8', *FAST]
 
 
 def test_killed_and_resumed_run_equals_uninterrupted_run(digits_small, tmp_path):
@@ -41,11 +41,14 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(digits_small, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert 'Resumed from' in done.stderr
 
-    weights_a = safetensors.torch.load_file(a / 'student' / 'model.safetensors')
-    weights_b = safetensors.torch.load_file(b / 'student' / 'model.safetensors')
-    assert weights_a.keys() == weights_b.keys()
-    for key in weights_a:
-        torch.testing.assert_close(weights_b[key], weights_a[key], rtol=0, atol=1e-6, msg=key)
+    for folder in ('student', 'student_ema'):  # the EMA student too: its state is in every checkpoint
+        weights_a = safetensors.torch.load_file(a / folder / 'model.safetensors')
+        weights_b = safetensors.torch.load_file(b / folder / 'model.safetensors')
+        assert weights_a.keys() == weights_b.keys()
+        for key in weights_a:
+            torch.testing.assert_close(weights_b[key], weights_a[key], rtol=0, atol=1e-6, msg=f'{folder} {key}')
+    ema_record = json.loads((b / 'student_ema' / 'distillation.json').read_text())
+    assert ema_record['weights'].startswith('EMA') and 'eval_ema_top1' in (b / 'summary.csv').read_text()
     assert (b / 'summary.csv').read_text() == (a / 'summary.csv').read_text()
     ckpts = sorted(p.name for p in (b / 'checkpoints').iterdir())
     assert ckpts == ['checkpoint-00000021', 'checkpoint-00000024']  # pruned to 2, no leftovers

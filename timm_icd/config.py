@@ -171,6 +171,11 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--skip-nonfinite', type=int, default=0, metavar='N',
                        help='tolerate up to N steps with a NaN/Inf loss by skipping them (default: 0)')
 
+    group = parser.add_argument_group('Model EMA of the student (timm.utils.ModelEmaV3)')
+    group.add_argument('--model-ema', action='store_true', help='keep an EMA of the student; evaluated and saved too')
+    group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay (default: 0.9998)')
+    group.add_argument('--model-ema-warmup', action='store_true', help='warm the EMA decay up over the first steps')
+
     group = parser.add_argument_group('Output')
     group.add_argument('--output', default='', metavar='DIR',
                        help='run folder (default: output/train/<time>-<student>-<method>)')
@@ -188,6 +193,7 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--push-to-hub', default=None, metavar='ORG/NAME', help='push the student after training')
     group.add_argument('--hub-private', action='store_true', help='create the Hub repository as private')
     group.add_argument('--hub-revision', default=None, metavar='BRANCH', help='branch to push to')
+    group.add_argument('--push-ema', action='store_true', help='push the EMA student (needs --model-ema)')
     return parser
 
 
@@ -277,6 +283,8 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(args.checkpoint_steps >= 0, f'--checkpoint-steps must be >= 0, got {args.checkpoint_steps}.')
     _check(args.keep_checkpoints >= 1, f'--keep-checkpoints must be >= 1, got {args.keep_checkpoints}.')
     _check(args.skip_nonfinite >= 0, f'--skip-nonfinite must be >= 0, got {args.skip_nonfinite}.')
+    _check(0 < args.model_ema_decay < 1, f'--model-ema-decay must be between 0 and 1, got {args.model_ema_decay}.')
+    _check(not args.push_ema or args.model_ema, '--push-ema needs --model-ema (there is no EMA student to push).')
     _check(args.log_interval >= 1, f'--log-interval must be >= 1, got {args.log_interval}.')
     _check(0 <= args.smoothing < 1, f'--smoothing must be in [0, 1), got {args.smoothing}.')
     _check(args.mixup >= 0 and args.cutmix >= 0, '--mixup and --cutmix must be >= 0.')

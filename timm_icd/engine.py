@@ -56,6 +56,7 @@ def train_one_epoch(
         mixup_fn: Optional[Callable] = None,
         on_step: Optional[Callable[[dict], None]] = None,
         prepare: Optional[Callable] = None,
+        model_ema=None,
 ) -> Dict[str, float]:
     """Train for the rest of epoch ``state['epoch']``, starting after ``state['step_in_epoch']`` batches.
 
@@ -66,6 +67,7 @@ def train_one_epoch(
         on_step: Called after every batch but the epoch's last (e.g. to write step checkpoints).
         prepare: The device stage that turns a loader batch into ``(x, y)`` (``pipeline.InputStage``); None when the
             loader yields normalised ``(x, y)`` itself.
+        model_ema: A timm ``ModelEmaV3`` of the task's student, updated after every optimizer update.
 
     Returns:
         Mean of each loss part over the epoch's applied steps, and the last learning rate.
@@ -105,6 +107,8 @@ def train_one_epoch(
             if accelerator.sync_gradients:
                 state['num_updates'] += 1
                 scheduler.step_update(num_updates=state['num_updates'])
+                if model_ema is not None:
+                    model_ema.update(task.student, step=state['num_updates'])
             state['global_step'] += 1
             state['step_in_epoch'] += 1
             state['epoch_sums'] = sums  # a device tensor until it is logged or checkpointed

@@ -40,7 +40,7 @@ _logger = logging.getLogger(__name__)
 # settings a resumed run must share with the run that wrote the checkpoint
 FINGERPRINT = ('student', 'teacher', 'teacher_checkpoint', 'teacher_pretrained', 'method', 'dataset', 'input_size',
                'batch_size', 'grad_accum_steps', 'seed', 'icd_feat_dim', 'icd_negatives', 'student_layer',
-               'teacher_layer', 'num_processes', 'input_pipeline')
+               'teacher_layer', 'num_processes', 'input_pipeline', 'model_ema')
 
 
 def default_output(args, accelerator: Accelerator) -> Path:
@@ -99,6 +99,7 @@ class Run:
     eval_loader: Any
     mixup_fn: Optional[Mixup]
     resume_from: Optional[Path] = None
+    model_ema: Any = None
     optimizer: Any = None
     scheduler: Any = None
     num_epochs: int = 0
@@ -187,7 +188,8 @@ def build(args, accelerator: Accelerator) -> Run:
     resume_from = resolve_resume(output, args.resume) if args.resume else None
     if resume_from is not None:  # before any weights are read: a precise message for a mismatched run
         expected = _fingerprint(args, accelerator, task.method, pipeline.kind)
-        saved = {'input_pipeline': 'loader', **read_run_state(resume_from)['fingerprint']}  # 0.1 runs: the loader
+        saved = {'input_pipeline': 'loader', 'model_ema': False,  # what 0.1 runs, which did not record them, used
+                 **read_run_state(resume_from)['fingerprint']}
         changed = [k for k in FINGERPRINT if saved.get(k) != expected[k]]
         if changed:
             raise UserError(f'cannot resume {resume_from}: it was written with different '
@@ -210,6 +212,9 @@ def start(r: Run) -> None:
     if args.channels_last:
         task.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(task.trainable_module, **optimizer_kwargs(args))
+    if args.model_ema:  # on the device, before DDP or compile wrap the student (as timm's train.py)
+        r.model_ema = create_student_ema(task.student, args)
+        accelerator.register_for_checkpointing(r.model_ema)
     if args.compile:  # student + heads and teacher, with their hooks, before DDP wraps the student (as timm)
         task.compile()
     task.trainable_module, r.optimizer, r.train_loader, r.eval_loader = accelerator.prepare(
@@ -256,21 +261,29 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
         loader = accelerator.skip_first_batches(r.train_loader, state['step_in_epoch']) \
             if state['step_in_epoch'] else r.train_loader
         train_metrics = train_one_epoch(accelerator, task, loader, r.optimizer, r.scheduler, state, args,
-                                        r.mixup_fn, on_step=step_checkpoint, prepare=r.pipeline.train_stage)
+                                        r.mixup_fn, on_step=step_checkpoint, prepare=r.pipeline.train_stage,
+                                        model_ema=r.model_ema)
         if accelerator.num_processes > 1 and args.dist_bn in ('reduce', 'broadcast'):
             distribute_bn(task.student, accelerator.num_processes, reduce=args.dist_bn == 'reduce')
         task.eval()
         metrics = evaluate(accelerator, task.get_eval_model(), r.eval_loader, args.channels_last,
                            r.pipeline.eval_stage)
+        ema_metrics = {}
+        if r.model_ema is not None:
+            ema_metrics = evaluate(accelerator, r.model_ema.module, r.eval_loader, args.channels_last,
+                                   r.pipeline.eval_stage)
+            ema_metrics = {'eval_ema_top1': ema_metrics['top1'], 'eval_ema_top5': ema_metrics['top5']}
         r.scheduler.step(epoch + 1, metrics['top1'])
         epoch_seconds.append(time.perf_counter() - started)
         last = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items() if k != 'lr'},
-                **{f'eval_{k}': v for k, v in metrics.items()}, 'lr': train_metrics['lr']}
+                **{f'eval_{k}': v for k, v in metrics.items()}, **ema_metrics, 'lr': train_metrics['lr']}
         state['history'].append(last)
         _logger.info(f"Epoch {epoch}: loss {train_metrics['loss']:.4f} (ce {train_metrics['loss_ce']:.4f}, "
                      f"kd {train_metrics['loss_kd']:.4f}, icd {train_metrics['loss_icd']:.4f}, tau "
                      f"{train_metrics['tau']:.3f}), eval top-1 {metrics['top1']:.2f}%, top-5 "
-                     f"{metrics['top5']:.2f}% on {metrics['count']} images ({epoch_seconds[-1]:.1f}s)")
+                     f"{metrics['top5']:.2f}% on {metrics['count']} images"
+                     + (f"; EMA top-1 {ema_metrics['eval_ema_top1']:.2f}%" if ema_metrics else '')
+                     + f" ({epoch_seconds[-1]:.1f}s)")
         if state['best_top1'] is None or metrics['top1'] > state['best_top1']:
             state['best_top1'], state['best_epoch'] = metrics['top1'], epoch
             if args.save_best and accelerator.is_main_process:
@@ -288,10 +301,14 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
     if accelerator.is_main_process:
         write_text_atomic(r.output / 'summary.csv', _summary_csv(state['history']))  # also after a resume at the end
         save_student(task.student, r.output / 'student', r.data_config, r.data.label_names, _record(r, argv, last))
+        if r.model_ema is not None:  # the ICD heads are not part of it: the EMA holds the bare student only
+            save_student(r.model_ema.module, r.output / 'student_ema', r.data_config, r.data.label_names,
+                         _record(r, argv, last, ema=True))
     accelerator.wait_for_everyone()
     if args.push_to_hub and accelerator.is_main_process:  # after the barrier: the others need not wait for it
         from .hub import push_student
-        result['hub_url'] = push_student(r.output / 'student', args.push_to_hub, private=args.hub_private,
+        folder = r.output / ('student_ema' if args.push_ema else 'student')
+        result['hub_url'] = push_student(folder, args.push_to_hub, private=args.hub_private,
                                          revision=args.hub_revision)
     return result
 
@@ -330,8 +347,21 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
     return result
 
 
-def _record(r: Run, argv: Optional[List[str]], metrics: dict) -> dict:
-    """What distillation.json says about how the student was made; every number comes from this run."""
+def create_student_ema(student, args):
+    """timm's ``ModelEmaV3`` of the bare student, without the ICD feature hooks its deep copy would carry over."""
+    from timm.utils import ModelEmaV3
+    ema = ModelEmaV3(student, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+    for module in ema.module.modules():
+        module._forward_pre_hooks.clear()
+        module._forward_hooks.clear()
+    return ema
+
+
+def _record(r: Run, argv: Optional[List[str]], metrics: dict, ema: bool = False) -> dict:
+    """What distillation.json says about how the student was made; every number comes from this run.
+
+    With ``ema`` it describes the EMA student: its own accuracy, and which weights the folder holds.
+    """
     import timm
     args, task, data, state = r.args, r.task, r.data, r.state
     icd = task.icd
@@ -365,10 +395,11 @@ def _record(r: Run, argv: Optional[List[str]], metrics: dict) -> dict:
                     'skipped_images': data.skipped_images or None},
         'epochs': r.num_epochs,
         'epoch': metrics.get('epoch'),
-        'top1': metrics.get('eval_top1'),
-        'top5': metrics.get('eval_top5'),
-        'best_top1': state['best_top1'],
-        'best_epoch': state['best_epoch'],
+        'weights': f'EMA of the student (decay {args.model_ema_decay})' if ema else 'the student at the final epoch',
+        'top1': metrics.get('eval_ema_top1' if ema else 'eval_top1'),
+        'top5': metrics.get('eval_ema_top5' if ema else 'eval_top5'),
+        'best_top1': None if ema else state['best_top1'],
+        'best_epoch': None if ema else state['best_epoch'],
         'command': 'train_icd.py ' + shlex.join(sys.argv[1:] if argv is None else argv),
         'versions': {'timm_icd': __version__, 'timm': timm.__version__, 'torch': torch.__version__},
     }
