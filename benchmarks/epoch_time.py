@@ -149,8 +149,8 @@ def main(argv=None) -> int:
              'loader / floor |', '|---|---|---|---|---|---|---|---|---|---|']
     for s, method, med in rows:
         lines.append(f"| {s['name']} | {s['teacher']} -> {s['student']} | {method} | {s['batch']} | {s['workers']} | "
-                     f"{med['floor']:.2f} | {med['memory']:.2f} | {med['memory'] / med['floor']:.3f} | "
-                     f"{med['loader']:.2f} | {med['loader'] / med['floor']:.3f} |")
+                     f"{med['floor']:.3f} | {med['memory']:.3f} | {med['memory'] / med['floor']:.3f} | "
+                     f"{med['loader']:.3f} | {med['loader'] / med['floor']:.3f} |")
     ok = all(med['memory'] / med['floor'] <= TARGET for _, _, med in rows)
     lines += ['', f'The in-memory path (what `--input-pipeline auto` picks for these datasets) is '
                   f'{"within" if ok else "NOT within"} the target in every row.']
