@@ -199,3 +199,18 @@ def test_a_few_steps_of_icd_training_raise_teacher_student_agreement():
         out['loss'].backward()
         opt.step()
     assert out['loss_icd'].item() < 0.5 * first
+
+
+def test_sync_batchnorm_converts_the_student_only_and_keeps_every_name():
+    student, teacher = timm.create_model('test_resnet', num_classes=10), timm.create_model('test_resnet', num_classes=10)
+    task = ICDDistillationTask(student, teacher, method='icd+kd', student_input_size=(3, 32, 32), verbose=False)
+    keys = list(task.trainable_module.state_dict())
+    task.convert_sync_batchnorm()
+    kinds = [type(m) for m in task.student.modules()]
+    assert torch.nn.SyncBatchNorm in kinds and torch.nn.BatchNorm2d not in kinds
+    assert any(type(m) is torch.nn.BatchNorm2d for m in task.teacher.model.modules())  # the teacher is untouched
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in task.icd.modules())
+    assert list(task.trainable_module.state_dict()) == keys
+    task.eval()
+    out = task(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))  # hooks still capture after the swap
+    assert torch.isfinite(out['loss']) and out['loss_icd'] > 0

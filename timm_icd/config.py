@@ -166,6 +166,8 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
                        help='sync BatchNorm stats across processes after each epoch, as timm (default: reduce)')
     group.add_argument('--channels-last', action='store_true', help='channels_last memory layout for CNNs')
+    group.add_argument('--sync-bn', action='store_true',
+                       help="the student's BatchNorm synchronised across GPUs (torch SyncBatchNorm; GPU only)")
     group.add_argument('--compile', action='store_true', help='torch.compile the student and the teacher')
     group.add_argument('--log-interval', type=int, default=20, help='steps between progress bar updates')
     group.add_argument('--skip-nonfinite', type=int, default=0, metavar='N',
@@ -294,6 +296,9 @@ def validate_args(args: argparse.Namespace) -> None:
         _check(size is None or all(s >= 1 for s in size), f'{flag} values must be >= 1, got {size}.')
     _check(not (args.resume and args.overwrite), '--resume and --overwrite contradict each other: pick one.')
     _check(args.resume != 'auto' or bool(args.output), '--resume auto needs --output DIR (the run to continue).')
+    if args.sync_bn and not torch.cuda.is_available():  # torch's SyncBatchNorm raises on CPU tensors across processes
+        raise UserError('--sync-bn synchronises BatchNorm statistics across GPUs and needs one; on CPU, processes '
+                        'average their BatchNorm statistics after each epoch (--dist-bn reduce, the default).')
     if args.mixed_precision == 'fp16' and not torch.cuda.is_available():
         raise UserError('--mixed-precision fp16 needs a GPU (fp16 autocast does not run on CPU); use bf16.')
     _check(args.method == 'vanilla' or bool(args.teacher), f'--method {args.method} needs --teacher.')

@@ -339,6 +339,16 @@ class ICDDistillationTask(TrainingTask):
             'tau': tau.detach(),
         }
 
+    def convert_sync_batchnorm(self) -> 'ICDDistillationTask':
+        """Replace the student's BatchNorm layers with torch's SyncBatchNorm (before DDP wraps it, as timm does).
+
+        The teacher runs in eval mode on its running statistics and the ICD heads have no BatchNorm: both stay as
+        they are. Parameter and buffer names do not change, so checkpoints and the saved student are unaffected.
+        """
+        module = unwrap_model(self.trainable_module)
+        module.student = nn.SyncBatchNorm.convert_sync_batchnorm(module.student)
+        return self
+
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'ICDDistillationTask':
         """Wrap the trainable module (student + ICD heads) in DDP for timm's own training loop."""
         from torch.nn.parallel import DistributedDataParallel as DDP

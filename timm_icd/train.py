@@ -207,6 +207,8 @@ def start(r: Run) -> None:
         write_text_atomic(r.output / 'args.yaml', args_to_yaml(args))
     accelerator.wait_for_everyone()
 
+    if args.sync_bn:
+        task.convert_sync_batchnorm()
     task.to(accelerator.device)
     r.pipeline.to(accelerator.device)
     if args.channels_last:
