@@ -194,3 +194,30 @@ def test_model_ema_is_evaluated_every_epoch_and_saved_as_its_own_student(digits_
     assert record['weights'] == 'EMA of the student (decay 0.7)' and record['top1'] == float(rows[-1]['eval_ema_top1'])
     refused = run_cli('--dataset', digits_small, '--push-ema', '--output', tmp_path / 'x', *FAST)
     assert refused.returncode == 2 and 'error: --push-ema needs --model-ema' in refused.stderr
+
+
+def test_tensorboard_logs_equal_the_summary(digits_small, tmp_path):
+    """The real TensorBoard writer, read back: every epoch's metrics as summary.csv has them, and step scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / 'tb'
+    result = run_cli('--method', 'vanilla', '--student', 'test_resnet', '--dataset', digits_small, '--epochs', '2',
+                     '-b', '32', '--log-with', 'tensorboard', '--tracker-project', 'proj', '--model-ema',
+                     '--output', out, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(str(out / 'logs' / 'proj'))
+    events.Reload()
+    rows = read_summary(out)
+    for column in ('eval_top1', 'eval_top5', 'eval_loss', 'train_loss', 'train_loss_ce', 'eval_ema_top1', 'lr'):
+        logged = [e.value for e in events.Scalars(f'epoch/{column}')]
+        assert logged == pytest.approx([float(r[column]) for r in rows], rel=1e-6, abs=1e-5), column
+    steps = events.Scalars('step/loss')
+    assert [e.step for e in steps] == [5, 13]  # at step 5 of each epoch's 8 (--log-interval 5), global steps
+    assert all(e.value > 0 for e in events.Scalars('step/images_per_second'))
+    assert list(out.glob('logs/proj/*/hparams.yml'))  # the settings, once
+
+
+def test_a_missing_tracker_package_is_one_line_before_training(digits_small, tmp_path):
+    result = run_cli('--dataset', digits_small, '--log-with', 'mlflow', '--output', tmp_path / 'x', *FAST)
+    assert result.returncode == 2 and not (tmp_path / 'x').exists()
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == 'error: --log-with mlflow needs the mlflow package: pip install mlflow.'

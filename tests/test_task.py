@@ -202,7 +202,8 @@ def test_a_few_steps_of_icd_training_raise_teacher_student_agreement():
 
 
 def test_sync_batchnorm_converts_the_student_only_and_keeps_every_name():
-    student, teacher = timm.create_model('test_resnet', num_classes=10), timm.create_model('test_resnet', num_classes=10)
+    student = timm.create_model('test_resnet', num_classes=10)
+    teacher = timm.create_model('test_resnet', num_classes=10)
     task = ICDDistillationTask(student, teacher, method='icd+kd', student_input_size=(3, 32, 32), verbose=False)
     keys = list(task.trainable_module.state_dict())
     task.convert_sync_batchnorm()

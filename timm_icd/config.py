@@ -18,6 +18,7 @@ from .task import METHODS
 _logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ('no', 'bf16', 'fp16')
+TRACKERS = ('tensorboard', 'wandb', 'mlflow', 'all')
 KD_TEMPERATURE = 4.0  # Hinton KD's usual temperature; LS_TEMPERATURE (2) with --kd-standardize
 TEACHER_DTYPES = {'float32': None, 'fp32': None, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
                   'float16': torch.float16, 'fp16': torch.float16}
@@ -178,6 +179,13 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay (default: 0.9998)')
     group.add_argument('--model-ema-warmup', action='store_true', help='warm the EMA decay up over the first steps')
 
+    group = parser.add_argument_group('Experiment tracking (Accelerate trackers, main process only)')
+    group.add_argument('--log-with', default=None, choices=TRACKERS,
+                       help='log hyperparameters once, losses, tau, lr and images/s every --log-interval steps, and '
+                            'eval metrics every epoch (default: off)')
+    group.add_argument('--log-wandb', action='store_true', help="timm's flag: the same as --log-with wandb")
+    group.add_argument('--tracker-project', default='timm_icd', help='tracker project / run group name')
+
     group = parser.add_argument_group('Output')
     group.add_argument('--output', default='', metavar='DIR',
                        help='run folder (default: output/train/<time>-<student>-<method>)')
@@ -246,6 +254,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if config_args.config:
         parser.set_defaults(**load_config_file(parser, config_args.config))
     args = parser.parse_args(argv)
+    if args.log_wandb and not args.log_with:
+        args.log_with = 'wandb'
     if args.kd_temperature is None:  # standardised logits have unit std, so the paper's base temperature is 2
         args.kd_temperature = LS_TEMPERATURE if args.kd_standardize else KD_TEMPERATURE
     return args
@@ -302,6 +312,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.mixed_precision == 'fp16' and not torch.cuda.is_available():
         raise UserError('--mixed-precision fp16 needs a GPU (fp16 autocast does not run on CPU); use bf16.')
     _check(args.method == 'vanilla' or bool(args.teacher), f'--method {args.method} needs --teacher.')
+    if args.log_with:
+        check_tracker(args.log_with)
     if args.push_to_hub:  # repo id and token now, not after hours of training
         from .hub import check_push_target
         check_push_target(args.push_to_hub)
@@ -316,6 +328,23 @@ def validate_args(args: argparse.Namespace) -> None:
         create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=1)
     except Exception as e:
         raise UserError(f'--sched {args.sched}: {e}') from e
+
+
+def check_tracker(name: str) -> None:
+    """Refuse a tracker whose package is missing, in one line, before any work starts."""
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+    available = {'tensorboard': is_tensorboard_available(), 'wandb': is_wandb_available(),
+                 'mlflow': is_mlflow_available()}
+    if name == 'all':
+        _check(any(available.values()), '--log-with all found no tracker: pip install tensorboard (or wandb, mlflow).')
+    else:
+        _check(available[name], f'--log-with {name} needs the {name} package: pip install {name}.')
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    """The run's settings as tracker hyperparameters (scalars only: lists become strings, None is left out)."""
+    return {k: (str(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items()
+            if v is not None and isinstance(v, (int, float, str, bool, list, tuple))}
 
 
 def args_to_yaml(args: argparse.Namespace) -> str:

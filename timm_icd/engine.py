@@ -4,6 +4,7 @@ The step keeps to one host sync (the finite-loss check that decides whether to a
 on the device until they are logged.
 """
 import logging
+import time
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -78,6 +79,7 @@ def train_one_epoch(
     zero, one = torch.zeros((), device=accelerator.device), torch.ones((), device=accelerator.device)
     total = len(loader) + state['step_in_epoch']
     # a bar on the main process's terminal only (disable=None: off when stderr is not a terminal, e.g. in logs)
+    log_mark = (time.perf_counter(), state['global_step'])  # (time, step) of the last tracker log
     bar = tqdm(total=total, initial=state['step_in_epoch'], desc=f"epoch {state['epoch']}", leave=False,
                disable=None if accelerator.is_local_main_process else True, dynamic_ncols=True)
     try:
@@ -113,9 +115,17 @@ def train_one_epoch(
             state['step_in_epoch'] += 1
             state['epoch_sums'] = sums  # a device tensor until it is logged or checkpointed
             bar.update(1)
-            if state['step_in_epoch'] % args.log_interval == 0:
-                means = sums[:-1] / sums[-1].clamp(min=1)
-                bar.set_postfix(loss=f'{means[0].item():.4f}', lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+            if state['step_in_epoch'] % args.log_interval == 0:  # the only other host sync: every log_interval
+                means = (sums[:-1] / sums[-1].clamp(min=1)).tolist()
+                lr = optimizer.param_groups[0]['lr']
+                bar.set_postfix(loss=f'{means[0]:.4f}', lr=f'{lr:.3g}')
+                if getattr(args, 'log_with', None):  # running means over the epoch so far, as the bar shows
+                    now = time.perf_counter()
+                    images = (state['global_step'] - log_mark[1]) * x.shape[0] * accelerator.num_processes
+                    accelerator.log({**{f'step/{k}': v for k, v in zip(LOSS_PARTS, means)}, 'step/lr': lr,
+                                     'step/images_per_second': images / max(now - log_mark[0], 1e-9)},
+                                    step=state['global_step'])
+                    log_mark = (now, state['global_step'])
             if on_step is not None and state['step_in_epoch'] < total:
                 on_step(state)
     finally:

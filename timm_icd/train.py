@@ -15,7 +15,7 @@ from typing import Any, List, Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from timm.data import Mixup, resolve_data_config
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -25,7 +25,7 @@ from . import __version__
 from .checkpoint import (
     check_output_dir, claim_output_dir, load_checkpoint, read_run_state, resolve_resume, save_checkpoint,
     settle_overwrite, write_text_atomic)
-from .config import args_to_yaml, teacher_dtype
+from .config import args_to_yaml, teacher_dtype, tracker_config
 from .data import ImageData, find_bad_images, load_image_data
 from .engine import LOSS_PARTS, evaluate, train_one_epoch
 from .errors import UserError
@@ -206,6 +206,9 @@ def start(r: Run) -> None:
         claim_output_dir(r.output, args.overwrite)
         write_text_atomic(r.output / 'args.yaml', args_to_yaml(args))
     accelerator.wait_for_everyone()
+    if args.log_with:  # into the run folder (OUT/logs/<project>), on the main process (Accelerate decides)
+        accelerator.project_configuration.logging_dir = str(r.output / 'logs')
+        accelerator.init_trackers(args.tracker_project, config=tracker_config(args))
 
     if args.sync_bn:
         task.convert_sync_batchnorm()
@@ -280,6 +283,9 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
         last = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items() if k != 'lr'},
                 **{f'eval_{k}': v for k, v in metrics.items()}, **ema_metrics, 'lr': train_metrics['lr']}
         state['history'].append(last)
+        if args.log_with:  # the summary.csv row, as epoch/<column>
+            accelerator.log({f'epoch/{k}': v for k, v in {**last, 'seconds': epoch_seconds[-1]}.items()},
+                            step=state['global_step'])
         _logger.info(f"Epoch {epoch}: loss {train_metrics['loss']:.4f} (ce {train_metrics['loss_ce']:.4f}, "
                      f"kd {train_metrics['loss_kd']:.4f}, icd {train_metrics['loss_icd']:.4f}, tau "
                      f"{train_metrics['tau']:.3f}), eval top-1 {metrics['top1']:.2f}%, top-5 "
@@ -322,7 +328,9 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
     replacing with --overwrite is put back.
     """
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum_steps,
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum_steps, log_with=args.log_with,
+        # trackers write into the run folder, which is settled later (start() sets the final logging_dir)
+        project_config=ProjectConfiguration(logging_dir=str(Path(args.output or 'output') / 'logs')),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
                                                   non_blocking=torch.cuda.is_available()))
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
