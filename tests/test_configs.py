@@ -53,3 +53,14 @@ def test_config_runs_one_step(config, random_cifar, tmp_path):
     assert args['epochs'] == 1  # a flag on the command line beats the config file, as in timm's train.py
     state = json.loads(next((out / 'checkpoints').iterdir()).joinpath('run_state.json').read_text())
     assert state['global_step'] == 1 and state['history'][0]['eval_count'] == 8
+
+
+def test_default_lr_follows_the_papers_rule_for_the_student(tmp_path):
+    from timm_icd.config import parse_args
+    assert parse_args(['--student', 'mobilenetv3_small_100']).lr == 0.01
+    assert parse_args(['--student', 'hf-hub:someone/shufflenet_v2']).lr == 0.01
+    assert parse_args(['--student', 'resnet18']).lr == 0.05
+    assert parse_args(['--student', 'mobilenetv3_small_100', '--lr', '0.2']).lr == 0.2  # an explicit rate wins
+    config = tmp_path / 'c.yaml'
+    config.write_text('lr: 0.3\n')
+    assert parse_args(['--config', str(config), '--student', 'mobilenetv3_small_100']).lr == 0.3
