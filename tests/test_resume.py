@@ -34,7 +34,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(digits_small, tmp_path)
     assert killed.returncode == -signal.SIGKILL
     assert (b / 'checkpoints' / '.tmp-checkpoint-00000008').is_dir()  # the half-written one
     assert find_latest_checkpoint(b).name == 'checkpoint-00000006'    # the previous one, intact
-    killed = run_b('eval:2')                                   # resumes mid-epoch at 6; dies in epoch 1's eval
+    killed = run_b('eval:3')  # resumes mid-epoch at 6; dies in epoch 1's eval (eval 2 is epoch 0's EMA student)
     assert killed.returncode == -signal.SIGKILL
     assert find_latest_checkpoint(b).name == 'checkpoint-00000015'
     done = run_b(None)
