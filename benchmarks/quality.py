@@ -255,7 +255,7 @@ def run_job(cfg, job: dict) -> dict:
     torch.manual_seed(job['seed'])
     student = create_student(pair['student'], len(train.features['label'].names), **pair['kwargs'])
     task = build_task(job['method'], student, teacher)
-    curve = job['seed'] == 0 and job['study'] == 'main'
+    curve = job['seed'] == 0 and job['pair'] == list(PAIRS)[0] and job['study'] == 'main'  # curves: the CNN pair
     metrics, train_metrics, points = fit_task(
         accelerator, task, loaders(train, test, job['seed'], student, cfg.batch_size), scaled(pair['opt'], cfg),
         job['epochs'], pair['warmup'], job['seed'], curve)
