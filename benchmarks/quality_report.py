@@ -63,14 +63,14 @@ def _table(rows, methods):
 
 
 def _comparisons(rows, comparisons):
+    """Markdown rows: one comparison a - b per row, one column per pair."""
     pairs = list(dict.fromkeys(r['pair'] for r in rows))
     present = {r['method'] for r in rows}
     comparisons = [(a, b) for a, b in comparisons if a in present and b in present]
-    lines = ['| pair | ' + ' | '.join(f'{a} - {b}' for a, b in comparisons) + ' |',
-             '|' + '---|' * (len(comparisons) + 1)]
-    for pair in pairs:
-        sub = [r for r in rows if r['pair'] == pair]
-        lines.append(f'| {pair} | ' + ' | '.join(_cell(paired(sub, a, b)) for a, b in comparisons) + ' |')
+    lines = ['| difference | ' + ' | '.join(pairs) + ' |', '|' + '---|' * (len(pairs) + 1)]
+    for a, b in comparisons:
+        cells = [_cell(paired([r for r in rows if r['pair'] == pair], a, b)) for pair in pairs]
+        lines.append(f'| {a} - {b} | ' + ' | '.join(cells) + ' |')
     return lines
 
 
