@@ -176,7 +176,7 @@ def test_a_teacher_of_other_classes_at_the_same_count_gets_no_logit_kd(teacher_r
     assert record['method'] == 'icd' and record['loss_weights']['kd'] == 0.0
 
 
-def test_model_ema_is_evaluated_every_epoch_and_saved_as_its_own_student(digits_small, tmp_path):
+def test_model_ema_is_evaluated_every_epoch_and_saved_as_its_own_student(digits_small, teacher_run, tmp_path):
     out = tmp_path / 'ema'
     result = run_cli('--method', 'icd', '--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student',
                      'test_resnet', '--dataset', digits_small, '--epochs', '2', '-b', '32', '--model-ema',
@@ -194,6 +194,21 @@ def test_model_ema_is_evaluated_every_epoch_and_saved_as_its_own_student(digits_
     assert record['weights'] == 'EMA of the student (decay 0.7)' and record['top1'] == float(rows[-1]['eval_ema_top1'])
     refused = run_cli('--dataset', digits_small, '--push-ema', '--output', tmp_path / 'x', *FAST)
     assert refused.returncode == 2 and 'error: --push-ema needs --model-ema' in refused.stderr
+    assert (out / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'  # redrawn every epoch
+
+    # python -m timm_icd.report: one row per run with the runs' own numbers, and one PNG of their curves
+    report = run_cli(out, teacher_run, '--out', tmp_path / 'runs.png', module='timm_icd.report')
+    assert report.returncode == 0, report.stderr[-2000:]
+    row = next(line for line in report.stdout.splitlines() if line.startswith('| ema |'))
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    assert cells[1:5] == ['icd', 'test_resnet', 'test_resnet', '2']
+    assert cells[5] == f"{float(rows[-1]['eval_top1']):.2f}" and cells[7] == f"{float(rows[-1]['eval_ema_top1']):.2f}"
+    assert cells[8].endswith(' min') and any(line.startswith('| teacher | vanilla |') for line in
+                                             report.stdout.splitlines())
+    assert (tmp_path / 'runs.png').read_bytes()[:4] == b'\x89PNG'
+    bad = run_cli(tmp_path / 'nothing', module='timm_icd.report')
+    expected = f"error: {tmp_path / 'nothing'} is not a train_icd.py run folder (no summary.csv)."
+    assert bad.returncode == 2 and bad.stderr.strip() == expected
 
 
 def test_tensorboard_logs_equal_the_summary(digits_small, tmp_path):

@@ -33,6 +33,7 @@ from .export import save_student
 from .models import (
     check_model_name, create_student, create_teacher, fixed_size_kwargs, is_hub_or_local, teacher_source)
 from .pipeline import Pipeline, create_pipeline
+from .report import CURVES, plot_run
 from .task import ICDDistillationTask
 
 _logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def _fresh_state(args, accelerator, method: str, pipeline: str) -> dict:
     return {
         'epoch': 0, 'step_in_epoch': 0, 'global_step': 0, 'num_updates': 0,
         'epoch_sums': [0.0] * (len(LOSS_PARTS) + 1), 'nonfinite_steps': 0,
-        'best_top1': None, 'best_epoch': None, 'history': [], 'teacher': None,
+        'best_top1': None, 'best_epoch': None, 'history': [], 'teacher': None, 'seconds': 0.0,
         'fingerprint': _fingerprint(args, accelerator, method, pipeline),
     }
 
@@ -280,6 +281,7 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
             ema_metrics = {'eval_ema_top1': ema_metrics['top1'], 'eval_ema_top5': ema_metrics['top5']}
         r.scheduler.step(epoch + 1, metrics['top1'])
         epoch_seconds.append(time.perf_counter() - started)
+        state['seconds'] = state.get('seconds', 0.0) + epoch_seconds[-1]  # over resumes too
         last = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items() if k != 'lr'},
                 **{f'eval_{k}': v for k, v in metrics.items()}, **ema_metrics, 'lr': train_metrics['lr']}
         state['history'].append(last)
@@ -299,8 +301,10 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
                              _record(r, argv, last))
         state.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums=[0.0] * (len(LOSS_PARTS) + 1))
         checkpoint(r, state)
-        if accelerator.is_main_process and epoch + 1 < r.num_epochs:
-            write_text_atomic(r.output / 'summary.csv', _summary_csv(state['history']))
+        if accelerator.is_main_process:
+            if epoch + 1 < r.num_epochs:
+                write_text_atomic(r.output / 'summary.csv', _summary_csv(state['history']))
+            plot_run(state['history'], r.output / CURVES, f'{args.student} ({task.method})')
 
     result = {'output': str(r.output), 'student': str(r.output / 'student'), 'method': task.method,
               'teacher': state['teacher'], 'top1': last.get('eval_top1'), 'top5': last.get('eval_top5'),
@@ -410,6 +414,7 @@ def _record(r: Run, argv: Optional[List[str]], metrics: dict, ema: bool = False)
         'top5': metrics.get('eval_ema_top5' if ema else 'eval_top5'),
         'best_top1': None if ema else state['best_top1'],
         'best_epoch': None if ema else state['best_epoch'],
+        'wall_seconds': state.get('seconds'),
         'command': 'train_icd.py ' + shlex.join(sys.argv[1:] if argv is None else argv),
         'versions': {'timm_icd': __version__, 'timm': timm.__version__, 'torch': torch.__version__},
     }
