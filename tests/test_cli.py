@@ -236,3 +236,21 @@ def test_a_missing_tracker_package_is_one_line_before_training(digits_small, tmp
     assert result.returncode == 2 and not (tmp_path / 'x').exists()
     last = result.stderr.strip().splitlines()[-1]
     assert last == 'error: --log-with mlflow needs the mlflow package: pip install mlflow.'
+
+
+def test_timm_train_py_distillation_flags_work_unchanged(digits_small, tmp_path):
+    """timm train.py's distillation flags (--model, --kd-model-name, --kd-distill-type, --distill-loss-weight,
+    --task-loss-weight, --kd-temperature, --grad-checkpointing) mean the same here."""
+    timm_flags = ['--model', 'test_resnet', '--kd-model-name', 'test_resnet', '--kd-distill-type', 'logit',
+                  '--distill-loss-weight', '0.7', '--task-loss-weight', '0.3', '--kd-temperature', '2',
+                  '--grad-checkpointing', '--epochs', '1', '-b', '32']
+    out = tmp_path / 'timm'
+    result = run_cli(*timm_flags, '--dataset', digits_small, '--teacher-pretrained', 'false', '--output', out, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / 'student' / 'distillation.json').read_text())
+    assert record['method'] == 'kd' and record['student'] == 'test_resnet' and record['teacher']['name'] == 'test_resnet'
+    assert record['loss_weights'] == {'task': 0.3, 'kd': 0.7, 'icd': 0.0} and record['kd_temperature'] == 2.0
+    feature = run_cli(*[f if f != 'logit' else 'feature' for f in timm_flags], '--dataset', digits_small,
+                      '--output', tmp_path / 'f', *FAST)
+    assert feature.returncode == 2 and feature.stderr.strip().splitlines()[-1].startswith(
+        "error: --kd-distill-type feature (timm's feature distillation) is not offered here")

@@ -56,7 +56,7 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=None,
                        help='start the student from pretrained weights (default: only for hf-hub:/local-dir:)')
     group.add_argument('--student-checkpoint', default=None, metavar='FILE', help='initial student weights')
-    group.add_argument('--teacher', default='resnet50', metavar='MODEL',
+    group.add_argument('--teacher', '--kd-model-name', dest='teacher', default='resnet50', metavar='MODEL',
                        help='teacher: timm name, hf-hub:ORG/NAME or local-dir:PATH (default: resnet50)')
     group.add_argument('--teacher-pretrained', type=str2bool, default=True, metavar='BOOL',
                        help="load timm's pretrained teacher weights (default: true)")
@@ -78,7 +78,10 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--method', default='auto', choices=('auto',) + METHODS,
                        help='auto (default): icd+kd when the teacher has the dataset\'s classes, else icd')
     group.add_argument('--task-loss-weight', type=float, default=None, help="CE weight (default: the method's)")
-    group.add_argument('--kd-loss-weight', type=float, default=None, help="KD weight (default: the method's)")
+    group.add_argument('--kd-loss-weight', '--distill-loss-weight', dest='kd_loss_weight', type=float, default=None,
+                       help="KD weight (default: the method's; --distill-loss-weight is timm's name)")
+    group.add_argument('--kd-distill-type', default=None, choices=('logit', 'feature', 'token'),
+                       help="timm train.py's distillation switch: logit means --method kd here (default: unset)")
     group.add_argument('--icd-loss-weight', type=float, default=None, help="ICD weight (default: the method's)")
     group.add_argument('--kd-temperature', type=float, default=None,
                        help='KD temperature (default: 4, or 2 with --kd-standardize as in Sun et al.)')
@@ -171,6 +174,8 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
                        help='sync BatchNorm stats across processes after each epoch, as timm (default: reduce)')
     group.add_argument('--channels-last', action='store_true', help='channels_last memory layout for CNNs')
+    group.add_argument('--grad-checkpointing', action='store_true',
+                       help="recompute the student's activations in backward (timm's set_grad_checkpointing)")
     group.add_argument('--sync-bn', action='store_true',
                        help="the student's BatchNorm synchronised across GPUs (torch SyncBatchNorm; GPU only)")
     group.add_argument('--compile', action='store_true', help='torch.compile the student and the teacher')
@@ -260,6 +265,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.lr is None:
         args.lr = default_lr(args.student)
+    if args.kd_distill_type == 'logit' and args.method == 'auto':  # a timm train.py command: Hinton KD
+        args.method = 'kd'
     if args.log_wandb and not args.log_with:
         args.log_with = 'wandb'
     if args.kd_temperature is None:  # standardised logits have unit std, so the paper's base temperature is 2
@@ -330,6 +337,12 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(args.method == 'vanilla' or bool(args.teacher), f'--method {args.method} needs --teacher.')
     if args.log_with:
         check_tracker(args.log_with)
+    if args.kd_distill_type in ('feature', 'token'):
+        raise UserError(f"--kd-distill-type {args.kd_distill_type} (timm's {args.kd_distill_type} distillation) is "
+                        f"not offered here: use --kd-distill-type logit for timm's logit KD, or --method icd, which "
+                        f"distils pre-logit features contrastively.")
+    _check(args.kd_distill_type != 'logit' or 'kd' in args.method,
+           f'--kd-distill-type logit contradicts --method {args.method}: drop one of them.')
     if args.push_to_hub:  # repo id and token now, not after hours of training
         from .hub import check_push_target
         check_push_target(args.push_to_hub)

@@ -211,6 +211,8 @@ def start(r: Run) -> None:
         accelerator.project_configuration.logging_dir = str(r.output / 'logs')
         accelerator.init_trackers(args.tracker_project, config=tracker_config(args))
 
+    if args.grad_checkpointing:
+        task.student.set_grad_checkpointing(True)
     if args.sync_bn:
         task.convert_sync_batchnorm()
     task.to(accelerator.device)
