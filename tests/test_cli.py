@@ -250,7 +250,13 @@ def test_timm_train_py_distillation_flags_work_unchanged(digits_small, tmp_path)
     record = json.loads((out / 'student' / 'distillation.json').read_text())
     assert record['method'] == 'kd' and record['student'] == 'test_resnet' and record['teacher']['name'] == 'test_resnet'
     assert record['loss_weights'] == {'task': 0.3, 'kd': 0.7, 'icd': 0.0} and record['kd_temperature'] == 2.0
+    # --kd-distill-type feature: timm's FeatureDistillationTask itself, run by this tool's loop (--method feature)
     feature = run_cli(*[f if f != 'logit' else 'feature' for f in timm_flags], '--dataset', digits_small,
-                      '--output', tmp_path / 'f', *FAST)
-    assert feature.returncode == 2 and feature.stderr.strip().splitlines()[-1].startswith(
-        "error: --kd-distill-type feature (timm's feature distillation) is not offered here")
+                      '--teacher-pretrained', 'false', '--output', tmp_path / 'f', *FAST)
+    assert feature.returncode == 0, feature.stderr[-3000:]
+    record = json.loads((tmp_path / 'f' / 'student' / 'distillation.json').read_text())
+    assert record['method'] == 'feature' and record['loss_weights'] == {'task': 0.3, 'kd': 0.7, 'icd': 0.0}
+    assert record['icd'] is None and float(read_summary(tmp_path / 'f')[0]['train_loss_kd']) > 0  # the feature MSE
+    token = run_cli(*[f if f != 'logit' else 'token' for f in timm_flags], '--dataset', digits_small,
+                    '--output', tmp_path / 't', *FAST)
+    assert token.returncode == 2 and "--kd-distill-type token (timm's distillation-token heads)" in token.stderr

@@ -215,3 +215,21 @@ def test_sync_batchnorm_converts_the_student_only_and_keeps_every_name():
     task.eval()
     out = task(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))  # hooks still capture after the swap
     assert torch.isfinite(out['loss']) and out['loss_icd'] > 0
+
+
+def test_feature_task_is_timms_feature_distillation_loss_exactly():
+    from timm.task import FeatureDistillationTask
+    from timm_icd.feature_task import FeatureTask
+    torch.manual_seed(0)
+    student, teacher = timm.create_model('test_efficientnet', num_classes=10), timm.create_model('test_resnet',
+                                                                                                num_classes=7)
+    ours = FeatureTask(copy.deepcopy(student), copy.deepcopy(teacher), kd_loss_weight=2.0, verbose=False)
+    timms = FeatureDistillationTask(copy.deepcopy(student), copy.deepcopy(teacher), distill_loss_weight=2.0,
+                                    verbose=False)
+    timms.trainable_module.load_state_dict(ours.trainable_module.state_dict())  # the same random projection
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    a, b = ours(x, y), timms(x, y)
+    torch.testing.assert_close(a['loss'], b['loss'])
+    torch.testing.assert_close(a['loss_kd'], b['kd_loss'].detach())
+    assert ours.method == 'feature' and ours.teacher.num_classes == 7 and ours.student is ours.trainable_module.student
+    assert ours.teacher_logits(x).shape == (6, 7)

@@ -75,7 +75,7 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='student drop path rate')
 
     group = parser.add_argument_group('Method')
-    group.add_argument('--method', default='auto', choices=('auto',) + METHODS,
+    group.add_argument('--method', default='auto', choices=('auto',) + METHODS + ('feature',),
                        help='auto (default): icd+kd when the teacher has the dataset\'s classes, else icd')
     group.add_argument('--task-loss-weight', type=float, default=None, help="CE weight (default: the method's)")
     group.add_argument('--kd-loss-weight', '--distill-loss-weight', dest='kd_loss_weight', type=float, default=None,
@@ -265,8 +265,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.lr is None:
         args.lr = default_lr(args.student)
-    if args.kd_distill_type == 'logit' and args.method == 'auto':  # a timm train.py command: Hinton KD
-        args.method = 'kd'
+    if args.kd_distill_type in ('logit', 'feature') and args.method == 'auto':  # a timm train.py command
+        args.method = {'logit': 'kd', 'feature': 'feature'}[args.kd_distill_type]
     if args.log_wandb and not args.log_with:
         args.log_with = 'wandb'
     if args.kd_temperature is None:  # standardised logits have unit std, so the paper's base temperature is 2
@@ -299,7 +299,7 @@ def validate_args(args: argparse.Namespace) -> None:
         _check(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")
     _check(args.kd_temperature > 0, f'--kd-temperature must be > 0, got {args.kd_temperature}.')
     if args.kd_standardize:
-        no_kd = args.method == 'vanilla' or (args.method == 'icd' and not args.kd_loss_weight)
+        no_kd = args.method in ('vanilla', 'feature') or (args.method == 'icd' and not args.kd_loss_weight)
         _check(not no_kd, f'--kd-standardize needs a KD term, which --method {args.method} does not have: use '
                           f'--method kd, icd+kd or auto.')
         _check(args.kd_loss_weight != 0, '--kd-standardize needs a KD term, which --kd-loss-weight 0 turns off.')
@@ -337,12 +337,19 @@ def validate_args(args: argparse.Namespace) -> None:
     _check(args.method == 'vanilla' or bool(args.teacher), f'--method {args.method} needs --teacher.')
     if args.log_with:
         check_tracker(args.log_with)
-    if args.kd_distill_type in ('feature', 'token'):
-        raise UserError(f"--kd-distill-type {args.kd_distill_type} (timm's {args.kd_distill_type} distillation) is "
-                        f"not offered here: use --kd-distill-type logit for timm's logit KD, or --method icd, which "
-                        f"distils pre-logit features contrastively.")
+    _check(args.kd_distill_type != 'token', "--kd-distill-type token (timm's distillation-token heads) is not "
+                                            "offered here: use logit, feature, or --method icd.")
     _check(args.kd_distill_type != 'logit' or 'kd' in args.method,
            f'--kd-distill-type logit contradicts --method {args.method}: drop one of them.')
+    _check(args.kd_distill_type != 'feature' or args.method == 'feature',
+           f'--kd-distill-type feature contradicts --method {args.method}: drop one of them.')
+    if args.method == 'feature':
+        for flag, value in (('--student-layer', args.student_layer), ('--teacher-layer', args.teacher_layer),
+                            ('--icd-loss-weight', args.icd_loss_weight)):
+            _check(value is None, f"{flag} does not apply to --method feature (timm's task matches the pre-logit "
+                                  f"features only); use --method icd.")
+        _check(args.teacher_dtype in ('float32', 'fp32'), '--teacher-dtype applies to the ICD teacher, not to '
+                                                          "--method feature (timm's task).")
     if args.push_to_hub:  # repo id and token now, not after hours of training
         from .hub import check_push_target
         check_push_target(args.push_to_hub)

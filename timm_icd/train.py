@@ -30,6 +30,7 @@ from .data import ImageData, find_bad_images, load_image_data
 from .engine import LOSS_PARTS, evaluate, train_one_epoch
 from .errors import UserError
 from .export import save_student
+from .feature_task import FeatureTask
 from .models import (
     check_model_name, create_student, create_teacher, fixed_size_kwargs, is_hub_or_local, teacher_source)
 from .pipeline import Pipeline, create_pipeline
@@ -170,16 +171,28 @@ def build(args, accelerator: Accelerator) -> Run:
                          f"says {teacher.pretrained_cfg['interpolation']} (set --interpolation to match it).")
     method = _check_label_space(args.method, teacher, data.label_names)
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    task = ICDDistillationTask(
-        student, teacher, method=method,
-        criterion_kwargs={'smoothing': args.smoothing, 'soft_targets': mixup_active},
-        task_loss_weight=args.task_loss_weight, kd_loss_weight=args.kd_loss_weight,
-        icd_loss_weight=args.icd_loss_weight, kd_temperature=args.kd_temperature, kd_standardize=args.kd_standardize,
-        icd_feat_dim=args.icd_feat_dim, icd_alpha=args.icd_alpha, icd_init_t=args.icd_init_t,
-        icd_max_tau=args.icd_max_tau, icd_negatives=args.icd_negatives, student_layer=args.student_layer,
-        teacher_layer=args.teacher_layer, student_input_size=data_config['input_size'],
-        teacher_input_size=teacher_input_size, student_mean=data_config['mean'], student_std=data_config['std'],
-        teacher_dtype=teacher_dtype(args), verbose=accelerator.is_main_process)
+    if method == 'feature':  # timm's own feature distillation, for comparison in the same loop
+        input_size = tuple(teacher.pretrained_cfg.get('input_size') or data_config['input_size'])
+        if tuple(teacher_input_size or input_size)[1:] != tuple(data_config['input_size'])[1:]:
+            raise UserError(f"--method feature (timm's task) feeds the teacher the student's "
+                            f"{data_config['input_size'][1]} px batches, but the teacher expects "
+                            f"{tuple(teacher_input_size or input_size)[1]} px: use --method icd, which resizes.")
+        task = FeatureTask(student, teacher, criterion_kwargs={'smoothing': args.smoothing, 'soft_targets':
+                           mixup_active}, task_loss_weight=args.task_loss_weight, kd_loss_weight=args.kd_loss_weight,
+                           student_mean=data_config['mean'], student_std=data_config['std'],
+                           verbose=accelerator.is_main_process)
+    else:
+        task = ICDDistillationTask(
+            student, teacher, method=method,
+            criterion_kwargs={'smoothing': args.smoothing, 'soft_targets': mixup_active},
+            task_loss_weight=args.task_loss_weight, kd_loss_weight=args.kd_loss_weight,
+            icd_loss_weight=args.icd_loss_weight, kd_temperature=args.kd_temperature,
+            kd_standardize=args.kd_standardize, icd_feat_dim=args.icd_feat_dim, icd_alpha=args.icd_alpha,
+            icd_init_t=args.icd_init_t, icd_max_tau=args.icd_max_tau, icd_negatives=args.icd_negatives,
+            student_layer=args.student_layer, teacher_layer=args.teacher_layer,
+            student_input_size=data_config['input_size'], teacher_input_size=teacher_input_size,
+            student_mean=data_config['mean'], student_std=data_config['std'], teacher_dtype=teacher_dtype(args),
+            verbose=accelerator.is_main_process)
     pipeline = create_pipeline(data, data_config, args)
     _logger.info(f'Input pipeline: {pipeline.description}.')
     mixup_fn = Mixup(
