@@ -81,7 +81,7 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--kd-loss-weight', '--distill-loss-weight', dest='kd_loss_weight', type=float, default=None,
                        help="KD weight (default: the method's; --distill-loss-weight is timm's name)")
     group.add_argument('--kd-distill-type', default=None, choices=('logit', 'feature', 'token'),
-                       help="timm train.py's distillation switch: logit means --method kd here (default: unset)")
+                       help="timm train.py's switch: logit is --method kd, feature is --method feature")
     group.add_argument('--icd-loss-weight', type=float, default=None, help="ICD weight (default: the method's)")
     group.add_argument('--kd-temperature', type=float, default=None,
                        help='KD temperature (default: 4, or 2 with --kd-standardize as in Sun et al.)')
