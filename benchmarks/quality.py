@@ -82,7 +82,7 @@ PAIRS = {
 # transfer across label spaces: the teacher knows clothing, the student learns footwear and bags
 TEACHER_CLASSES, STUDENT_CLASSES = (0, 1, 2, 3, 4, 6), (5, 7, 8, 9)
 TRANSFER = dict(pair='resnet18(clothing)->mobilenetv3_small_050(footwear, bags)', methods=('vanilla', 'timm_feature',
-                'icd'), seeds=3, student_per_class=300)
+                'icd'), seeds=8, student_per_class=300)
 LENGTH = dict(pair='resnet18->mobilenetv3_small_050', methods=('kd', 'icd+kd'), seeds=2,
               factor=4)
 # logit standardisation (Sun et al., CVPR 2024): z-scored logits, their KD temperature for CIFAR-100
@@ -272,16 +272,24 @@ FIELDS = ['study', 'pair', 'method', 'seed', 'epochs', 'teacher', 'student', 'tr
           'test_top5', 'train_loss', 'train_loss_ce', 'tau', 'seconds']
 
 
+def transfer_jobs(cfg) -> list:
+    if not (cfg.transfer and 'transfer' in cfg.studies):
+        return []
+    return [dict(study='transfer', pair=TRANSFER['pair'], method=m, seed=s, epochs=cfg.epochs)
+            for s in range(1 if cfg.quick else TRANSFER['seeds']) for m in TRANSFER['methods']]
+
+
 def jobs_of(cfg) -> list:
     jobs = []
-    for i, pair in enumerate(list(PAIRS)[:cfg.pairs]):
+    for i, pair in enumerate(list(PAIRS)[:cfg.pairs] if 'main' in cfg.studies else []):
         for seed in range(min(cfg.seeds, PAIRS[pair]['seeds']) if cfg.seeds else PAIRS[pair]['seeds']):
             jobs += [dict(study='main', pair=pair, method=m, seed=seed, epochs=cfg.epochs) for m in cfg.methods
                      if m not in PAIRS[pair].get('skip', ())]
-        if cfg.transfer and i == 0:  # the CNN pair first, then the transfer study: the questions that matter most
-            jobs += [dict(study='transfer', pair=TRANSFER['pair'], method=m, seed=s, epochs=cfg.epochs)
-                     for s in range(1 if cfg.quick else TRANSFER['seeds']) for m in TRANSFER['methods']]
-    if cfg.length:
+        if i == 0:  # the CNN pair first, then the transfer study: the questions that matter most
+            jobs += transfer_jobs(cfg)
+    if 'main' not in cfg.studies:
+        jobs += transfer_jobs(cfg)
+    if cfg.length and 'length' in cfg.studies:
         jobs += [dict(study='length', pair=LENGTH['pair'], method=m, seed=s, epochs=cfg.epochs * LENGTH['factor'])
                  for s in range(LENGTH['seeds']) for m in LENGTH['methods']]
     return jobs
@@ -364,6 +372,7 @@ def main(argv=None) -> int:
     parser.add_argument('--pairs', type=int, default=len(PAIRS))
     parser.add_argument('--methods', default=','.join(METHODS))
     parser.add_argument('--no-transfer', dest='transfer', action='store_false')
+    parser.add_argument('--studies', default='main,transfer,length', help='which studies to run (default: all)')
     parser.add_argument('--no-length', dest='length', action='store_false')
     parser.add_argument('--batch-size', type=int, default=64, help='lr scales linearly from 64')
     parser.add_argument('--jobs', type=int, default=2, help='runs at a time, one thread each (default: 2)')
@@ -374,6 +383,7 @@ def main(argv=None) -> int:
     parser.add_argument('--report-only', action='store_true', help='rewrite the report and plot from the CSVs')
     cfg = parser.parse_args(argv)
     cfg.methods = tuple(m for m in cfg.methods.split(',') if m)
+    cfg.studies = tuple(s for s in cfg.studies.split(',') if s)
     cfg.name, cfg.threads, cfg.cpu = 'quality', 1, True
     cfg.transfer_per_class = TRANSFER['student_per_class']
     if cfg.preset == 'gpu':
