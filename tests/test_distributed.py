@@ -50,7 +50,7 @@ def test_two_processes_sync_weights_gather_metrics_once_and_only_rank0_writes(tm
     # 256 rows, 16 per process and step, 2 processes: 8 steps
     state = (next((out / 'checkpoints').iterdir()) / 'run_state.json').read_text()
     assert '"global_step": 8' in state
-    assert sorted(p.name for p in out.iterdir()) == ['args.yaml', 'checkpoints', 'student', 'summary.csv']
+    assert sorted(p.name for p in out.iterdir()) == ['args.yaml', 'checkpoints', 'curves.png', 'student', 'summary.csv']
     assert result.stdout.count('done:') == 0  # the worker prints nothing; train_icd.py prints on rank 0 only
 
 
