@@ -387,6 +387,7 @@ def main(argv=None) -> int:
     cfg.studies = tuple(s for s in cfg.studies.split(',') if s)
     cfg.name, cfg.threads, cfg.cpu = 'quality', 1, True
     cfg.transfer_per_class = TRANSFER['student_per_class']
+    cfg.pairs_flag = f' --pairs {cfg.pairs}' if cfg.pairs != len(PAIRS) else ''
     if cfg.preset == 'gpu':
         cfg.name, cfg.cpu, cfg.jobs = 'quality_gpu', False, 1
         # sized for about 5 minutes on one H100: 6 methods x 2 seeds of 10 epochs at batch 256 (lr scaled x4)

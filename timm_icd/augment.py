@@ -146,9 +146,11 @@ class BatchAugment:
         theta[:, 1, 2] = (2 * top + h) / height - 1
         x = images.float().div_(255)
         grid = F.affine_grid(theta.float(), [batch, x.shape[1], *self.output_size], align_corners=False)
-        if self.interpolation == 'random':
-            bicubic = (u[:, 24] >= 0.5)[:, None, None, None]
-            out = torch.where(bicubic, self._sample(x, grid, 'bicubic'), self._sample(x, grid, 'bilinear'))
+        if self.interpolation == 'random':  # each half of the batch with its own mode (not both for everyone)
+            bicubic = u[:, 24] >= 0.5
+            out = torch.empty((batch, x.shape[1], *self.output_size), dtype=x.dtype, device=x.device)
+            for mode, rows in (('bicubic', bicubic), ('bilinear', ~bicubic)):
+                out[rows] = self._sample(x[rows], grid[rows], mode)
         else:
             out = self._sample(x, grid, self.interpolation)
         if out.shape[1] == 1:
@@ -172,17 +174,14 @@ class BatchAugment:
         first = k // 2
         second = torch.where(k % 2 == 0, (first == 0).long(), 2 - (first == 2).long())
         perm = torch.stack([first, second, 3 - first - second], dim=1)  # B x 3
+        # every op blends the image with a target, x * f + target * (1 - f): black for brightness, the mean grey
+        # level for contrast, the grey image for saturation; one blend per position, each sample with its own op
         for position in range(3):
-            for op in range(3):
-                # a factor of 1 is the identity, so samples that apply another op here pass through unchanged
-                f = torch.where((perm[:, position] == op)[:, None, None, None], factors[:, op], 1.0)
-                if op == 0:  # brightness: blend with black
-                    x = (x * f).clamp_(0, 1)
-                elif op == 1:  # contrast: blend with the image's mean grey level
-                    mean = _grey(x).mean(dim=(1, 2, 3), keepdim=True)
-                    x = (x * f + mean * (1 - f)).clamp_(0, 1)
-                else:  # saturation: blend with the grey image
-                    x = (x * f + _grey(x) * (1 - f)).clamp_(0, 1)
+            op = perm[:, position].view(-1, 1, 1, 1)
+            f = factors.view(-1, 3).gather(1, perm[:, position:position + 1]).view(-1, 1, 1, 1)
+            grey = _grey(x)
+            target = torch.where(op == 1, grey.mean(dim=(1, 2, 3), keepdim=True), grey) * (op != 0)
+            x = (x * f + target * (1 - f)).clamp_(0, 1)
         return x
 
 
