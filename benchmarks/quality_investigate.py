@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from quality import LABELS, PAIRS, build_task, create_student, fashion_mnist, fit_task, get_teacher, loaders, subset
+from quality import (
+    LABELS, PAIRS, append_csv, build_task, create_student, fashion_mnist, fit_task, get_teacher, loaders, subset)
 
 # (method, changed settings, batch, learning rate or None for the pair's 0.01)
 STUDIES = {
@@ -80,12 +81,7 @@ def investigate(cfg) -> int:
                    'lr': '' if lr is None else lr, 'seed': seed, 'val_top1': metrics['top1'],
                    'train_loss_ce': train_metrics['loss_ce'], 'tau': train_metrics['tau'],
                    'seconds': round(time.time() - t0, 1)}
-            new = not csv_path.exists()
-            with open(csv_path, 'a', newline='') as f:
-                writer = csv.DictWriter(f, fieldnames=fields)
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            append_csv(csv_path, fields, row)
             print(f"investigate {method} {kwargs} batch {batch} lr {opt['lr']} seed {seed}: val top-1 "
                   f"{metrics['top1']:.2f}%", flush=True)
     with open(csv_path) as f:
