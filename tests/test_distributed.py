@@ -12,13 +12,13 @@ from conftest import FAST, REPO, offline_env
 from test_cli import eval_with_timm
 
 
-def accelerate_launch(port, *args, timeout=600):
+def accelerate_launch(port, *args, timeout=600, env_extra=None):
     """``accelerate launch`` of 2 CPU processes. A MULTI_CPU config file starts just one process without mpirun
     (accelerate 1.15 sends it to its simple launcher), so use the torchrun launcher with the CPU forced by env."""
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
            '--num_machines', '1', '--main_process_port', str(port), '--mixed_precision', 'no',
            '--dynamo_backend', 'no', *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=offline_env(ACCELERATE_USE_CPU='1'),
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=offline_env(ACCELERATE_USE_CPU='1', **(env_extra or {})),
                           timeout=timeout)
 
 

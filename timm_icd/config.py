@@ -19,6 +19,7 @@ from .task import METHODS
 _logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ('no', 'bf16', 'fp16')
+DEFAULT_SHUFFLE_BUFFER = 4096  # --streaming: rows permuted together (~0.5 GB of ImageNet JPEG bytes per process)
 TRACKERS = ('tensorboard', 'wandb', 'mlflow', 'all')
 LOW_LR_STUDENTS = r'mobilenet|mnasnet|shufflenet|lcnet|ghostnet'  # the paper trains these at lr 0.01, not 0.05
 KD_TEMPERATURE = 4.0  # Hinton KD's usual temperature; LS_TEMPERATURE (2) with --kd-standardize
@@ -96,7 +97,18 @@ def create_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('Data')
     group.add_argument('--dataset', '-d', default='digits', metavar='NAME',
-                       help='Hub id, save_to_disk folder, imagefolder:PATH or digits (default: digits)')
+                       help='Hub id (or hfds/ID; hfids/ID streams), save_to_disk folder, imagefolder:PATH, '
+                            'webdataset:PATH, parquet:PATH (a folder of shards or a glob) or digits (default: digits)')
+    group.add_argument('--streaming', action='store_true',
+                       help='stream the dataset: each process reads its own shards, shuffled in blocks, resumable')
+    group.add_argument('--shuffle-buffer', type=int, default=DEFAULT_SHUFFLE_BUFFER, metavar='N',
+                       help=f'--streaming: rows shuffled together (default: {DEFAULT_SHUFFLE_BUFFER})')
+    group.add_argument('--train-num-samples', type=int, default=None, metavar='N',
+                       help='--streaming: rows in the train split, when the dataset does not say (fixes the epoch)')
+    group.add_argument('--val-num-samples', type=int, default=None, metavar='N',
+                       help='--streaming: rows in the eval split (for the log only)')
+    group.add_argument('--num-classes', type=int, default=None, metavar='N',
+                       help='--streaming: number of classes, when the label column does not name them')
     group.add_argument('--train-split', default='train', metavar='NAME', help='train split (default: train)')
     group.add_argument('--val-split', default=None, metavar='NAME',
                        help='eval split (default: validation/valid/val/test, else a hold-out of train)')
@@ -314,6 +326,18 @@ def validate_args(args: argparse.Namespace) -> None:
            f'--validation-batch-size must be >= 1, got {args.validation_batch_size}.')
     _check(args.grad_accum_steps >= 1, f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}.')
     _check(args.workers >= 0, f'--workers must be >= 0, got {args.workers}.')
+    args.streaming = args.streaming or args.dataset.startswith('hfids/')  # timm's name for a streamed Hub dataset
+    if args.streaming:
+        _check(args.shuffle_buffer >= 0, f'--shuffle-buffer must be >= 0, got {args.shuffle_buffer}.')
+        _check(args.input_pipeline != 'memory', '--input-pipeline memory holds the whole dataset in memory, which '
+                                                '--streaming is for avoiding: drop one of them.')
+        _check(not args.skip_bad_images, '--skip-bad-images scans the dataset before training, which a stream '
+                                         'cannot do: fix the shards, or drop --streaming.')
+    for flag in ('train_num_samples', 'val_num_samples', 'num_classes'):
+        value = getattr(args, flag)
+        _check(value is None or value >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {value}.")
+        _check(value is None or args.streaming, f"--{flag.replace('_', '-')} applies to --streaming only (a "
+                                                f"map-style dataset is counted).")
     _check(0 < args.val_fraction < 1, f'--val-fraction must be between 0 and 1, got {args.val_fraction}.')
     _check(args.checkpoint_steps >= 0, f'--checkpoint-steps must be >= 0, got {args.checkpoint_steps}.')
     _check(args.keep_checkpoints >= 1, f'--keep-checkpoints must be >= 1, got {args.keep_checkpoints}.')

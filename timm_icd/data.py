@@ -1,12 +1,14 @@
 """Image classification data through Hugging Face ``datasets``, one path for every source.
 
-``--dataset`` takes a Hub dataset id, a local ``save_to_disk`` folder, ``imagefolder:PATH`` or ``digits``
-(scikit-learn's real 8x8 handwritten digits, the embedded default). Image and label columns are detected from the
+``--dataset`` takes a Hub dataset id (or timm's ``hfds/ID``, ``hfids/ID``), a local ``save_to_disk`` folder,
+``imagefolder:PATH``, ``webdataset:PATH`` or ``parquet:PATH`` shards, or ``digits`` (scikit-learn's real 8x8
+handwritten digits, the embedded default). ``--streaming`` reads any of them as a stream (``streaming.py``). Image and label columns are detected from the
 features; transforms come from ``timm.data.create_transform``.
 
 Augmentation randomness is a pure function of (seed, epoch, sample index): a resumed run, a different worker count
 or skipped batches give every sample the same augmentation an uninterrupted run would.
 """
+import glob
 import logging
 import os
 import random
@@ -23,15 +25,15 @@ from .errors import UserError, first_line
 _logger = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ('image', 'img', 'pixel_values', 'picture')
-LABEL_COLUMNS = ('label', 'labels', 'fine_label', 'target', 'class', 'category')
+LABEL_COLUMNS = ('label', 'labels', 'fine_label', 'target', 'class', 'category', 'cls')  # cls: webdataset
 EVAL_SPLITS = ('validation', 'valid', 'val', 'test')
 
 
 @dataclass
 class ImageData:
     """The train and eval splits of an image classification dataset, and what describes them."""
-    train: datasets.Dataset
-    eval: datasets.Dataset
+    train: Union[datasets.Dataset, datasets.IterableDataset]
+    eval: Union[datasets.Dataset, datasets.IterableDataset]
     image_column: str
     label_column: str
     num_classes: int
@@ -40,6 +42,13 @@ class ImageData:
     train_split: str
     eval_split: str
     skipped_images: dict = field(default_factory=dict)
+    train_rows: Optional[int] = None  # streamed splits: from the dataset info, the shards or --train-num-samples
+    eval_rows: Optional[int] = None
+    streaming: bool = False
+
+    def __post_init__(self):
+        if not self.streaming:
+            self.train_rows, self.eval_rows = len(self.train), len(self.eval)
 
 
 def digits_dataset() -> datasets.DatasetDict:
@@ -55,36 +64,70 @@ def digits_dataset() -> datasets.DatasetDict:
     return ds.train_test_split(test_size=0.2, stratify_by_column='label', seed=0)
 
 
-def load_dataset_dict(spec: Union[str, datasets.DatasetDict]) -> datasets.DatasetDict:
-    """Load ``spec`` (Hub id, save_to_disk folder, ``imagefolder:PATH``, ``digits``, or a DatasetDict itself)."""
+SHARD_BUILDERS = ('webdataset', 'parquet', 'imagefolder')  # BUILDER:PATH, read by datasets' packaged builders
+STREAM_SHARDS = 64  # shards of a map-style split streamed with --streaming (split among processes by shard)
+
+
+def _builder_kwargs(builder: str, path: str) -> dict:
+    """``load_dataset`` arguments for ``BUILDER:PATH``: a folder (splits from its file names) or one split's glob."""
+    if os.path.isdir(path):
+        return {'data_dir': path}
+    files = sorted(glob.glob(os.path.expanduser(path)))
+    if not files:
+        what = 'folder' if builder == 'imagefolder' else f'{builder} shards'
+        raise UserError(f"dataset {what} not found: {path} (from --dataset {builder}:{path}).")
+    return {'data_files': {'train': files}}
+
+
+def _to_iterable(dd: datasets.DatasetDict) -> datasets.IterableDatasetDict:
+    """Map-style splits as streams, their lengths in the info (where streamed Hub datasets keep them)."""
+    streams = datasets.IterableDatasetDict()
+    for name, ds in dd.items():
+        streams[name] = ds.to_iterable_dataset(num_shards=max(1, min(STREAM_SHARDS, len(ds))))
+        streams[name].info.splits = datasets.SplitDict()
+        streams[name].info.splits.add(datasets.SplitInfo(name, num_examples=len(ds)))
+    return streams
+
+
+def load_dataset_dict(spec: Union[str, datasets.DatasetDict], streaming: bool = False
+                      ) -> Union[datasets.DatasetDict, datasets.IterableDatasetDict]:
+    """Load ``spec`` as a DatasetDict, or with ``streaming`` as an IterableDatasetDict.
+
+    ``spec`` is a Hub id (also timm's ``hfds/ID``, and ``hfids/ID``, which streams), a save_to_disk folder,
+    ``webdataset:PATH``, ``parquet:PATH`` or ``imagefolder:PATH`` (PATH a folder whose file names give the splits,
+    or a glob of the train split's files), ``digits``, or a DatasetDict itself.
+    """
     if isinstance(spec, datasets.DatasetDict):
-        return spec
+        return _to_iterable(spec) if streaming else spec
     if spec == 'digits':
-        return digits_dataset()
-    if spec.startswith('imagefolder:'):
-        path = spec[len('imagefolder:'):]
-        if not os.path.isdir(path):
-            raise UserError(f"dataset folder not found: {path} (from --dataset {spec}).")
+        return _to_iterable(digits_dataset()) if streaming else digits_dataset()
+    builder, _, path = spec.partition(':')
+    if builder in SHARD_BUILDERS and path:
+        kwargs = _builder_kwargs(builder, path)
         try:
-            return datasets.load_dataset('imagefolder', data_dir=path)
+            return datasets.load_dataset(builder, **kwargs, streaming=streaming)
         except Exception as e:
-            raise UserError(f'cannot read images from {path}: {first_line(e)}') from e
+            raise UserError(f'cannot read {builder} data from {path}: {first_line(e)}') from e
     if os.path.isdir(spec):
         try:
             loaded = datasets.load_from_disk(spec)
         except Exception as e:
             raise UserError(
                 f'{spec} is not a datasets save_to_disk folder ({first_line(e)}); for a folder of class '
-                f'sub-folders use --dataset imagefolder:{spec}.') from e
-        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
-    if spec.startswith(('/', '.', '~')) or spec.count('/') > 1:  # a path, not a Hub id (NAME or ORG/NAME)
+                f'sub-folders use --dataset imagefolder:{spec}, for shards webdataset:{spec} or parquet:{spec}.'
+            ) from e
+        loaded = loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
+        return _to_iterable(loaded) if streaming else loaded
+    hub_id = spec.split('/', 1)[1] if spec.startswith(('hfds/', 'hfids/')) else spec  # timm's names
+    streaming = streaming or spec.startswith('hfids/')
+    if spec.startswith(('/', '.', '~')) or hub_id.count('/') > 1:  # a path, not a Hub id (NAME or ORG/NAME)
         raise UserError(f'dataset folder not found: {spec}.')
     try:
-        return datasets.load_dataset(spec)
+        return datasets.load_dataset(hub_id, streaming=streaming)
     except Exception as e:
         raise UserError(
-            f"cannot load dataset '{spec}' from the Hub ({first_line(e)}); pass a Hub id, a save_to_disk folder, "
-            f"imagefolder:PATH or digits.") from e
+            f"cannot load dataset '{hub_id}' from the Hub ({first_line(e)}); pass a Hub id, a save_to_disk folder, "
+            f"webdataset:PATH, parquet:PATH, imagefolder:PATH or digits.") from e
 
 
 def _detect_column(ds: datasets.Dataset, wanted: Optional[str], feature_type, names: Sequence[str], what: str):

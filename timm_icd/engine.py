@@ -140,11 +140,12 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(accelerator, model_fn: Callable, loader, channels_last: bool = False,
-             prepare: Optional[Callable] = None) -> Dict[str, float]:
+             prepare: Optional[Callable] = None, sharded: bool = False) -> Dict[str, float]:
     """Top-1 / top-5 (%) and CE loss of ``model_fn`` (in eval mode) over the eval split, each sample counted once.
 
-    ``gather_for_metrics`` drops the samples Accelerate repeats to even out the last batch across processes.
-    Counts stay on the device until the end.
+    ``gather_for_metrics`` drops the samples Accelerate repeats to even out the last batch across processes. A
+    ``sharded`` loader (a stream) gives each process its own samples, in however many batches: the counts are summed
+    across processes once, at the end. Counts stay on the device until the end.
     """
     totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # top-1, top-5, loss sum, count
     for batch_index, batch in enumerate(loader):
@@ -153,12 +154,16 @@ def evaluate(accelerator, model_fn: Callable, loader, channels_last: bool = Fals
             x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
             logits = model_fn(x)
-        logits, y = accelerator.gather_for_metrics((logits.float(), y))
+        logits = logits.float()
+        if not sharded:
+            logits, y = accelerator.gather_for_metrics((logits, y))
         if batch_index == 0:
             crash_point('eval')
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(y[:, None])
         totals += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(),
                                F.cross_entropy(logits, y, reduction='sum'), totals.new_tensor(y.numel())]).double()
+    if sharded and accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction='sum')
     correct1, correct5, loss_sum, count = totals.tolist()
     return {'top1': 100.0 * correct1 / count, 'top5': 100.0 * correct5 / count, 'loss': loss_sum / count,
             'count': int(count)}

@@ -35,7 +35,7 @@ from .errors import UserError
 
 _logger = logging.getLogger(__name__)
 
-PIPELINES = ('auto', 'memory', 'loader')
+PIPELINES = ('auto', 'memory', 'loader')  # and 'stream', which --streaming selects
 MEMORY_LIMIT_BYTES = 4 << 30  # auto keeps a dataset in memory up to this many decoded bytes (train + eval)
 
 
@@ -113,8 +113,9 @@ class InputStage:
 
     def __call__(self, batch, epoch: int = 0, step: int = 0, rank: int = 0) -> Tuple[torch.Tensor, Any]:
         data, target = batch[0], batch[1]
-        if self.images is None:
-            x = data.float().div_(255)
+        if self.images is None:  # a prepared loader has moved the batch already; a stream has not
+            x = data.to(self.mean.device, non_blocking=True).float().div_(255)
+            target = target.to(self.mean.device, non_blocking=True) if torch.is_tensor(target) else target
         else:
             index = data.to(self.images.device)
             x = self.images[index]
@@ -193,14 +194,40 @@ def _train_transform(data_config: dict, args):
         color_jitter=args.color_jitter, auto_augment=args.aa, use_prefetcher=True)
 
 
-def create_pipeline(data: ImageData, data_config: dict, args) -> Pipeline:
+def create_stream_pipeline(data: ImageData, data_config: dict, args, rank: int, world: int) -> Pipeline:
+    """Streamed train and eval batches (``streaming.StreamLoader``) for process ``rank`` of ``world``."""
+    from .streaming import StreamLoader
+    steps = data.train_rows // (world * args.batch_size)
+    steps -= steps % args.grad_accum_steps  # whole accumulation cycles: the stream loader does not end them early
+    if steps < 1:
+        raise UserError(f"split '{data.train_split}' streams {data.train_rows} rows: too few for one step of "
+                        f"--batch-size {args.batch_size} on {world} processes; lower it.")
+    mean, std = data_config['mean'], data_config['std']
+    erasing = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device='cpu') \
+        if args.reprob > 0 else None
+    columns = (data.image_column, data.label_column, data.num_classes)
+    train = StreamLoader(data.train, *columns, _train_transform(data_config, args), args.batch_size, steps,
+                         args.seed, rank, world, args.shuffle_buffer, args.workers, data.train_split)
+    eval_loader = StreamLoader(data.eval, *columns, create_transform(**data_config, is_training=False,
+                               use_prefetcher=True), args.validation_batch_size or args.batch_size, None,
+                               args.seed, rank, world, None, args.workers, data.eval_split)
+    return Pipeline('stream', train, eval_loader, InputStage(mean, std, erasing=erasing, seed=args.seed),
+                    InputStage(mean, std), f'stream ({steps} steps of {args.batch_size} per process and epoch from '
+                    f'{data.train_rows} rows; shuffled in blocks of {args.shuffle_buffer}; {args.workers} decoding '
+                    f'workers per process)')
+
+
+def create_pipeline(data: ImageData, data_config: dict, args, rank: int = 0, world: int = 1) -> Pipeline:
     """Train and eval loaders and their device stages, by ``args.input_pipeline`` (auto, memory or loader).
 
     ``auto`` keeps the data in memory when the augmentation flags are ones ``BatchAugment`` does and the decoded
     splits (all images of one size) fit in ``MEMORY_LIMIT_BYTES``; otherwise it uses the per-sample loader.
     The train loader shuffles and drops the last partial batch; its generator is private, so creating an iterator
-    never draws from the global RNG (which dropout uses and checkpoints restore).
+    never draws from the global RNG (which dropout uses and checkpoints restore). A streamed dataset
+    (``--streaming``) takes ``create_stream_pipeline``.
     """
+    if data.streaming:
+        return create_stream_pipeline(data, data_config, args, rank, world)
     if len(data.train) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.train)} rows of split "
                         f"'{data.train_split}': lower it.")

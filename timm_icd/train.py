@@ -15,7 +15,7 @@ from typing import Any, List, Optional
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from timm.data import Mixup, resolve_data_config
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -34,15 +34,17 @@ from .feature_task import FeatureTask
 from .models import (
     check_model_name, create_student, create_teacher, fixed_size_kwargs, is_hub_or_local, teacher_source)
 from .pipeline import Pipeline, create_pipeline
+from .streaming import load_stream_data
 from .report import CURVES, plot_run
 from .task import ICDDistillationTask
+from .watchdog import start_watchdog
 
 _logger = logging.getLogger(__name__)
 
 # settings a resumed run must share with the run that wrote the checkpoint
 FINGERPRINT = ('student', 'teacher', 'teacher_checkpoint', 'teacher_pretrained', 'method', 'dataset', 'input_size',
                'batch_size', 'grad_accum_steps', 'seed', 'icd_feat_dim', 'icd_negatives', 'student_layer',
-               'teacher_layer', 'num_processes', 'input_pipeline', 'model_ema')
+               'teacher_layer', 'num_processes', 'input_pipeline', 'model_ema', 'streaming', 'shuffle_buffer')
 
 
 def default_output(args, accelerator: Accelerator) -> Path:
@@ -139,8 +141,12 @@ def build(args, accelerator: Accelerator) -> Run:
     check_output_dir(output, args.resume, args.overwrite)
 
     with accelerator.main_process_first():  # the hold-out of a dataset without eval split is fixed (seed 0)
-        data = load_image_data(args.dataset, args.train_split, args.val_split, args.image_column, args.label_column,
-                               args.val_fraction)
+        if args.streaming:
+            data = load_stream_data(args.dataset, args.train_split, args.val_split, args.image_column,
+                                    args.label_column, args.num_classes, args.train_num_samples, args.val_num_samples)
+        else:
+            data = load_image_data(args.dataset, args.train_split, args.val_split, args.image_column,
+                                   args.label_column, args.val_fraction)
     if args.skip_bad_images:
         for split in ('train', 'eval'):
             ds = getattr(data, split)
@@ -151,6 +157,7 @@ def build(args, accelerator: Accelerator) -> Run:
             if bad:
                 _logger.warning(f'Skipping {len(bad)} unreadable images in split {split} (rows {bad[:10]}).')
                 setattr(data, split, ds.select(sorted(set(range(len(ds))) - set(bad))))
+                setattr(data, f'{split}_rows', len(ds) - len(bad))
             data.skipped_images[split] = len(bad)
 
     student = create_student(args.student, data.num_classes, args.pretrained, args.student_checkpoint,
@@ -193,7 +200,7 @@ def build(args, accelerator: Accelerator) -> Run:
             student_input_size=data_config['input_size'], teacher_input_size=teacher_input_size,
             student_mean=data_config['mean'], student_std=data_config['std'], teacher_dtype=teacher_dtype(args),
             verbose=accelerator.is_main_process)
-    pipeline = create_pipeline(data, data_config, args)
+    pipeline = create_pipeline(data, data_config, args, accelerator.process_index, accelerator.num_processes)
     _logger.info(f'Input pipeline: {pipeline.description}.')
     mixup_fn = Mixup(
         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
@@ -202,7 +209,8 @@ def build(args, accelerator: Accelerator) -> Run:
     resume_from = resolve_resume(output, args.resume) if args.resume else None
     if resume_from is not None:  # before any weights are read: a precise message for a mismatched run
         expected = _fingerprint(args, accelerator, task.method, pipeline.kind)
-        saved = {'input_pipeline': 'loader', 'model_ema': False,  # what 0.1 runs, which did not record them, used
+        saved = {'input_pipeline': 'loader', 'model_ema': False, 'streaming': False,  # what older runs used
+                 'shuffle_buffer': args.shuffle_buffer,
                  **read_run_state(resume_from)['fingerprint']}
         changed = [k for k in FINGERPRINT if saved.get(k) != expected[k]]
         if changed:
@@ -238,8 +246,11 @@ def start(r: Run) -> None:
         accelerator.register_for_checkpointing(r.model_ema)
     if args.compile:  # student + heads and teacher, with their hooks, before DDP wraps the student (as timm)
         task.compile()
-    task.trainable_module, r.optimizer, r.train_loader, r.eval_loader = accelerator.prepare(
-        task.trainable_module, optimizer, r.train_loader, r.eval_loader)
+    if r.pipeline.kind == 'stream':  # each process streams its own part: Accelerate must not shard it again
+        task.trainable_module, r.optimizer = accelerator.prepare(task.trainable_module, optimizer)
+    else:
+        task.trainable_module, r.optimizer, r.train_loader, r.eval_loader = accelerator.prepare(
+            task.trainable_module, optimizer, r.train_loader, r.eval_loader)
     updates_per_epoch = -(-len(r.train_loader) // args.grad_accum_steps)
     r.scheduler, r.num_epochs = create_scheduler_v2(
         r.optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
@@ -247,18 +258,32 @@ def start(r: Run) -> None:
     r.state = _fresh_state(args, accelerator, task.method, r.pipeline.kind)
     if r.resume_from is not None:
         r.state = load_checkpoint(accelerator, r.resume_from, r.scheduler)
+        if accelerator.process_index > 0:  # the saved loss sums are all processes' (see checkpoint): count them once
+            r.state['epoch_sums'] = [0.0] * len(r.state['epoch_sums'])
         _logger.info(f"Resumed from {r.resume_from}: epoch {r.state['epoch']}, step {r.state['step_in_epoch']}.")
     elif task.teacher is not None and task.teacher.num_classes == r.data.num_classes:
         task.eval()
         r.state['teacher'] = evaluate(accelerator, task.teacher_logits, r.eval_loader, args.channels_last,
-                                      r.pipeline.eval_stage)
+                                      r.pipeline.eval_stage, sharded=r.pipeline.kind == 'stream')
         _logger.info(f"Teacher on '{r.data.eval_split}': top-1 {r.state['teacher']['top1']:.2f}%, "
                      f"top-5 {r.state['teacher']['top5']:.2f}% (with the student's eval preprocessing)")
 
 
 def checkpoint(r: Run, state: dict) -> None:
-    """Save a checkpoint; the first one also lets go of a run replaced with --overwrite."""
-    save_checkpoint(r.accelerator, r.output, _snapshot(state), r.scheduler, r.args.keep_checkpoints)
+    """Save a checkpoint; the first one also lets go of a run replaced with --overwrite.
+
+    Mid-epoch, a streaming run also records where each process's stream goes on (``StreamLoader.position``).
+    """
+    accelerator = r.accelerator
+    state['stream'] = None
+    if r.pipeline.kind == 'stream' and state['step_in_epoch']:
+        positions = [r.train_loader.position]
+        state['stream'] = gather_object(positions) if accelerator.num_processes > 1 else positions
+    snapshot = _snapshot(state)
+    if accelerator.num_processes > 1 and state['step_in_epoch']:  # the epoch's loss sums of all processes so far
+        sums = torch.as_tensor(snapshot['epoch_sums'], dtype=torch.float64, device=accelerator.device)
+        snapshot['epoch_sums'] = accelerator.reduce(sums, reduction='sum').tolist()
+    save_checkpoint(accelerator, r.output, snapshot, r.scheduler, r.args.keep_checkpoints)
     if r.accelerator.is_main_process:
         settle_overwrite(r.output, keep_new=True)
 
@@ -279,20 +304,24 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
         state['epoch'] = epoch
         r.train_loader.set_epoch(epoch)
         r.train_loader.dataset.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(r.train_loader, state['step_in_epoch']) \
-            if state['step_in_epoch'] else r.train_loader
+        loader = r.train_loader
+        if state['step_in_epoch'] and r.pipeline.kind == 'stream':
+            loader.resume_from(state['stream'][accelerator.process_index])
+        elif state['step_in_epoch']:
+            loader = accelerator.skip_first_batches(r.train_loader, state['step_in_epoch'])
         train_metrics = train_one_epoch(accelerator, task, loader, r.optimizer, r.scheduler, state, args,
                                         r.mixup_fn, on_step=step_checkpoint, prepare=r.pipeline.train_stage,
                                         model_ema=r.model_ema)
         if accelerator.num_processes > 1 and args.dist_bn in ('reduce', 'broadcast'):
             distribute_bn(task.student, accelerator.num_processes, reduce=args.dist_bn == 'reduce')
         task.eval()
+        sharded = r.pipeline.kind == 'stream'
         metrics = evaluate(accelerator, task.get_eval_model(), r.eval_loader, args.channels_last,
-                           r.pipeline.eval_stage)
+                           r.pipeline.eval_stage, sharded)
         ema_metrics = {}
         if r.model_ema is not None:
             ema_metrics = evaluate(accelerator, r.model_ema.module, r.eval_loader, args.channels_last,
-                                   r.pipeline.eval_stage)
+                                   r.pipeline.eval_stage, sharded)
             ema_metrics = {'eval_ema_top1': ema_metrics['top1'], 'eval_ema_top5': ema_metrics['top5']}
         r.scheduler.step(epoch + 1, metrics['top1'])
         epoch_seconds.append(time.perf_counter() - started)
@@ -352,6 +381,7 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
         project_config=ProjectConfiguration(logging_dir=str(Path(args.output or 'output') / 'logs')),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
                                                   non_blocking=torch.cuda.is_available()))
+    start_watchdog(accelerator)  # multi-process runs: a dead peer stops the others at once, with one line
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format='%(message)s', force=True)
     logging.getLogger('accelerate').setLevel(logging.WARNING)  # one INFO line per checkpoint file otherwise
@@ -420,7 +450,8 @@ def _record(r: Run, argv: Optional[List[str]], metrics: dict, ema: bool = False)
             'max_tau': icd.max_tau, 'tau_final': float(icd.tau.item()),
             'student_layer': args.student_layer, 'teacher_layer': args.teacher_layer},
         'dataset': {'name': data.name, 'train_split': data.train_split, 'eval_split': data.eval_split,
-                    'num_classes': data.num_classes, 'train_rows': len(data.train), 'eval_rows': len(data.eval),
+                    'num_classes': data.num_classes, 'train_rows': data.train_rows, 'eval_rows': data.eval_rows,
+                    'streamed': data.streaming or None,
                     'skipped_images': data.skipped_images or None},
         'epochs': r.num_epochs,
         'epoch': metrics.get('epoch'),
