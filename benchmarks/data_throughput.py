@@ -6,7 +6,9 @@ Every path runs timm's default train augmentation (RandomResizedCrop scale 0.08-
 and a batch counts once it is a normalised float tensor on the device (the GPU if any, else the CPU). ``PATHS``
 maps each path's name to its factory (a new path is a factory and one line there): timm_icd's ``create_pipeline``
 with input_pipeline 'loader' over ``imagefolder:`` and over a save_to_disk copy with the JPEG bytes embedded
-(workers decode and augment to uint8, ``train_stage`` normalises), and 'memory' (decoded once, timed apart; then
+(workers decode and augment to uint8, ``train_stage`` normalises), ``--streaming`` over webdataset shards written
+by ``python -m timm_icd.shards`` (the main process reads, a pool decodes and augments), and 'memory' (decoded
+once, timed apart; then
 ``train_stage`` augments whole batches in the main process); timm's ``create_loader(ImageDataset(folder))`` without
 (workers normalise) and with its prefetcher (``PrefetchLoader`` normalises uint8 batches).
 
@@ -45,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timm_icd.config import create_parser  # noqa: E402
 from timm_icd.data import load_image_data  # noqa: E402
 from timm_icd.pipeline import create_pipeline  # noqa: E402
+from timm_icd.shards import write_shards  # noqa: E402
+from timm_icd.streaming import load_stream_data  # noqa: E402
 
 from common import imagenet_like_jpegs, machine  # noqa: E402
 
@@ -57,6 +61,7 @@ class Setup:
     """What every path factory gets: the data and the loader settings."""
     jpegs: Path
     arrow: Path
+    shards: Path
     size: int
     batch_size: int
     workers: int
@@ -73,18 +78,19 @@ class Built:
 
 
 @lru_cache(maxsize=None)
-def _load(spec: str):
-    """``load_image_data(spec)``, loaded once (listing the files is not what is measured)."""
-    return load_image_data(spec, seed=0)
+def _load(spec: str, streaming: bool = False):
+    """``load_image_data(spec)`` (or the stream's splits), loaded once (listing the files is not what is measured)."""
+    return load_stream_data(spec, val_split='train') if streaming else load_image_data(spec, seed=0)
 
 
 def timm_icd_path(setup: Setup, spec: str, kind: str) -> Built:
-    """The project's pipeline (``create_pipeline``) with ``input_pipeline=kind`` over ``load_image_data(spec)``."""
-    args = create_parser().parse_args(['--input-pipeline', kind, '-j', str(setup.workers), '-b',
-                                       str(setup.batch_size), '--seed', '0', '--scale', *map(str, SCALE),
-                                       '--hflip', str(HFLIP), '--color-jitter', str(COLOR_JITTER),
-                                       '--train-interpolation', INTERPOLATION])
-    data = _load(spec)
+    """The project's pipeline (``create_pipeline``) with ``input_pipeline=kind`` over ``load_image_data(spec)``;
+    kind 'stream' streams ``spec`` (``--streaming``, the default shuffle buffer)."""
+    args = create_parser().parse_args(['--input-pipeline', 'loader' if kind == 'stream' else kind, '-j',
+                                       str(setup.workers), '-b', str(setup.batch_size), '--seed', '0', '--scale',
+                                       *map(str, SCALE), '--hflip', str(HFLIP), '--color-jitter', str(COLOR_JITTER),
+                                       '--train-interpolation', INTERPOLATION, *(['--streaming'] * (kind == 'stream'))])
+    data = _load(spec, kind == 'stream')
     start = time.perf_counter()
     pipeline = create_pipeline(data, resolve_data_config({'input_size': (3, setup.size, setup.size)}), args)
     pipeline.to(setup.device)
@@ -95,7 +101,7 @@ def timm_icd_path(setup: Setup, spec: str, kind: str) -> Built:
         for step, batch in enumerate(pipeline.train_loader):
             batch = [t.to(setup.device, non_blocking=True) for t in batch]
             yield pipeline.train_stage(batch, e, step, 0)
-    return Built(epoch, len(pipeline.train_loader), setup.workers if pipeline.kind == 'loader' else 0, decode_s)
+    return Built(epoch, len(pipeline.train_loader), 0 if pipeline.kind == 'memory' else setup.workers, decode_s)
 
 
 def timm_path(setup: Setup, prefetcher: bool) -> Built:
@@ -116,9 +122,23 @@ PATHS: Dict[str, Callable[[Setup], Built]] = {
     'timm_icd imagefolder (loader)': lambda s: timm_icd_path(s, f'imagefolder:{s.jpegs}', 'loader'),
     'timm_icd save_to_disk (loader)': lambda s: timm_icd_path(s, str(s.arrow), 'loader'),
     'timm_icd memory': lambda s: timm_icd_path(s, f'imagefolder:{s.jpegs}', 'memory'),
+    'timm_icd webdataset shards (stream)': lambda s: timm_icd_path(s, f'webdataset:{s.shards}', 'stream'),
     'timm create_loader': partial(timm_path, prefetcher=False),
     'timm create_loader (prefetcher)': partial(timm_path, prefetcher=True),
 }
+
+
+def shards_copy(jpegs: Path, target: Path) -> Path:
+    """The ImageFolder tree as webdataset shards of 250 images (``python -m timm_icd.shards``; reused if current)."""
+    marker = (jpegs / '.imagenet_like.json').read_text()
+    if (target / 'source.json').exists() and (target / 'source.json').read_text() == marker:
+        return target
+    if target.exists():
+        import shutil
+        shutil.rmtree(target)
+    write_shards(f'imagefolder:{jpegs}', str(target / 'wds'), shard_size=250)
+    (target / 'source.json').write_text(marker)
+    return target
 
 
 def save_to_disk_copy(jpegs: Path, target: Path) -> Path:
@@ -212,7 +232,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     data_dir = Path(args.data_dir)
     jpegs = imagenet_like_jpegs(data_dir / f'jpegs_{args.images}', args.images)
-    setup = Setup(jpegs, save_to_disk_copy(jpegs, data_dir / f'arrow_{args.images}'), args.size, args.batch_size,
+    setup = Setup(jpegs, save_to_disk_copy(jpegs, data_dir / f'arrow_{args.images}'),
+                  shards_copy(jpegs, data_dir / f'shards_{args.images}') / 'wds', args.size, args.batch_size,
                   args.workers, device)
     started = time.time()
     names = list(PATHS)

@@ -107,7 +107,7 @@ def test_data_throughput_quick_measures_every_path(tmp_path):
     rows = {cells[1].strip(): [c.strip() for c in cells[2:-1]] for cells in
             (line.split('|') for line in text.splitlines() if line.startswith('| ') and 'images/s' not in line)}
     assert set(rows) == {'timm_icd imagefolder (loader)', 'timm_icd save_to_disk (loader)', 'timm_icd memory',
-                         'timm create_loader', 'timm create_loader (prefetcher)'}
+                         'timm_icd webdataset shards (stream)', 'timm create_loader', 'timm create_loader (prefetcher)'}
     for name, (rate, per_worker, vs_best, cpu_ms, decode) in rows.items():
         assert float(rate) > 0 and float(cpu_ms) > 0, name
         assert float(vs_best.rstrip('x')) == pytest.approx(

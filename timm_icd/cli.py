@@ -34,6 +34,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print('interrupted: resume with --resume auto', file=sys.stderr)
         return 130
+    except Exception as e:  # in a multi-process run, a peer's death: the watchdog's one line instead of a traceback
+        from .watchdog import explain_failure
+        explain_failure(e)
+        raise
     if int(os.environ.get('RANK', '0')) == 0:
         top1 = f"{result['top1']:.2f}%" if result['top1'] is not None else 'n/a'
         print(f"done: {result['method']} student top-1 {top1} after {result['epochs']} epochs in "
