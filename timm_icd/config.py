@@ -68,6 +68,15 @@ def create_parser() -> argparse.ArgumentParser:
                             "checkpoint or random teacher)")
     group.add_argument('--teacher-dtype', default='float32', choices=sorted(TEACHER_DTYPES),
                        help='dtype the frozen teacher runs in (default: float32)')
+    group.add_argument('--teacher-cache', default=None, metavar='DIR',
+                       help="the teacher's outputs per epoch and sample: written by the first run that names DIR "
+                            "(or python -m timm_icd.cache), read by later runs with the same data settings, which "
+                            "then never run the teacher")
+    group.add_argument('--cache-features', default='fp16', choices=('fp16', 'int8'),
+                       help='--teacher-cache: how teacher features are stored (default: fp16)')
+    group.add_argument('--cache-topk', type=int, default=0, metavar='K',
+                       help='--teacher-cache: store the K largest teacher logits and the remaining mass (default: '
+                            'all logits)')
     group.add_argument('--student-layer', default=None, metavar='NAME',
                        help="student module whose pooled output feeds ICD (default: the classifier's input)")
     group.add_argument('--teacher-layer', default=None, metavar='NAME',
@@ -183,6 +192,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--mixed-precision', default='no', choices=MIXED_PRECISION,
                        help='autocast dtype: no, bf16 or fp16 (GPU only)')
     group.add_argument('--seed', type=int, default=42, help='random seed (default: 42)')
+    group.add_argument('--data-seed', type=int, default=None,
+                       help='seed of the data order and augmentation, apart from model initialisation (default: '
+                            '--seed); runs that share it see the same batches, and can share a --teacher-cache')
     group.add_argument('--dist-bn', default='reduce', choices=('reduce', 'broadcast', ''),
                        help='sync BatchNorm stats across processes after each epoch, as timm (default: reduce)')
     group.add_argument('--channels-last', action='store_true', help='channels_last memory layout for CNNs')
@@ -359,6 +371,21 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.mixed_precision == 'fp16' and not torch.cuda.is_available():
         raise UserError('--mixed-precision fp16 needs a GPU (fp16 autocast does not run on CPU); use bf16.')
     _check(args.method == 'vanilla' or bool(args.teacher), f'--method {args.method} needs --teacher.')
+    if args.teacher_cache:
+        _check(args.method not in ('vanilla', 'feature'), f'--teacher-cache holds an ICD teacher\'s outputs, which '
+                                                          f'--method {args.method} does not use.')
+        batch_level = [flag for flag, on in (('--mixup', args.mixup > 0), ('--cutmix', args.cutmix > 0),
+                                             ('--cutmix-minmax', args.cutmix_minmax is not None),
+                                             ('--reprob', args.reprob > 0)) if on]
+        _check(not batch_level, f'--teacher-cache stores what the teacher saw of each sample, but {batch_level[0]} '
+                                f'mixes or erases whole batches, so the teacher\'s input depends on the batch: '
+                                f'drop one of them.' if batch_level else '')
+        _check(not args.streaming, '--teacher-cache keys samples by row, and a stream\'s rows depend on the process '
+                                   'count: drop --streaming (or the cache).')
+        _check(0 <= args.cache_topk, f'--cache-topk must be >= 0, got {args.cache_topk}.')
+    else:
+        _check(args.cache_features == 'fp16' and not args.cache_topk,
+               '--cache-features and --cache-topk apply to --teacher-cache only.')
     if args.log_with:
         check_tracker(args.log_with)
     _check(args.kd_distill_type != 'token', "--kd-distill-type token (timm's distillation-token heads) is not "
@@ -410,6 +437,12 @@ def tracker_config(args: argparse.Namespace) -> dict:
 def args_to_yaml(args: argparse.Namespace) -> str:
     """The run's settings as YAML (what timm's train.py writes to args.yaml)."""
     return yaml.safe_dump({k: v for k, v in vars(args).items()}, default_flow_style=False)
+
+
+def data_seed(args) -> int:
+    """The seed of the data order and augmentation: ``--data-seed``, else ``--seed``."""
+    seed = getattr(args, 'data_seed', None)
+    return args.seed if seed is None else seed
 
 
 def teacher_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:

@@ -2,8 +2,8 @@
 
 ``--dataset`` takes a Hub dataset id (or timm's ``hfds/ID``, ``hfids/ID``), a local ``save_to_disk`` folder,
 ``imagefolder:PATH``, ``webdataset:PATH`` or ``parquet:PATH`` shards, or ``digits`` (scikit-learn's real 8x8
-handwritten digits, the embedded default). ``--streaming`` reads any of them as a stream (``streaming.py``). Image and label columns are detected from the
-features; transforms come from ``timm.data.create_transform``.
+handwritten digits, the embedded default). ``--streaming`` reads any of them as a stream (``streaming.py``).
+Image and label columns are detected from the features; transforms come from ``timm.data.create_transform``.
 
 Augmentation randomness is a pure function of (seed, epoch, sample index): a resumed run, a different worker count
 or skipped batches give every sample the same augmentation an uninterrupted run would.
@@ -241,6 +241,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         split_name: For error messages.
         check_only: Return (index, decodable) instead of the sample (see ``find_bad_images``).
         rgb: Convert every image to RGB (False keeps the decoded PIL image as it is).
+        with_index: Return (image, label, row index) (what a teacher cache keys rows on).
     """
 
     def __init__(
@@ -253,6 +254,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             split_name: str = 'train',
             check_only: bool = False,
             rgb: bool = True,
+            with_index: bool = False,
     ):
         self.ds = ds
         self.image_column = image_column
@@ -262,6 +264,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         self.split_name = split_name
         self.check_only = check_only
         self.rgb = rgb
+        self.with_index = with_index
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -300,11 +303,10 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             except Exception:
                 return index, False
         image, label = self._row(index)
-        if self.transform is None:
-            return image, label
-        if self.seed is None:
-            return self.transform(image), label
-        return self._seeded_transform(image, hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF), label
+        if self.transform is not None:
+            image = self.transform(image) if self.seed is None else \
+                self._seeded_transform(image, hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return (image, label, index) if self.with_index else (image, label)
 
     def _seeded_transform(self, image: Image.Image, sample_seed: int) -> torch.Tensor:
         """Run the transform with the CPU torch, Python and numpy RNGs seeded for this sample.

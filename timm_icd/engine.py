@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .teacher_cache import sample_indices
+from .config import data_seed
 from .errors import UserError
 from .faults import crash_point
 from .pipeline import batch_seed
@@ -58,6 +60,7 @@ def train_one_epoch(
         on_step: Optional[Callable[[dict], None]] = None,
         prepare: Optional[Callable] = None,
         model_ema=None,
+        select: Optional[Callable] = None,
 ) -> Dict[str, float]:
     """Train for the rest of epoch ``state['epoch']``, starting after ``state['step_in_epoch']`` batches.
 
@@ -69,12 +72,13 @@ def train_one_epoch(
         prepare: The device stage that turns a loader batch into ``(x, y)`` (``pipeline.InputStage``); None when the
             loader yields normalised ``(x, y)`` itself.
         model_ema: A timm ``ModelEmaV3`` of the task's student, updated after every optimizer update.
+        select: Told (epoch, the batch's dataset rows) before each step (``cache.CachedTeacher.select``).
 
     Returns:
         Mean of each loss part over the epoch's applied steps, and the last learning rate.
     """
     task.train()
-    module = task.trainable_module
+    module, seed = task.trainable_module, data_seed(args)
     sums = torch.tensor(state['epoch_sums'], dtype=torch.float64, device=accelerator.device)
     zero, one = torch.zeros((), device=accelerator.device), torch.ones((), device=accelerator.device)
     total = len(loader) + state['step_in_epoch']
@@ -84,12 +88,14 @@ def train_one_epoch(
                disable=None if accelerator.is_local_main_process else True, dynamic_ncols=True)
     try:
         for batch in loader:
+            if select is not None:
+                select(state['epoch'], sample_indices(batch))
             x, y = batch if prepare is None else prepare(
                 batch, state['epoch'], state['step_in_epoch'], accelerator.process_index)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if mixup_fn is not None:
-                np.random.seed(batch_seed(args.seed, state['epoch'], state['step_in_epoch'], accelerator.process_index))
+                np.random.seed(batch_seed(seed, state['epoch'], state['step_in_epoch'], accelerator.process_index))
                 x, y = mixup_fn(x, y)
             with accelerator.accumulate(module):
                 with accelerator.autocast():

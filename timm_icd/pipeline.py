@@ -30,6 +30,7 @@ from timm.data import create_transform
 from timm.data.random_erasing import RandomErasing
 
 from .augment import BatchAugment, epoch_key, unsupported_reason
+from .config import data_seed
 from .data import ImageClassificationDataset, ImageData
 from .errors import UserError
 
@@ -202,16 +203,16 @@ def create_stream_pipeline(data: ImageData, data_config: dict, args, rank: int, 
     if steps < 1:
         raise UserError(f"split '{data.train_split}' streams {data.train_rows} rows: too few for one step of "
                         f"--batch-size {args.batch_size} on {world} processes; lower it.")
-    mean, std = data_config['mean'], data_config['std']
+    mean, std, seed = data_config['mean'], data_config['std'], data_seed(args)
     erasing = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device='cpu') \
         if args.reprob > 0 else None
     columns = (data.image_column, data.label_column, data.num_classes)
     train = StreamLoader(data.train, *columns, _train_transform(data_config, args), args.batch_size, steps,
-                         args.seed, rank, world, args.shuffle_buffer, args.workers, data.train_split)
+                         seed, rank, world, args.shuffle_buffer, args.workers, data.train_split)
     eval_loader = StreamLoader(data.eval, *columns, create_transform(**data_config, is_training=False,
                                use_prefetcher=True), args.validation_batch_size or args.batch_size, None,
-                               args.seed, rank, world, None, args.workers, data.eval_split)
-    return Pipeline('stream', train, eval_loader, InputStage(mean, std, erasing=erasing, seed=args.seed),
+                               seed, rank, world, None, args.workers, data.eval_split)
+    return Pipeline('stream', train, eval_loader, InputStage(mean, std, erasing=erasing, seed=seed),
                     InputStage(mean, std), f'stream ({steps} steps of {args.batch_size} per process and epoch from '
                     f'{data.train_rows} rows; shuffled in blocks of {args.shuffle_buffer}; {args.workers} decoding '
                     f'workers per process)')
@@ -231,7 +232,7 @@ def create_pipeline(data: ImageData, data_config: dict, args, rank: int = 0, wor
     if len(data.train) < args.batch_size:
         raise UserError(f"--batch-size {args.batch_size} is larger than the {len(data.train)} rows of split "
                         f"'{data.train_split}': lower it.")
-    mean, std = data_config['mean'], data_config['std']
+    mean, std, seed = data_config['mean'], data_config['std'], data_seed(args)
     erasing = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device='cpu') \
         if args.reprob > 0 else None
     eval_tf = create_transform(**data_config, is_training=False, use_prefetcher=True)
@@ -262,25 +263,26 @@ def create_pipeline(data: ImageData, data_config: dict, args, rank: int = 0, wor
             labels = (np.asarray(data.train[data.label_column]), np.asarray(data.eval[data.label_column]))
             train_loader = torch.utils.data.DataLoader(
                 IndexDataset(labels[0]), batch_size=args.batch_size, shuffle=True, drop_last=True,
-                generator=torch.Generator().manual_seed(args.seed))
+                generator=torch.Generator().manual_seed(seed))
             eval_loader = torch.utils.data.DataLoader(IndexDataset(labels[1]), batch_size=eval_batch)
             size = (train_images.numel() + eval_images.numel()) / 2 ** 20
             return Pipeline(
                 'memory', train_loader, eval_loader,
-                InputStage(mean, std, train_images, augment, erasing, args.seed), InputStage(mean, std, eval_images),
+                InputStage(mean, std, train_images, augment, erasing, seed), InputStage(mean, std, eval_images),
                 f'memory ({len(train_images)} train and {len(eval_images)} eval images decoded once, {size:.1f} MiB; '
                 f'augmented in batches on the device)')
 
     train_set = ImageClassificationDataset(data.train, data.image_column, data.label_column,
-                                           _train_transform(data_config, args), seed=args.seed,
-                                           split_name=data.train_split)
+                                           _train_transform(data_config, args), seed=seed,
+                                           split_name=data.train_split,
+                                           with_index=bool(getattr(args, 'teacher_cache', None)))
     eval_set = ImageClassificationDataset(data.eval, data.image_column, data.label_column, eval_tf,
                                           split_name=data.eval_split)
     train_loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
-        generator=torch.Generator().manual_seed(args.seed), **common)
+        generator=torch.Generator().manual_seed(seed), **common)
     eval_loader = torch.utils.data.DataLoader(
-        eval_set, batch_size=eval_batch, shuffle=False, generator=torch.Generator().manual_seed(args.seed), **common)
-    return Pipeline('loader', train_loader, eval_loader, InputStage(mean, std, erasing=erasing, seed=args.seed),
+        eval_set, batch_size=eval_batch, shuffle=False, generator=torch.Generator().manual_seed(seed), **common)
+    return Pipeline('loader', train_loader, eval_loader, InputStage(mean, std, erasing=erasing, seed=seed),
                     InputStage(mean, std), f'loader ({args.workers} workers per process; uint8 batches normalised '
                                            f'on the device)')

@@ -181,8 +181,8 @@ class StreamLoader:
                 return
             position = batch[-1][1]
             first = position[4] - len(batch)
-            seeds = [hash((self.seed, epoch, self.rank, first + i)) & 0x7FFF_FFFF_FFFF_FFFF for i in range(len(batch))] \
-                if self.train else None
+            seeds = [hash((self.seed, epoch, self.rank, first + i)) & 0x7FFF_FFFF_FFFF_FFFF
+                     for i in range(len(batch))] if self.train else None
             yield [row for row, _ in batch], seeds, position
             done += 1
 

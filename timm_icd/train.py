@@ -22,10 +22,13 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import distribute_bn
 
 from . import __version__
+from .cache import finish_epoch as finish_cache_epoch
+from .cache import open_for_run
+from .teacher_cache import CachedTeacher, TeacherCache
 from .checkpoint import (
     check_output_dir, claim_output_dir, load_checkpoint, read_run_state, resolve_resume, save_checkpoint,
     settle_overwrite, write_text_atomic)
-from .config import args_to_yaml, teacher_dtype, tracker_config
+from .config import args_to_yaml, data_seed, teacher_dtype, tracker_config
 from .data import ImageData, find_bad_images, load_image_data
 from .engine import LOSS_PARTS, evaluate, train_one_epoch
 from .errors import UserError
@@ -36,15 +39,16 @@ from .models import (
 from .pipeline import Pipeline, create_pipeline
 from .streaming import load_stream_data
 from .report import CURVES, plot_run
-from .task import ICDDistillationTask
+from .task import ICDDistillationTask, ICDTeacher
 from .watchdog import start_watchdog
 
 _logger = logging.getLogger(__name__)
 
 # settings a resumed run must share with the run that wrote the checkpoint
 FINGERPRINT = ('student', 'teacher', 'teacher_checkpoint', 'teacher_pretrained', 'method', 'dataset', 'input_size',
-               'batch_size', 'grad_accum_steps', 'seed', 'icd_feat_dim', 'icd_negatives', 'student_layer',
-               'teacher_layer', 'num_processes', 'input_pipeline', 'model_ema', 'streaming', 'shuffle_buffer')
+               'batch_size', 'grad_accum_steps', 'seed', 'data_seed', 'icd_feat_dim', 'icd_negatives',
+               'student_layer', 'teacher_layer', 'num_processes', 'input_pipeline', 'model_ema', 'streaming',
+               'shuffle_buffer', 'teacher_cache')
 
 
 def default_output(args, accelerator: Accelerator) -> Path:
@@ -68,7 +72,8 @@ def _summary_csv(history: List[dict]) -> str:
 
 def _fingerprint(args, accelerator, method: str, pipeline: str) -> dict:
     """The FINGERPRINT settings of this run; ``method`` and ``pipeline`` are the resolved ones (not ``auto``)."""
-    settings = {**vars(args), 'num_processes': accelerator.num_processes, 'method': method, 'input_pipeline': pipeline}
+    settings = {**vars(args), 'num_processes': accelerator.num_processes, 'method': method, 'input_pipeline': pipeline,
+                'data_seed': data_seed(args)}
     return {k: settings[k] for k in FINGERPRINT}
 
 
@@ -103,6 +108,7 @@ class Run:
     eval_loader: Any
     mixup_fn: Optional[Mixup]
     resume_from: Optional[Path] = None
+    cache: Optional[TeacherCache] = None
     model_ema: Any = None
     optimizer: Any = None
     scheduler: Any = None
@@ -189,6 +195,9 @@ def build(args, accelerator: Accelerator) -> Run:
                            student_mean=data_config['mean'], student_std=data_config['std'],
                            verbose=accelerator.is_main_process)
     else:
+        if args.teacher_cache:  # the cache serves icd and kd runs alike: it always holds the features
+            teacher = ICDTeacher(teacher, teacher_input_size, layer=args.teacher_layer, need_features=True,
+                                 dtype=teacher_dtype(args))
         task = ICDDistillationTask(
             student, teacher, method=method,
             criterion_kwargs={'smoothing': args.smoothing, 'soft_targets': mixup_active},
@@ -202,6 +211,10 @@ def build(args, accelerator: Accelerator) -> Run:
             verbose=accelerator.is_main_process)
     pipeline = create_pipeline(data, data_config, args, accelerator.process_index, accelerator.num_processes)
     _logger.info(f'Input pipeline: {pipeline.description}.')
+    cache = None
+    if args.teacher_cache and task.teacher is not None:
+        cache = open_for_run(args, data, data_config, pipeline.kind, task.teacher, accelerator)
+        task.teacher = CachedTeacher(task.teacher, cache)
     mixup_fn = Mixup(
         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
@@ -209,16 +222,15 @@ def build(args, accelerator: Accelerator) -> Run:
     resume_from = resolve_resume(output, args.resume) if args.resume else None
     if resume_from is not None:  # before any weights are read: a precise message for a mismatched run
         expected = _fingerprint(args, accelerator, task.method, pipeline.kind)
+        saved = read_run_state(resume_from)['fingerprint']
         saved = {'input_pipeline': 'loader', 'model_ema': False, 'streaming': False,  # what older runs used
-                 'shuffle_buffer': args.shuffle_buffer,
-                 **read_run_state(resume_from)['fingerprint']}
+                 'shuffle_buffer': args.shuffle_buffer, 'data_seed': saved['seed'], 'teacher_cache': None, **saved}
         changed = [k for k in FINGERPRINT if saved.get(k) != expected[k]]
         if changed:
             raise UserError(f'cannot resume {resume_from}: it was written with different '
                             f'{", ".join(changed)}; resume with the original settings.')
     return Run(args, accelerator, output, data, data_config, task, pipeline, pipeline.train_loader,
-               pipeline.eval_loader, mixup_fn,
-               resume_from=resume_from)
+               pipeline.eval_loader, mixup_fn, resume_from=resume_from, cache=cache)
 
 
 def start(r: Run) -> None:
@@ -261,6 +273,8 @@ def start(r: Run) -> None:
         if accelerator.process_index > 0:  # the saved loss sums are all processes' (see checkpoint): count them once
             r.state['epoch_sums'] = [0.0] * len(r.state['epoch_sums'])
         _logger.info(f"Resumed from {r.resume_from}: epoch {r.state['epoch']}, step {r.state['step_in_epoch']}.")
+    elif r.cache is not None and r.cache.manifest.get('teacher_metrics'):  # measured by the run that wrote it
+        r.state['teacher'] = r.cache.manifest['teacher_metrics']
     elif task.teacher is not None and task.teacher.num_classes == r.data.num_classes:
         task.eval()
         r.state['teacher'] = evaluate(accelerator, task.teacher_logits, r.eval_loader, args.channels_last,
@@ -309,9 +323,16 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
             loader.resume_from(state['stream'][accelerator.process_index])
         elif state['step_in_epoch']:
             loader = accelerator.skip_first_batches(r.train_loader, state['step_in_epoch'])
+        recording = r.cache is not None and not r.cache.complete(epoch)
+        if recording:  # this epoch runs the teacher and records it
+            r.cache.prepare_epoch(epoch, accelerator.is_main_process)
+            accelerator.wait_for_everyone()
         train_metrics = train_one_epoch(accelerator, task, loader, r.optimizer, r.scheduler, state, args,
                                         r.mixup_fn, on_step=step_checkpoint, prepare=r.pipeline.train_stage,
-                                        model_ema=r.model_ema)
+                                        model_ema=r.model_ema, select=task.teacher.select if r.cache else None)
+        if recording:
+            finish_cache_epoch(r.cache, task.teacher, r.pipeline, epoch, accelerator,
+                               args.validation_batch_size or args.batch_size, args.workers, state['teacher'])
         if accelerator.num_processes > 1 and args.dist_bn in ('reduce', 'broadcast'):
             distribute_bn(task.student, accelerator.num_processes, reduce=args.dist_bn == 'reduce')
         task.eval()
@@ -369,23 +390,29 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
     return result
 
 
-def run(args, argv: Optional[List[str]] = None) -> dict:
-    """Train a student as ``args`` say (see train_icd.py --help) and return its results and the model.
-
-    Every check runs before the run folder changes. If the run fails before its first checkpoint, a run it was
-    replacing with --overwrite is put back.
-    """
+def create_accelerator(args) -> Accelerator:
+    """The run's Accelerator, logging set up on every process, the watchdog started and the seed set."""
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum_steps, log_with=args.log_with,
         # trackers write into the run folder, which is settled later (start() sets the final logging_dir)
         project_config=ProjectConfiguration(logging_dir=str(Path(args.output or 'output') / 'logs')),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=data_seed(args),
                                                   non_blocking=torch.cuda.is_available()))
     start_watchdog(accelerator)  # multi-process runs: a dead peer stops the others at once, with one line
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format='%(message)s', force=True)
     logging.getLogger('accelerate').setLevel(logging.WARNING)  # one INFO line per checkpoint file otherwise
     set_seed(args.seed)
+    return accelerator
+
+
+def run(args, argv: Optional[List[str]] = None) -> dict:
+    """Train a student as ``args`` say (see train_icd.py --help) and return its results and the model.
+
+    Every check runs before the run folder changes. If the run fails before its first checkpoint, a run it was
+    replacing with --overwrite is put back.
+    """
+    accelerator = create_accelerator(args)
     started = time.time()
     if accelerator.num_processes > 1:
         _logger.info(f'Training on {accelerator.num_processes} processes ({accelerator.distributed_type}).')
