@@ -3,7 +3,6 @@ import collections
 import csv
 import hashlib
 import json
-import signal
 
 import datasets
 import pytest
@@ -11,7 +10,7 @@ import safetensors.torch
 import torch
 from timm.data import create_transform
 
-from conftest import FAST, REPO, offline_env, run_cli
+from conftest import FAST, REPO, run_cli
 from test_distributed import accelerate_launch
 from timm_icd.checkpoint import find_latest_checkpoint
 from timm_icd.errors import UserError

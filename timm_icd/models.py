@@ -182,3 +182,14 @@ def teacher_source(name: str, pretrained: bool, checkpoint: Optional[str]) -> st
     if is_hub_or_local(name):
         return name
     return f'timm:{name}' if pretrained else 'random-init'
+
+
+def create_student_ema(student, args):
+    """timm's ``ModelEmaV3`` of the bare student, without the ICD feature hooks its deep copy would carry over."""
+    from timm.utils import ModelEmaV3
+    ema = ModelEmaV3(student, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+    for module in ema.module.modules():
+        module._forward_pre_hooks.clear()
+        module._forward_hooks.clear()
+    return ema
+

@@ -6,8 +6,6 @@ runs before the first training step, and nothing in an existing run folder is ch
 import csv
 import io
 import logging
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +19,8 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import distribute_bn
 
-from . import __version__
 from .cache import finish_epoch as finish_cache_epoch
 from .cache import open_for_run
-from .teacher_cache import CachedTeacher, TeacherCache
 from .checkpoint import (
     check_output_dir, claim_output_dir, load_checkpoint, read_run_state, resolve_resume, save_checkpoint,
     settle_overwrite, write_text_atomic)
@@ -32,14 +28,15 @@ from .config import args_to_yaml, data_seed, teacher_dtype, tracker_config
 from .data import ImageData, find_bad_images, load_image_data
 from .engine import LOSS_PARTS, evaluate, train_one_epoch
 from .errors import UserError
-from .export import save_student
+from .export import run_record, save_student
 from .feature_task import FeatureTask
 from .models import (
-    check_model_name, create_student, create_teacher, fixed_size_kwargs, is_hub_or_local, teacher_source)
+    check_model_name, create_student, create_student_ema, create_teacher, fixed_size_kwargs, is_hub_or_local)
 from .pipeline import Pipeline, create_pipeline
-from .streaming import load_stream_data
 from .report import CURVES, plot_run
+from .streaming import load_stream_data
 from .task import ICDDistillationTask, ICDTeacher
+from .teacher_cache import CachedTeacher, TeacherCache
 from .watchdog import start_watchdog
 
 _logger = logging.getLogger(__name__)
@@ -363,7 +360,7 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
             state['best_top1'], state['best_epoch'] = metrics['top1'], epoch
             if args.save_best and accelerator.is_main_process:
                 save_student(task.student, r.output / 'student_best', r.data_config, r.data.label_names,
-                             _record(r, argv, last))
+                             run_record(r, argv, last))
         state.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums=[0.0] * (len(LOSS_PARTS) + 1))
         checkpoint(r, state)
         if accelerator.is_main_process:
@@ -377,10 +374,10 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
               'model': task.student, 'epoch_seconds': epoch_seconds, 'input_pipeline': r.pipeline.kind}
     if accelerator.is_main_process:
         write_text_atomic(r.output / 'summary.csv', _summary_csv(state['history']))  # also after a resume at the end
-        save_student(task.student, r.output / 'student', r.data_config, r.data.label_names, _record(r, argv, last))
+        save_student(task.student, r.output / 'student', r.data_config, r.data.label_names, run_record(r, argv, last))
         if r.model_ema is not None:  # the ICD heads are not part of it: the EMA holds the bare student only
             save_student(r.model_ema.module, r.output / 'student_ema', r.data_config, r.data.label_names,
-                         _record(r, argv, last, ema=True))
+                         run_record(r, argv, last, ema=True))
     accelerator.wait_for_everyone()
     if args.push_to_hub and accelerator.is_main_process:  # after the barrier: the others need not wait for it
         from .hub import push_student
@@ -432,62 +429,3 @@ def run(args, argv: Optional[List[str]] = None) -> dict:
     accelerator.end_training()
     return result
 
-
-def create_student_ema(student, args):
-    """timm's ``ModelEmaV3`` of the bare student, without the ICD feature hooks its deep copy would carry over."""
-    from timm.utils import ModelEmaV3
-    ema = ModelEmaV3(student, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
-    for module in ema.module.modules():
-        module._forward_pre_hooks.clear()
-        module._forward_hooks.clear()
-    return ema
-
-
-def _record(r: Run, argv: Optional[List[str]], metrics: dict, ema: bool = False) -> dict:
-    """What distillation.json says about how the student was made; every number comes from this run.
-
-    With ``ema`` it describes the EMA student: its own accuracy, and which weights the folder holds.
-    """
-    import timm
-    args, task, data, state = r.args, r.task, r.data, r.state
-    icd = task.icd
-    teacher = None
-    if task.teacher is not None:
-        hub_id = None  # the Hub repository the teacher's weights came from
-        if args.teacher.startswith('hf-hub:'):
-            hub_id = args.teacher[len('hf-hub:'):]
-        elif args.teacher_pretrained and not args.teacher_checkpoint and not is_hub_or_local(args.teacher):
-            hub_id = task.teacher.model.pretrained_cfg.get('hf_hub_id')
-        teacher = {
-            'name': args.teacher, 'source': teacher_source(args.teacher, args.teacher_pretrained,
-                                                           args.teacher_checkpoint),
-            'hf_hub_id': hub_id, 'num_classes': task.teacher.num_classes,
-            'top1': (state['teacher'] or {}).get('top1'), 'top5': (state['teacher'] or {}).get('top5'),
-            'measured_with': "the student's eval preprocessing" if state['teacher'] else None,
-        }
-    return {
-        'student': args.student,
-        'teacher': teacher,
-        'method': task.method,
-        'loss_weights': {'task': task.task_loss_weight, 'kd': task.kd_loss_weight, 'icd': task.icd_loss_weight},
-        'kd_temperature': task.kd_temperature if task.kd_loss_weight > 0 else None,
-        'kd_standardize': task.kd_standardize if task.kd_loss_weight > 0 else None,
-        'icd': None if icd is None else {
-            'feat_dim': icd.student_head.out_features, 'alpha': icd.alpha, 'negatives': icd.negatives,
-            'max_tau': icd.max_tau, 'tau_final': float(icd.tau.item()),
-            'student_layer': args.student_layer, 'teacher_layer': args.teacher_layer},
-        'dataset': {'name': data.name, 'train_split': data.train_split, 'eval_split': data.eval_split,
-                    'num_classes': data.num_classes, 'train_rows': data.train_rows, 'eval_rows': data.eval_rows,
-                    'streamed': data.streaming or None,
-                    'skipped_images': data.skipped_images or None},
-        'epochs': r.num_epochs,
-        'epoch': metrics.get('epoch'),
-        'weights': f'EMA of the student (decay {args.model_ema_decay})' if ema else 'the student at the final epoch',
-        'top1': metrics.get('eval_ema_top1' if ema else 'eval_top1'),
-        'top5': metrics.get('eval_ema_top5' if ema else 'eval_top5'),
-        'best_top1': None if ema else state['best_top1'],
-        'best_epoch': None if ema else state['best_epoch'],
-        'wall_seconds': state.get('seconds'),
-        'command': 'train_icd.py ' + shlex.join(sys.argv[1:] if argv is None else argv),
-        'versions': {'timm_icd': __version__, 'timm': timm.__version__, 'torch': torch.__version__},
-    }
