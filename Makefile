@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.timm_icd-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: demo test bench-quality bench-step-time bench-epoch-time bench-data bench-arch install
+.PHONY: demo test bench-quality bench-step-time bench-epoch-time bench-data bench-arch bench-teacher-cache install
 
 install: $(STAMP)
 
@@ -42,3 +42,6 @@ bench-data: $(STAMP)
 
 bench-arch: $(STAMP)
 	$(PY) benchmarks/arch_coverage.py
+
+bench-teacher-cache: $(STAMP) $(FASHION_MNIST)
+	$(PY) benchmarks/teacher_cache.py

@@ -4,11 +4,8 @@ import json
 import os
 import sys
 
-import safetensors.torch
-
+from dist_worker import train_and_dump
 from timm_icd import teacher_cache
-from timm_icd.config import parse_and_validate
-from timm_icd.train import run
 
 SELECTED, LIVE_CALLS = [], [0]
 _select, _write = teacher_cache.CachedTeacher.select, teacher_cache.TeacherCache.write
@@ -27,11 +24,6 @@ def _counting_write(self, *args, **kwargs):
 if __name__ == '__main__':
     teacher_cache.CachedTeacher.select = _recording_select
     teacher_cache.TeacherCache.write = _counting_write
-    dump_dir = sys.argv[1]
-    args = parse_and_validate(sys.argv[2:])
-    result = run(args, sys.argv[2:])
-    rank = int(os.environ.get('RANK', '0'))
-    state = {k: v.contiguous() for k, v in result['model'].state_dict().items()}
-    safetensors.torch.save_file(state, os.path.join(dump_dir, f'rank{rank}.safetensors'))
-    with open(os.path.join(dump_dir, f'cache{rank}.json'), 'w') as f:
+    rank = train_and_dump(sys.argv[1], sys.argv[2:])
+    with open(os.path.join(sys.argv[1], f'cache{rank}.json'), 'w') as f:
         json.dump({'selected': SELECTED, 'writes': LIVE_CALLS[0]}, f)

@@ -7,10 +7,15 @@ import safetensors.torch
 from timm_icd.config import parse_and_validate
 from timm_icd.train import run
 
-if __name__ == '__main__':
-    dump_dir = sys.argv[1]
-    args = parse_and_validate(sys.argv[2:])
-    result = run(args, sys.argv[2:])
-    rank = int(os.environ['RANK'])
+
+def train_and_dump(dump_dir: str, argv: list) -> int:
+    """Train as train_icd.py would with ``argv``, save this rank's final weights in ``dump_dir``; return the rank."""
+    result = run(parse_and_validate(argv), argv)
+    rank = int(os.environ.get('RANK', '0'))
     state = {k: v.contiguous() for k, v in result['model'].state_dict().items()}
     safetensors.torch.save_file(state, os.path.join(dump_dir, f'rank{rank}.safetensors'))
+    return rank
+
+
+if __name__ == '__main__':
+    train_and_dump(sys.argv[1], sys.argv[2:])

@@ -5,11 +5,8 @@ import json
 import os
 import sys
 
-import safetensors.torch
-
 import timm_icd.streaming as streaming
-from timm_icd.config import parse_and_validate
-from timm_icd.train import run
+from dist_worker import train_and_dump
 
 SEEN = []
 _batches = streaming.StreamLoader._batches
@@ -25,11 +22,6 @@ def _recording(self, epoch, start):
 
 if __name__ == '__main__':
     streaming.StreamLoader._batches = _recording
-    dump_dir = sys.argv[1]
-    args = parse_and_validate(sys.argv[2:])
-    result = run(args, sys.argv[2:])
-    rank = int(os.environ['RANK'])
-    state = {k: v.contiguous() for k, v in result['model'].state_dict().items()}
-    safetensors.torch.save_file(state, os.path.join(dump_dir, f'rank{rank}.safetensors'))
-    with open(os.path.join(dump_dir, f'seen{rank}.json'), 'w') as f:
+    rank = train_and_dump(sys.argv[1], sys.argv[2:])
+    with open(os.path.join(sys.argv[1], f'seen{rank}.json'), 'w') as f:
         json.dump(SEEN, f)

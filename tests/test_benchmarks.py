@@ -183,3 +183,87 @@ def test_arch_coverage_quick_distills_each_head_structure(tmp_path):
     assert '## Failures and refusals\n\nNone.' in text
     wrong = run_cli('--families', 'resnet,nope', '--out', out, script='benchmarks/arch_coverage.py')
     assert wrong.returncode == 2 and 'unknown families: nope' in wrong.stderr
+
+
+def _md_tables(section: str) -> list:
+    """The tables of a markdown section, each a list of rows (lists of stripped cells) without header and rule."""
+    tables, current = [], []
+    for line in section.splitlines() + ['']:
+        if line.startswith('|'):
+            current.append([c.strip() for c in line.strip().strip('|').split('|')])
+        elif current:
+            tables.append(current[2:])
+            current = []
+    return tables
+
+
+def test_teacher_cache_quick_writes_every_row_of_the_table(tmp_path):
+    import math
+    out = tmp_path / 'teacher_cache.md'
+    result = run_cli('--quick', '--out', out, '--data-dir', tmp_path / 'data', script='benchmarks/teacher_cache.py',
+                     timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    assert 'python benchmarks/teacher_cache.py --quick' in text and 'Total time:' in text and 'torch ' in text
+    sections = {s.split('\n', 1)[0]: s for s in text.split('\n## ')[1:]}
+    assert list(sections) == ['Epoch time', 'When the cache has paid for itself', 'Disk',
+                              'Student quality: live teacher against the cache']
+    times, summary = _md_tables(sections['Epoch time'])
+    rows = {r[1]: r for r in times}
+    assert [r[0] for r in times] == ['16 px'] * 5
+    assert list(rows) == ['vanilla', 'live icd+kd', 'write-through icd+kd', 'cached icd+kd', 'ahead writer']
+    epoch = {v: float(r[2]) for v, r in rows.items()}
+    for variant, r in rows.items():  # each ratio is this row's time over vanilla's and live's
+        assert epoch[variant] > 0, variant
+        assert float(r[3]) == pytest.approx(epoch[variant] / epoch['vanilla'], rel=2e-3, abs=1e-3), variant
+        assert float(r[4]) == pytest.approx(epoch[variant] / epoch['live icd+kd'], rel=2e-3, abs=1e-3), variant
+    assert float(rows['cached icd+kd'][6]) > 0 and float(rows['write-through icd+kd'][7]) > 0  # read; fill + flush
+    (setting, cached_vanilla, live_vanilla, cached_live, through_live, met), = summary
+    assert float(cached_vanilla) == pytest.approx(epoch['cached icd+kd'] / epoch['vanilla'], rel=2e-3, abs=1e-3)
+    assert float(live_vanilla) == pytest.approx(epoch['live icd+kd'] / epoch['vanilla'], rel=2e-3, abs=1e-3)
+    assert float(cached_live) == pytest.approx(epoch['cached icd+kd'] / epoch['live icd+kd'], rel=2e-3, abs=1e-3)
+    assert float(through_live) == pytest.approx(epoch['write-through icd+kd'] / epoch['live icd+kd'], rel=2e-3,
+                                                abs=1e-3)
+    assert met == ('yes' if float(cached_vanilla) <= 1.10 else 'NO')
+    assert 'to the bit: 16 px: yes' in sections['Epoch time']  # ahead writer == write-through run
+
+    (pay,), = _md_tables(sections['When the cache has paid for itself'])
+    saving, extra, ahead = float(pay[1]), float(pay[2]), float(pay[4])
+    assert saving == pytest.approx(epoch['live icd+kd'] - epoch['cached icd+kd'], abs=2e-3)
+    assert extra == pytest.approx(epoch['write-through icd+kd'] - epoch['live icd+kd'], abs=2e-3)
+    assert ahead == pytest.approx(epoch['ahead writer'], rel=2e-3, abs=1e-3)
+    for cell, cost in ((pay[3], extra), (pay[5], ahead)):  # ceil(cost / saving), or why there is no such number
+        if cell.startswith('never'):
+            assert saving <= 0.001
+        elif cell.startswith('0 (no extra'):
+            assert cost <= 0.001
+        else:
+            students, exact = re.fullmatch(r'(\d+) \(([\d.]+)\)', cell).groups()
+            assert int(students) == math.ceil(float(exact) - 1e-9) and float(exact) > 0
+
+    disk, = _md_tables(sections['Disk'])
+    by_storage = {(r[0], r[1]): r for r in disk}
+    fp16, int8 = by_storage[('16 px', 'fp16 features, all logits (fp16)')], \
+        by_storage[('16 px', 'int8 features, top-10 logits')]
+    for r, per_row in ((fp16, lambda d, c: d * 2 + c * 2 + 1), (int8, lambda d, c: d + 4 + 10 * 8 + 4 + 1)):
+        dim, classes, bytes_per_row, rows_, formula, du, apparent = (int(c.split()[0].replace(',', '')) for c in r[2:])
+        assert bytes_per_row == per_row(dim, classes) and formula == bytes_per_row * rows_ and rows_ > 0
+        assert du > 0 and formula < apparent < formula + 6 * 256  # the .npy headers
+    imagenet = {r[1]: r for r in disk if r[0].startswith('ImageNet-1k')}
+    assert imagenet['fp16 features, all logits (fp16)'][4:7] == ['6097', '1281167', '7,811,275,199 B (7.27 GiB)']
+    assert imagenet['int8 features, top-10 logits'][4:7] == ['2137', '1281167', '2,737,853,879 B (2.55 GiB)']
+
+    quality, = _md_tables(sections['Student quality: live teacher against the cache'])
+    (seed, live, cached, diff, live_s, cached_s, role), = quality
+    assert seed == '0' and 0 <= float(live) <= 100 and 0 <= float(cached) <= 100 and role == 'wrote the cache'
+    assert float(diff) == pytest.approx(float(cached) - float(live), abs=0.011)
+    assert float(live_s) > 0 and float(cached_s) > 0
+
+    with open(out.with_suffix('.csv')) as f:
+        raw = list(csv.DictReader(f))
+    epochs = [r for r in raw if r['part'] == 'timing' and r['metric'] == 'epoch_seconds']
+    assert len(epochs) == 5 * 2 and all(float(r['value']) > 0 for r in epochs)
+    for r in epochs:  # with 2 epochs, the table's median after the first is epoch 1's time
+        if r['epoch'] == '1':
+            assert epoch[r['variant']] == pytest.approx(float(r['value']), rel=2e-3, abs=2e-4), r['variant']
+    assert {r['variant'] for r in raw if r['part'] == 'quality' and r['metric'] == 'test_top1'} == {'live', 'cached'}

@@ -42,6 +42,10 @@ def open_for_run(args, data, data_config: dict, pipeline_kind: str, teacher, acc
     valid_for = json.loads(json.dumps(valid_for))  # tuples as lists, as the manifest stores them
     storage = {'features': args.cache_features, 'topk': args.cache_topk}
     probe = teacher.live if isinstance(teacher, CachedTeacher) else teacher
+    if args.cache_topk and args.cache_topk * 4 >= probe.num_classes:  # top-K costs 8K + 4 bytes, all logits 2C
+        raise UserError(f'--cache-topk {args.cache_topk} saves nothing over storing all {probe.num_classes} logits '
+                        f'(K x 8 + 4 bytes against {2 * probe.num_classes}): use K < {probe.num_classes // 4} or '
+                        f'leave it out.')
     feature_dim = _feature_dim(probe, data_config)
     with accelerator.main_process_first():
         cache = TeacherCache.create_or_open(Path(args.teacher_cache), valid_for, storage, data.train_rows,
@@ -50,8 +54,8 @@ def open_for_run(args, data, data_config: dict, pipeline_kind: str, teacher, acc
     done = len([e for e in range(args.epochs) if cache.complete(e)])
     _logger.info(f'Teacher cache {args.teacher_cache}: {done} of the run\'s {args.epochs} epochs cached'
                  + (f'; the teacher runs for the other {args.epochs - done} and records them' if done < args.epochs
-                    else '; the teacher never runs') + f' ({cache.bytes_per_row() * cache.rows / 2 ** 20:.1f} MiB '
-                 f'per epoch).')
+                    else '; the teacher never runs') + f' ({cache.bytes_per_row()} bytes per row, '
+                 f'{cache.bytes_per_row() * cache.rows / 2 ** 20:.2f} MiB per epoch).')
     return cache
 
 

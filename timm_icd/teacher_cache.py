@@ -101,8 +101,10 @@ class TeacherCache:
             for key, value in {**valid_for, **shape}.items():
                 saved = manifest['valid_for'].get(key) if key in valid_for else manifest.get(key)
                 if json.loads(json.dumps(value)) != saved:
+                    hint = ' (a teacher made without --teacher-checkpoint or pretrained weights is drawn from ' \
+                           '--seed: save it and pass --teacher-checkpoint)' if key == 'teacher_weights' else ''
                     raise UserError(f'--teacher-cache {root} was written for another {key} ({_short(saved)}, this '
-                                    f'run: {_short(value)}); use another cache folder or the settings it was '
+                                    f'run: {_short(value)}){hint}; use another cache folder or the settings it was '
                                     f'written with.')
             if manifest['storage'] != storage:
                 raise UserError(f"--teacher-cache {root} stores {_short(manifest['storage'])}, this run asks for "
@@ -160,14 +162,13 @@ class TeacherCache:
         rows = index.cpu().numpy()
         if features is None:
             raise RuntimeError('a teacher cache needs the teacher features (ICDTeacher with need_features=True)')
-        if features is not None:
-            features = features.detach().float().cpu()
-            if self.features == 'int8':
-                scale = features.abs().amax(dim=1).clamp(min=1e-12) / 127
-                maps['features'][rows] = (features / scale[:, None]).round().clamp(-127, 127).to(torch.int8).numpy()
-                maps['scale'][rows] = scale.numpy()
-            else:
-                maps['features'][rows] = features.half().numpy()
+        features = features.detach().float().cpu()
+        if self.features == 'int8':
+            scale = features.abs().amax(dim=1).clamp(min=1e-12) / 127
+            maps['features'][rows] = (features / scale[:, None]).round().clamp(-127, 127).to(torch.int8).numpy()
+            maps['scale'][rows] = scale.numpy()
+        else:
+            maps['features'][rows] = features.half().numpy()
         logits = logits.detach().float().cpu()
         if self.topk:
             values, top = logits.topk(self.topk, dim=1)
