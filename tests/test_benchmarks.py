@@ -244,8 +244,8 @@ def test_teacher_cache_quick_writes_every_row_of_the_table(tmp_path):
     disk, = _md_tables(sections['Disk'])
     by_storage = {(r[0], r[1]): r for r in disk}
     fp16, int8 = by_storage[('16 px', 'fp16 features, all logits (fp16)')], \
-        by_storage[('16 px', 'int8 features, top-10 logits')]
-    for r, per_row in ((fp16, lambda d, c: d * 2 + c * 2 + 1), (int8, lambda d, c: d + 4 + 10 * 8 + 4 + 1)):
+        by_storage[('16 px', 'int8 features, all logits (fp16)')]
+    for r, per_row in ((fp16, lambda d, c: d * 2 + c * 2 + 1), (int8, lambda d, c: d + 4 + c * 2 + 1)):
         dim, classes, bytes_per_row, rows_, formula, du, apparent = (int(c.split()[0].replace(',', '')) for c in r[2:])
         assert bytes_per_row == per_row(dim, classes) and formula == bytes_per_row * rows_ and rows_ > 0
         assert du > 0 and formula < apparent < formula + 6 * 256  # the .npy headers

@@ -116,7 +116,7 @@ def test_cached_runs_equal_the_writing_run_stay_close_to_live_and_refuse_other_s
 
     for extra, field in ((['--data-seed', '8'], 'data_seed'), (['--input-size', '3', '20', '20'], 'input_size'),
                          (['--hflip', '0.5'], 'hflip'), (['--cache-topk', '2'], '--cache-topk'),
-                         (['--cache-topk', '5'], 'saves nothing over storing all 10 logits')):
+                         (['--cache-topk', '10'], "must be below the teacher's 10 classes")):
         refused = run_cli('--dataset', digits_small, '--epochs', '1', '--output', tmp_path / 'x', '--teacher-cache',
                           cache, *RUN, *extra)
         assert refused.returncode == 2 and field in refused.stderr, (extra, refused.stderr[-500:])

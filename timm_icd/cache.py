@@ -42,10 +42,12 @@ def open_for_run(args, data, data_config: dict, pipeline_kind: str, teacher, acc
     valid_for = json.loads(json.dumps(valid_for))  # tuples as lists, as the manifest stores them
     storage = {'features': args.cache_features, 'topk': args.cache_topk}
     probe = teacher.live if isinstance(teacher, CachedTeacher) else teacher
-    if args.cache_topk and args.cache_topk * 4 >= probe.num_classes:  # top-K costs 8K + 4 bytes, all logits 2C
-        raise UserError(f'--cache-topk {args.cache_topk} saves nothing over storing all {probe.num_classes} logits '
-                        f'(K x 8 + 4 bytes against {2 * probe.num_classes}): use K < {probe.num_classes // 4} or '
-                        f'leave it out.')
+    if args.cache_topk >= probe.num_classes:
+        raise UserError(f'--cache-topk {args.cache_topk} must be below the teacher\'s {probe.num_classes} classes '
+                        f'(or left out, to store all logits).')
+    if args.cache_topk and args.cache_topk * 8 + 4 >= 2 * probe.num_classes:
+        _logger.warning(f'--cache-topk {args.cache_topk} stores {args.cache_topk * 8 + 4} bytes per row, all '
+                        f'{probe.num_classes} logits would take {2 * probe.num_classes}: leave it out.')
     feature_dim = _feature_dim(probe, data_config)
     with accelerator.main_process_first():
         cache = TeacherCache.create_or_open(Path(args.teacher_cache), valid_for, storage, data.train_rows,
