@@ -16,6 +16,8 @@ the ahead writer (``timm_icd.cache.write_ahead``, what ``python -m timm_icd.cach
    * ``write-through icd+kd``: ``--teacher-cache`` on an empty folder: the teacher runs and every epoch is recorded
      (its epochs include filling the rows the loader drops, and flushing);
    * ``cached icd+kd``: another ``--seed``, the same ``--data-seed``, on the complete cache: the teacher never runs;
+   * vanilla and cached run twice each, in the order vanilla, cached, cached, vanilla, after the other variants (runs
+     later in one process were seen to run a few percent slower whatever they train); their medians pool both runs;
    * ``ahead writer``: ``write_ahead`` on another empty folder (teacher only, no student); its epoch is the time of
      ``timm_icd.cache.finish_epoch``, which computes and stores every row of the epoch.
 
@@ -208,34 +210,40 @@ def time_setting(s: dict, tmp: Path, csv_rows: List[dict]) -> dict:
     through, ahead, int8 = work / 'cache-write-through', work / 'cache-ahead', work / 'cache-int8'
     epochs, med, detail = {}, {}, {}
 
-    def record(variant: str, times: List[float], probe: Probe, seed: int) -> None:
-        epochs[variant] = times
-        med[variant] = after_first(times)
+    def record(variant: str, times: List[float], probe: Probe, seed: int, more: Optional[List[float]] = None) -> None:
+        """``more``: the epoch times of a second run of the variant; the median then pools both runs' epochs after
+        their first."""
+        epochs[variant] = times + (more or [])
+        med[variant] = statistics.median(times[1:] + (more or [])[1:]) if more else after_first(times)
         n = len(times)
         detail[variant] = {
             'eval': after_first(probe.evals[-n:]) if variant != 'ahead writer' and probe.evals else 0.0,
             'read': after_first([probe.reads.get(e, 0.0) for e in range(n)]),
             'fill': after_first(probe.fills) if probe.fills else 0.0,
             'writes': probe.writes}
-        for e, t in enumerate(times):
-            csv_rows.append(dict(part='timing', setting=s['name'], variant=variant, seed=seed, epoch=e,
-                                 metric='epoch_seconds', value=round(t, 4)))
+        for k, run_times in enumerate([times] + ([more] if more else [])):
+            for e, t in enumerate(run_times):
+                csv_rows.append(dict(part='timing', setting=s['name'], variant=variant + (f' (run {k + 1})' if more
+                                     else ''), seed=seed, epoch=e, metric='epoch_seconds', value=round(t, 4)))
         for part in ('eval', 'read', 'fill'):  # medians after the first epoch, as in the table
             csv_rows.append(dict(part='timing', setting=s['name'], variant=variant, seed=seed, epoch='',
                                  metric=f'{part}_seconds_median', value=round(detail[variant][part], 4)))
-        print(f"{s['name']} {variant}: epochs {[round(t, 2) for t in times]} s, median after the first "
+        print(f"{s['name']} {variant}: epochs {[round(t, 2) for t in epochs[variant]]} s, median after the first "
               f"{med[variant]:.3f} s", flush=True)
 
-    result, probe = train_run(timing_argv(s, 'vanilla', work / 'vanilla'))
-    record('vanilla', result['epoch_seconds'], probe, 0)
     result, probe = train_run(timing_argv(s, 'icd+kd', work / 'live'))
     record('live icd+kd', result['epoch_seconds'], probe, 0)
     result, probe = train_run(timing_argv(s, 'icd+kd', work / 'write-through', cache=through))
     record('write-through icd+kd', result['epoch_seconds'], probe, 0)
-    result, probe = train_run(timing_argv(s, 'icd+kd', work / 'cached', seed=1, cache=through))
-    record('cached icd+kd', result['epoch_seconds'], probe, 1)
-    if probe.writes:
-        raise RuntimeError(f'the cached run ran the live teacher {probe.writes} times')
+    # vanilla and cached, the pair the target compares, in the order A B B A: runs later in a process were seen to
+    # run a few percent slower whatever they train, which a plain A then B order would charge to the cache
+    vanilla = [train_run(timing_argv(s, 'vanilla', work / 'vanilla'))]
+    cached = [train_run(timing_argv(s, 'icd+kd', work / f'cached{k}', seed=1, cache=through)) for k in (1, 2)]
+    vanilla.append(train_run(timing_argv(s, 'vanilla', work / 'vanilla2')))
+    record('vanilla', vanilla[0][0]['epoch_seconds'], vanilla[1][1], 0, vanilla[1][0]['epoch_seconds'])
+    record('cached icd+kd', cached[0][0]['epoch_seconds'], cached[1][1], 1, cached[1][0]['epoch_seconds'])
+    if cached[0][1].writes or cached[1][1].writes:
+        raise RuntimeError('a cached run ran the live teacher')
     written, probe, wall = ahead_run(timing_argv(s, 'icd+kd', work / 'ahead-run', cache=ahead))
     record('ahead writer', probe.ahead, probe, 0)
     detail['ahead writer']['wall'] = wall
@@ -364,7 +372,10 @@ def report(cfg, timings: List[dict], quality: Optional[dict], quality_rows: List
               f"{timings[0]['disk'][0]['rows']} training rows ({first['dataset'].split('/')[-1]}, ImageNet-sized "
               f"JPEGs; the loader drops the last partial batch, which a writing epoch then fills), {first['epochs']} "
               f"epochs per run. Epoch time = train + eval as the run logs it, median over the epochs after the "
-              f"first. The cached run uses another `--seed` and the same `--data-seed`. The ahead writer's epoch is "
+              f"first. The cached run uses another `--seed` and the same `--data-seed`. Vanilla and cached, the pair "
+              f"the target compares, run twice each in the order vanilla, cached, cached, vanilla (later runs in one "
+              f"process ran a few percent slower whatever they trained); their medians pool both runs. The ahead "
+              f"writer's epoch is "
               f"the teacher alone over every row (no student), timed around `timm_icd.cache.finish_epoch`.", '',
               '| setting | variant | epoch (s) | / vanilla | / live | eval in epoch (s) | cache read in epoch (s) | '
               'cache fill + flush in epoch (s) |', '|---|---|---|---|---|---|---|---|']
