@@ -259,6 +259,10 @@ def time_setting(s: dict, tmp: Path, csv_rows: List[dict]) -> dict:
         int8_written, _, _ = ahead_run(timing_argv(s, 'icd+kd', work / 'int8-run', cache=int8, storage=INT8,
                                                    epochs=1))
         caches.append((INT8, int8_written['cache'], int8))
+        int8_error = feature_error(ahead, int8)
+        for metric, value in int8_error.items():
+            csv_rows.append(dict(part='int8', setting=s['name'], variant='int8 vs fp16 features', seed='', epoch=0,
+                                 metric=metric, value=value))
     for storage, cache, folder in caches:
         allocated, apparent = folder_bytes(folder / 'epoch-0000')
         row = dict(storage=storage, dim=cache.dim, classes=cache.classes, bytes_per_row=cache.bytes_per_row(),
@@ -267,7 +271,21 @@ def time_setting(s: dict, tmp: Path, csv_rows: List[dict]) -> dict:
         for metric in ('bytes_per_row', 'rows', 'formula', 'du', 'apparent'):
             csv_rows.append(dict(part='disk', setting=s['name'], variant=storage_name(*storage), seed='', epoch=0,
                                  metric=metric, value=row[metric]))
-    return dict(setting=s, epochs=epochs, med=med, detail=detail, disk=disk, identical=identical)
+    return dict(setting=s, epochs=epochs, med=med, detail=detail, disk=disk, identical=identical,
+                int8_error=int8_error if s['int8'] else None)
+
+
+def feature_error(fp16: Path, int8: Path) -> dict:
+    """How far int8-stored teacher features (dequantised) are from the fp16-stored ones, epoch 0, every row: the
+    relative L2 error per row (median and max) and the lowest cosine similarity."""
+    reference = np.load(fp16 / 'epoch-0000' / 'features.npy').astype(np.float64)
+    quantised = np.load(int8 / 'epoch-0000' / 'features.npy').astype(np.float64) * \
+        np.load(int8 / 'epoch-0000' / 'scale.npy').astype(np.float64)[:, None]
+    relative = np.linalg.norm(quantised - reference, axis=1) / np.maximum(np.linalg.norm(reference, axis=1), 1e-12)
+    cosine = (quantised * reference).sum(1) / np.maximum(
+        np.linalg.norm(quantised, axis=1) * np.linalg.norm(reference, axis=1), 1e-12)
+    return {'relative_l2_median': float(np.median(relative)), 'relative_l2_max': float(relative.max()),
+            'cosine_min': float(cosine.min())}
 
 
 # ---------------------------------------------------------------------------------------------------------- quality
@@ -437,6 +455,12 @@ def report(cfg, timings: List[dict], quality: Optional[dict], quality_rows: List
         lines.append(f"| ImageNet-1k, resnet50 (on paper) | {storage_name(*storage)} | {IMAGENET['feature_dim']} | "
                      f"{IMAGENET['num_classes']} | {per_row} | {IMAGENET['rows']} | "
                      f"{_bytes(per_row * IMAGENET['rows'])} | - | - |")
+    for t in timings:
+        if t['int8_error']:
+            e = t['int8_error']
+            lines += ['', f"int8 features against the fp16 ones, {t['setting']['name']}, every row of epoch 0: relative "
+                          f"L2 error median {e['relative_l2_median']:.4f}, max {e['relative_l2_max']:.4f}; lowest "
+                          f"cosine similarity {e['cosine_min']:.6f} (a per-row scale of max|f| / 127)."]
     lines += ['', 'Every epoch is stored (each epoch augments every image anew): a run of E epochs needs E times '
                   'these bytes. With 10 classes top-10 keeps every logit, in more bytes than fp16 (K x 8 + 4 against '
                   'C x 2): the saving there is the int8 features. On ImageNet-1k top-10 is what shrinks the logits, '

@@ -270,3 +270,6 @@ def test_teacher_cache_quick_writes_every_row_of_the_table(tmp_path):
     for variant, times in second.items():
         assert epoch[variant] == pytest.approx(sum(times) / len(times), rel=2e-3, abs=2e-4), variant
     assert {r['variant'] for r in raw if r['part'] == 'quality' and r['metric'] == 'test_top1'} == {'live', 'cached'}
+    int8 = {r['metric']: float(r['value']) for r in raw if r['part'] == 'int8'}
+    assert 0 < int8['relative_l2_median'] <= int8['relative_l2_max'] < 0.02 and 0.999 < int8['cosine_min'] <= 1
+    assert f"relative L2 error median {int8['relative_l2_median']:.4f}" in text
