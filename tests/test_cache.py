@@ -125,11 +125,18 @@ def test_cached_runs_equal_the_writing_run_stay_close_to_live_and_refuse_other_s
     assert mixup.returncode == 2 and '--mixup mixes or erases whole batches' in mixup.stderr
 
 
-def test_two_processes_read_disjoint_rows_that_cover_each_epoch(digits_small, tmp_path):
-    cache = tmp_path / 'cache'
-    written = run_cli('test_resnet', '--dataset', digits_small, '--epochs', '2', '--teacher-cache', cache, *RUN[2:],
-                      module='timm_icd.cache')
-    assert written.returncode == 0, written.stderr[-2000:]
+def test_two_processes_write_ahead_and_read_disjoint_rows_that_cover_each_epoch(digits_small, tmp_path):
+    cache, single = tmp_path / 'cache', tmp_path / 'single'
+    written = accelerate_launch(29560, '-m', 'timm_icd.cache', 'test_resnet', '--dataset', digits_small, '--epochs',
+                                '2', '--teacher-cache', cache, *RUN[2:])  # each process computes half the rows
+    assert written.returncode == 0, written.stderr[-4000:]
+    assert written.stdout.count('done:') == 1 and 'holds epochs [0, 1] of 256 rows' in written.stdout
+    alone = run_cli('test_resnet', '--dataset', digits_small, '--epochs', '1', '--teacher-cache', single, *RUN[2:],
+                    module='timm_icd.cache')
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    for name in ('features', 'logits'):  # the same rows as one process writes (batches differ: float tolerance)
+        np.testing.assert_allclose(np.load(cache / 'epoch-0000' / f'{name}.npy').astype(np.float32),
+                                   np.load(single / 'epoch-0000' / f'{name}.npy').astype(np.float32), atol=2e-3)
     dumps = tmp_path / 'dumps'
     dumps.mkdir()
     result = accelerate_launch(29561, REPO / 'tests' / 'cache_worker.py', dumps, '--dataset', digits_small,
