@@ -91,7 +91,8 @@ def _pool(workers: int):
     Spawned, not forked: forking a process whose torch already runs threads can deadlock the child.
     """
     if workers not in _POOLS:
-        _POOLS[workers] = _InlinePool() if workers == 0 else torch.multiprocessing.get_context('spawn').Pool(workers)
+        _POOLS[workers] = _InlinePool() if workers == 0 else torch.multiprocessing.get_context('spawn').Pool(
+            workers, initializer=torch.set_num_threads, initargs=(1,))  # as DataLoader workers: one thread each
     return _POOLS[workers]
 
 
