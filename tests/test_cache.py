@@ -98,8 +98,8 @@ def test_cached_runs_equal_the_writing_run_stay_close_to_live_and_refuse_other_s
             a = np.load(cache / f'epoch-000{epoch}' / f'{name}.npy')
             assert np.array_equal(a, np.load(ahead / f'epoch-000{epoch}' / f'{name}.npy')), (epoch, name)
 
-    # a reader with another init seed and batch size never runs the teacher; with the writer's own settings it ends
-    # exactly where the (killed and resumed) writer ended
+    # a reader with the writer's settings never runs the teacher and ends exactly where the (killed and resumed)
+    # writer ended (another batch size and process count: the 2-process test below; other seeds: the benchmark)
     dumps = tmp_path / 'dumps'
     dumps.mkdir()
     reader = run_cli(dumps, '--dataset', digits_small, '--epochs', '2', '--output', tmp_path / 'r', '--teacher-cache',
