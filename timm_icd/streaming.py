@@ -32,7 +32,8 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from .data import (
-    EVAL_SPLITS, IMAGE_COLUMNS, LABEL_COLUMNS, ImageClassificationDataset, ImageData, _detect_column, load_dataset_dict)
+    EVAL_SPLITS, IMAGE_COLUMNS, LABEL_COLUMNS, ImageClassificationDataset, ImageData, _builder_kwargs, _detect_column,
+    load_dataset_dict)
 from .errors import UserError
 
 _logger = logging.getLogger(__name__)
@@ -77,9 +78,6 @@ class _InlinePool:
 
     def apply_async(self, fn, args):
         return self._Done(fn(*args))
-
-    def terminate(self):
-        pass
 
 
 _POOLS = {}
@@ -236,7 +234,6 @@ def _split_rows(spec: str, dd: datasets.IterableDatasetDict, split: str) -> Opti
         return metadata['splits'][split]['rows']
     builder, _, path = spec.partition(':')
     if builder in ('webdataset', 'parquet') and path:
-        from .data import _builder_kwargs
         kwargs = _builder_kwargs(builder, path)
         files = kwargs.get('data_files') or datasets.load_dataset_builder(builder, **kwargs).config.data_files
         return count_local_rows(list(files[split])) if split in files else None
