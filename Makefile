@@ -44,4 +44,4 @@ bench-arch: $(STAMP)
 	$(PY) benchmarks/arch_coverage.py
 
 bench-teacher-cache: $(STAMP) $(FASHION_MNIST)
-	$(PY) benchmarks/teacher_cache.py
+	$(PY) benchmarks/cache_speed.py

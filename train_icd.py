@@ -7,7 +7,7 @@ All logic lives in the timm_icd package; see ``train_icd.py --help`` for the fla
 """
 import sys
 
-from timm_icd.cli import main
+from timm_icd.cli.train import main
 
 if __name__ == '__main__':
     sys.exit(main())

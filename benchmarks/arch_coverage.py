@@ -38,8 +38,8 @@ from timm.models._registry import list_modules
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timm_icd import ICDDistillationTask, UserError  # noqa: E402
-from timm_icd.errors import first_line  # noqa: E402
-from timm_icd.export import save_student  # noqa: E402
+from timm_icd.base import first_line  # noqa: E402
+from timm_icd.publish import save_student  # noqa: E402
 
 from common import machine  # noqa: E402
 

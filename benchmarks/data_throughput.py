@@ -44,11 +44,7 @@ import torch
 from timm.data import ImageDataset, create_loader, resolve_data_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timm_icd.config import create_parser  # noqa: E402
-from timm_icd.data import load_image_data  # noqa: E402
-from timm_icd.pipeline import create_pipeline  # noqa: E402
-from timm_icd.shards import write_shards  # noqa: E402
-from timm_icd.streaming import load_stream_data  # noqa: E402
+from timm_icd.data import AugmentConfig, create_pipeline, load_image_data, load_stream_data, write_shards  # noqa: E402
 
 from common import imagenet_like_jpegs, machine  # noqa: E402
 
@@ -86,13 +82,13 @@ def _load(spec: str, streaming: bool = False):
 def timm_icd_path(setup: Setup, spec: str, kind: str) -> Built:
     """The project's pipeline (``create_pipeline``) with ``input_pipeline=kind`` over ``load_image_data(spec)``;
     kind 'stream' streams ``spec`` (``--streaming``, the default shuffle buffer)."""
-    args = create_parser().parse_args(['--input-pipeline', 'loader' if kind == 'stream' else kind, '-j',
-                                       str(setup.workers), '-b', str(setup.batch_size), '--seed', '0', '--scale',
-                                       *map(str, SCALE), '--hflip', str(HFLIP), '--color-jitter', str(COLOR_JITTER),
-                                       '--train-interpolation', INTERPOLATION, *(['--streaming'] * (kind == 'stream'))])
+    augment = AugmentConfig(scale=tuple(SCALE), hflip=HFLIP, color_jitter=COLOR_JITTER,
+                            train_interpolation=INTERPOLATION)
     data = _load(spec, kind == 'stream')
     start = time.perf_counter()
-    pipeline = create_pipeline(data, resolve_data_config({'input_size': (3, setup.size, setup.size)}), args)
+    pipeline = create_pipeline(data, resolve_data_config({'input_size': (3, setup.size, setup.size)}), augment,
+                               kind='loader' if kind == 'stream' else kind, batch_size=setup.batch_size,
+                               workers=setup.workers, seed=0)
     pipeline.to(setup.device)
     decode_s = time.perf_counter() - start if pipeline.kind == 'memory' else float('nan')
 

@@ -3,7 +3,7 @@
 
 For each setting and method, in ONE process:
 
-* ``memory`` and ``loader``: a real ``train_icd.py`` run (``timm_icd.train.run``, what the CLI calls) with
+* ``memory`` and ``loader``: a real ``train_icd.py`` run (``timm_icd.run.run``, what the CLI calls) with
   ``--input-pipeline memory`` / ``loader``; its epoch times (train + eval, as logged) after the first epoch.
 * ``floor``: the same run's task, optimizer and batches, but the batches are taken from the pipeline once and kept
   in memory as normalised tensors; each epoch then replays them through the same distillation step (forward,
@@ -32,8 +32,8 @@ import torch
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timm_icd import train as icd_train  # noqa: E402
-from timm_icd.config import parse_and_validate  # noqa: E402
+from timm_icd.run import parse_and_validate  # noqa: E402
+from timm_icd.run import train as icd_train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import imagenet_like_jpegs, machine  # noqa: E402

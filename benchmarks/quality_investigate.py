@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from quality import (
+from quality_lib import (
     LABELS, PAIRS, append_csv, build_task, create_student, fashion_mnist, fit_task, get_teacher, loaders, subset)
 
 # (method, changed settings, batch, learning rate or None for the pair's 0.01)

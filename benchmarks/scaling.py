@@ -147,7 +147,7 @@ def paper_arithmetic(gpus: int = 8, per_gpu: int = 256):
     heads = flops(lambda: loss.embed(f_s, loss.student_head).sum().backward()) + \
         flops(lambda: loss.embed(f_t, loss.teacher_head).sum().backward())
     z = torch.nn.functional.normalize(torch.randn(b_global, FEAT), dim=1).requires_grad_(True)
-    from timm_icd.loss import icd_terms
+    from timm_icd.distill import icd_terms
 
     def global_term():
         c, i = icd_terms(10.0 * z @ z.T)

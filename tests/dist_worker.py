@@ -4,8 +4,8 @@ import sys
 
 import safetensors.torch
 
-from timm_icd.config import parse_and_validate
-from timm_icd.train import run
+from timm_icd.run import parse_and_validate
+from timm_icd.run import run
 
 
 def train_and_dump(dump_dir: str, argv: list) -> int:

@@ -10,7 +10,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from timm_icd.loss import ICDLoss
+from timm_icd.distill import ICDLoss
 
 
 class Net(torch.nn.Module):

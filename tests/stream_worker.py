@@ -5,7 +5,7 @@ import json
 import os
 import sys
 
-import timm_icd.streaming as streaming
+import timm_icd.data.streaming as streaming
 from dist_worker import train_and_dump
 
 SEEN = []

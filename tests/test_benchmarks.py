@@ -200,11 +200,11 @@ def _md_tables(section: str) -> list:
 def test_teacher_cache_quick_writes_every_row_of_the_table(tmp_path):
     import math
     out = tmp_path / 'teacher_cache.md'
-    result = run_cli('--quick', '--out', out, '--data-dir', tmp_path / 'data', script='benchmarks/teacher_cache.py',
+    result = run_cli('--quick', '--out', out, '--data-dir', tmp_path / 'data', script='benchmarks/cache_speed.py',
                      timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
-    assert 'python benchmarks/teacher_cache.py --quick' in text and 'Total time:' in text and 'torch ' in text
+    assert 'python benchmarks/cache_speed.py --quick' in text and 'Total time:' in text and 'torch ' in text
     sections = {s.split('\n', 1)[0]: s for s in text.split('\n## ')[1:]}
     assert list(sections) == ['Epoch time', 'When the cache has paid for itself', 'Disk',
                               'Student quality: live teacher against the cache']

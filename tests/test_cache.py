@@ -11,8 +11,8 @@ import torch
 
 from conftest import FAST, REPO, offline_env, run_cli
 from test_distributed import accelerate_launch
-from timm_icd.cli import main
-from timm_icd.errors import UserError
+from timm_icd.cli.train import main
+from timm_icd.base import UserError
 from timm_icd.teacher_cache import TeacherCache
 
 RUN = ['--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student', 'test_efficientnet', '-b', '32',
@@ -80,7 +80,8 @@ def test_cached_runs_equal_the_writing_run_stay_close_to_live_and_refuse_other_s
     assert live.returncode == 0, live.stderr[-2000:]
     # the writing run is killed mid-epoch 0: nothing is marked complete, and its resume finishes the cache
     killed = run_cli('--dataset', digits_small, '--epochs', '2', '--output', tmp_path / 'w', '--teacher-cache', cache,
-                     '--checkpoint-steps', '3', *RUN, env=offline_env(TIMM_ICD_CRASH_AT='step:5'))
+                     '--checkpoint-steps', '3', *RUN, env=offline_env(TIMM_ICD_CRASH_AT='step:5'),
+                     script='tests/train_crash.py')
     assert killed.returncode == -signal.SIGKILL
     assert json.loads((cache / 'manifest.json').read_text())['epochs'] == []
     resumed = run_cli('--dataset', digits_small, '--epochs', '2', '--output', tmp_path / 'w', '--teacher-cache', cache,

@@ -56,7 +56,7 @@ def test_config_runs_one_step(config, random_cifar, tmp_path):
 
 
 def test_default_lr_follows_the_papers_rule_for_the_student(tmp_path):
-    from timm_icd.config import parse_args
+    from timm_icd.run import parse_args
     assert parse_args(['--student', 'mobilenetv3_small_100']).lr == 0.01
     assert parse_args(['--student', 'hf-hub:someone/shufflenet_v2']).lr == 0.01
     assert parse_args(['--student', 'resnet18']).lr == 0.05

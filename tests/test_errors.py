@@ -220,8 +220,8 @@ def test_an_interrupted_set_aside_is_put_back(tmp_path):
 
 
 def test_kd_standardize_needs_a_kd_term_and_defaults_the_temperature_to_2(tmp_path):
-    from timm_icd.config import parse_and_validate
-    from timm_icd.errors import UserError
+    from timm_icd.run import parse_and_validate
+    from timm_icd.base import UserError
     assert parse_and_validate([]).kd_temperature == 4.0
     assert parse_and_validate(['--kd-standardize']).kd_temperature == 2.0  # Sun et al.'s base temperature
     assert parse_and_validate(['--kd-standardize', '--kd-temperature', '4']).kd_temperature == 4.0

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from conftest import FAST, REPO, offline_env
 from test_distributed import accelerate_launch
-from timm_icd import watchdog
+from timm_icd.run import watchdog
 
 RUN = ['--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student', 'test_efficientnet', '--epochs', '2',
        '-b', '16', '--checkpoint-steps', '3', '--seed', '3', *FAST]
@@ -66,7 +66,7 @@ def reference(tmp_path_factory, digits_small):
 def test_dead_rank_stops_the_other_with_one_line_and_resume_matches(reference, digits_small, tmp_path):
     out = tmp_path / 'run'
     started = time.monotonic()
-    killed = accelerate_launch(29542, REPO / 'train_icd.py', '--dataset', digits_small, '--output', out, *RUN,
+    killed = accelerate_launch(29542, REPO / 'tests' / 'train_crash.py', '--dataset', digits_small, '--output', out, *RUN,
                                timeout=300, env_extra={'TIMM_ICD_CRASH_AT': CRASH})
     seconds = time.monotonic() - started
     assert killed.returncode != 0
@@ -100,7 +100,7 @@ def test_two_machines_train_together_and_a_dead_machine_stops_the_other(referenc
 
     # no launcher stops rank 0 here (its own machine's agent saw nothing): rank 0 sees rank 1's death itself
     started = time.monotonic()
-    launches = two_machines(29544, tmp_path, REPO / 'train_icd.py', '--dataset', digits_small, '--output',
+    launches = two_machines(29544, tmp_path, REPO / 'tests' / 'train_crash.py', '--dataset', digits_small, '--output',
                             tmp_path / 'killed', *RUN, env=offline_env(ACCELERATE_USE_CPU='1', TIMM_ICD_CRASH_AT=CRASH))
     assert time.monotonic() - started < 120
     assert launches[0].returncode != 0 and launches[1].returncode != 0

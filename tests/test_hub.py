@@ -15,7 +15,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from conftest import FAST, offline_env, run_cli
 from hub_server import FakeHub
-from timm_icd.hub import render_card
+from timm_icd.publish import render_card
 
 REPO_ID = 'icd-tests/digits-student'
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from timm_icd import ICDLoss, icd_terms, kd_loss
-from timm_icd.loss import standardize_logits
+from timm_icd.distill import standardize_logits
 
 
 def reference_icd(f_s, f_t, w_s, c_s, w_t, c_t, t, alpha=0.5, max_tau=10.0):

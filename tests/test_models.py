@@ -10,7 +10,7 @@ import timm
 import torch
 
 from timm_icd import UserError, create_student, create_teacher, load_weights_file
-from timm_icd.export import save_student
+from timm_icd.publish.export import save_student
 
 
 class NotAWeight:
@@ -113,7 +113,7 @@ def test_save_student_failure_is_one_user_error_and_leaves_the_old_folder(tmp_pa
 def test_tensors_sharing_storage_are_saved_apart_so_safetensors_accepts_them(tmp_path):
     """coat ties weights: safetensors refuses shared tensors, so the student folder writes them as copies."""
     import safetensors.torch
-    from timm_icd.export import _unshared
+    from timm_icd.publish.export import _unshared
     weight = torch.randn(4, 3)
     state = {'a': weight, 'b': weight, 'c': weight[1:], 'd': torch.randn(2), 'e': torch.empty(0)}
     with pytest.raises(RuntimeError):
@@ -143,7 +143,7 @@ def test_a_saved_student_describes_itself_not_the_architectures_default_weights(
 
 
 def test_public_record_shortens_every_local_path_and_keeps_the_rest():
-    from timm_icd.export import public_record
+    from timm_icd.publish.export import public_record
     record = {'student': 'local-dir:/home/u/runs/a/student', 'method': 'icd',
               'teacher': {'name': 'resnet50', 'source': 'checkpoint:/home/u/w/teacher.safetensors', 'top1': 80.0},
               'dataset': {'name': '/home/u/data/flowers', 'train_rows': 10},

@@ -1,15 +1,14 @@
 """The input pipeline: uint8 loader batches normalised on the device (the old numbers, exactly), and the in-memory
 path's seeded batched augmentation."""
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from timm.data import create_transform
 
-from timm_icd.augment import BatchAugment, epoch_key, sample_uniforms, splitmix64
+from timm_icd.data.augment import AugmentConfig, BatchAugment, epoch_key, sample_uniforms, splitmix64
 from timm_icd.data import ImageClassificationDataset, load_image_data
-from timm_icd.pipeline import InputStage, create_pipeline
+from timm_icd.data.pipeline import InputStage, create_pipeline
 
 MASK64 = (1 << 64) - 1
 
@@ -79,11 +78,10 @@ def test_jitter_changes_colour_within_range_and_is_deterministic():
     assert (a - images.float() / 255).abs().amax(dim=(1, 2, 3)).min() > 0.01
 
 
-def _args(**kw):
-    base = dict(batch_size=4, validation_batch_size=None, reprob=0.0, remode='pixel', recount=1, workers=0, seed=5,
-                no_aug=False, scale=[0.3, 1.0], ratio=[0.75, 1.333], hflip=0.5, vflip=0.0, color_jitter=0.4,
-                aa=None, train_interpolation='random', input_pipeline='loader')
-    return SimpleNamespace(**{**base, **kw})
+def _pipeline(data, config, input_pipeline='loader', aa=None):
+    augment = AugmentConfig(scale=(0.3, 1.0), ratio=(0.75, 1.333), hflip=0.5, vflip=0.0, color_jitter=0.4, aa=aa,
+                            train_interpolation='random')
+    return create_pipeline(data, config, augment, kind=input_pipeline, batch_size=4, workers=0, seed=5)
 
 
 def test_loader_path_gives_the_old_normalised_numbers_exactly():
@@ -91,8 +89,7 @@ def test_loader_path_gives_the_old_normalised_numbers_exactly():
     data = load_image_data('digits')
     config = {'input_size': (3, 32, 32), 'mean': (0.5, 0.4, 0.3), 'std': (0.2, 0.25, 0.3), 'interpolation': 'bilinear',
               'crop_pct': 0.875, 'crop_mode': 'center'}
-    args = _args()
-    pipeline = create_pipeline(data, config, args)
+    pipeline = _pipeline(data, config)
     old_tf = create_transform(**{**config, 'interpolation': 'random'}, is_training=True, scale=(0.3, 1.0),
                               ratio=(0.75, 1.333), hflip=0.5, color_jitter=0.4)
     old = ImageClassificationDataset(data.train, data.image_column, data.label_column, old_tf, seed=5)
@@ -114,8 +111,8 @@ def test_memory_path_eval_equals_the_loader_path_and_train_is_seeded_per_sample(
     data = load_image_data('digits')
     config = {'input_size': (3, 32, 32), 'mean': (0.5, 0.5, 0.5), 'std': (0.25, 0.25, 0.25),
               'interpolation': 'bilinear', 'crop_pct': 0.9, 'crop_mode': 'center'}
-    memory = create_pipeline(data, config, _args(input_pipeline='auto'))
-    loader = create_pipeline(data, config, _args(input_pipeline='loader'))
+    memory = _pipeline(data, config, input_pipeline='auto')
+    loader = _pipeline(data, config, input_pipeline='loader')
     assert memory.kind == 'memory' and loader.kind == 'loader'
     assert memory.train_stage.images.shape == (len(data.train), 1, 8, 8)  # digits: 8x8 greyscale, stored once
     rows = [3, 4, 359]
@@ -156,10 +153,10 @@ def test_auto_falls_back_to_the_loader_for_per_sample_policies():
     data = load_image_data('digits')
     config = {'input_size': (3, 32, 32), 'mean': (0.5,) * 3, 'std': (0.5,) * 3, 'interpolation': 'bilinear',
               'crop_pct': 0.9, 'crop_mode': 'center'}
-    assert create_pipeline(data, config, _args(input_pipeline='auto', aa='rand-m9-mstd0.5')).kind == 'loader'
-    from timm_icd.errors import UserError
+    assert _pipeline(data, config, input_pipeline='auto', aa='rand-m9-mstd0.5').kind == 'loader'
+    from timm_icd.base import UserError
     with pytest.raises(UserError, match='--input-pipeline memory cannot apply --aa'):
-        create_pipeline(data, config, _args(input_pipeline='memory', aa='rand-m9-mstd0.5'))
+        _pipeline(data, config, input_pipeline='memory', aa='rand-m9-mstd0.5')
 
 
 def test_images_of_different_sizes_use_the_loader(tmp_path):
@@ -172,7 +169,7 @@ def test_images_of_different_sizes_use_the_loader(tmp_path):
     data = load_image_data(f'imagefolder:{tmp_path}')
     config = {'input_size': (3, 16, 16), 'mean': (0.5,) * 3, 'std': (0.5,) * 3, 'interpolation': 'bilinear',
               'crop_pct': 0.9, 'crop_mode': 'center'}
-    assert create_pipeline(data, config, _args(input_pipeline='auto')).kind == 'loader'
+    assert _pipeline(data, config, input_pipeline='auto').kind == 'loader'
 
 
 @pytest.mark.parametrize('order_index', range(6))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from timm_icd import shards
+from timm_icd.data import shards
 from timm_icd.data import load_dataset_dict
 
 BUILDER_COLUMNS = {'webdataset': ('png', 'cls'), 'parquet': ('image', 'label')}

@@ -12,9 +12,9 @@ from timm.data import create_transform
 
 from conftest import FAST, REPO, run_cli
 from test_distributed import accelerate_launch
-from timm_icd.checkpoint import find_latest_checkpoint
-from timm_icd.errors import UserError
-from timm_icd.streaming import StreamLoader, load_stream_data
+from timm_icd.run.checkpoint import find_latest_checkpoint
+from timm_icd.base import UserError
+from timm_icd.data.streaming import StreamLoader, load_stream_data
 
 STREAM = ['--streaming', '--shuffle-buffer', '48', '--teacher', 'test_resnet', '--teacher-pretrained', 'false',
           '--student', 'test_efficientnet', '-b', '16', '--seed', '3', '--reprob', '0.25', *FAST]
@@ -121,7 +121,7 @@ def test_two_processes_cover_every_sample_once_per_epoch_and_resume_exactly_afte
     with open(a / 'summary.csv') as f:
         assert [int(row['eval_count']) for row in csv.DictReader(f)] == [72, 72]  # every eval image once
 
-    killed = accelerate_launch(29552, REPO / 'train_icd.py', *run, '--output', b, env_extra={
+    killed = accelerate_launch(29552, REPO / 'tests' / 'train_crash.py', *run, '--output', b, env_extra={
         'TIMM_ICD_CRASH_AT': 'step:5'})  # both processes die mid-epoch 0, after checkpoint 4
     assert killed.returncode != 0
     assert find_latest_checkpoint(b).name == 'checkpoint-00000004'

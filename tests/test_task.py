@@ -219,7 +219,7 @@ def test_sync_batchnorm_converts_the_student_only_and_keeps_every_name():
 
 def test_feature_task_is_timms_feature_distillation_loss_exactly():
     from timm.task import FeatureDistillationTask
-    from timm_icd.feature_task import FeatureTask
+    from timm_icd.distill import FeatureTask
     torch.manual_seed(0)
     student, teacher = timm.create_model('test_efficientnet', num_classes=10), timm.create_model('test_resnet',
                                                                                                 num_classes=7)

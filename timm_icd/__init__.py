@@ -1,15 +1,19 @@
-"""timm_icd: distill any timm teacher into any timm student with Invariant Consistency Distillation (ICD)."""
-__version__ = '0.1.0'
+"""timm_icd: distill any timm teacher into any timm student with Invariant Consistency Distillation (ICD).
 
-from .errors import UserError
-from .hub import load_student, push_student
-from .hooks import FeatureHook, pool_features, probe_feature_dim
-from .loss import ICDLoss, icd_terms, kd_loss
-from .models import create_student, create_teacher, load_weights_file
-from .task import METHOD_WEIGHTS, METHODS, ICDDistillationTask, ICDTeacher, ICDTrainableModule, create_distiller
+The package's layers, lowest first (``docs/architecture.md``): ``base`` (errors, files, version); ``distill``
+(losses, hooks, teacher, tasks, models), ``data`` (sources, pipeline, streaming, shards), ``publish`` (student
+folders, Hub, reports); ``teacher_cache``; ``run`` (flags, the loop, checkpoints); ``cli`` (the commands).
+"""
+from .base import UserError, __version__
+from .distill import (
+    METHOD_WEIGHTS, METHODS, DistillationTask, FeatureHook, ICDDistillationTask, ICDLoss, ICDTeacher,
+    ICDTrainableModule, Method, create_distiller, create_student, create_teacher, icd_terms, kd_loss,
+    load_weights_file, pool_features, probe_feature_dim, resolve_method)
+from .publish import load_student, push_student
 
 __all__ = [
-    'ICDDistillationTask', 'ICDLoss', 'ICDTeacher', 'ICDTrainableModule', 'FeatureHook', 'METHODS', 'METHOD_WEIGHTS',
-    'UserError', 'create_distiller', 'create_student', 'create_teacher', 'icd_terms', 'kd_loss',
-    'load_student', 'load_weights_file', 'pool_features', 'probe_feature_dim', 'push_student',
+    'DistillationTask', 'FeatureHook', 'ICDDistillationTask', 'ICDLoss', 'ICDTeacher', 'ICDTrainableModule',
+    'METHODS', 'METHOD_WEIGHTS', 'Method', 'UserError', 'create_distiller', 'create_student', 'create_teacher',
+    'icd_terms', 'kd_loss', 'load_student', 'load_weights_file', 'pool_features', 'probe_feature_dim',
+    'push_student', 'resolve_method',
 ]

@@ -1,38 +1,7 @@
-"""Push a finished run's student folder to the Hugging Face Hub (for runs made offline, or to push again).
-
-    python -m timm_icd.push OUT/student ORG/NAME [--private] [--revision BRANCH] [--baseline VANILLA/student]
-"""
-import argparse
-import logging
+"""``python -m timm_icd.push``: push a student folder to the Hugging Face Hub (``timm_icd/cli/push.py``)."""
 import sys
-from typing import List, Optional
 
-from .cli import error_line
-from .errors import UserError
-
-_logger = logging.getLogger(__name__)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m timm_icd.push', description=__doc__.splitlines()[0])
-    parser.add_argument('folder', help='a student folder written by train_icd.py (OUT/student)')
-    parser.add_argument('repo_id', help='ORG/NAME of the Hub model repository (created if needed)')
-    parser.add_argument('--private', action='store_true', help='create the repository as private')
-    parser.add_argument('--revision', default=None, help='branch to push to (created if needed)')
-    parser.add_argument('--license', default='apache-2.0', help="the card's license (default: apache-2.0)")
-    parser.add_argument('--baseline', default=None, metavar='FOLDER',
-                        help='student folder of the same student trained --method vanilla, for the results table')
-    args = parser.parse_args(argv)
-    from .hub import push_student
-    try:
-        url = push_student(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                           license=args.license, baseline=args.baseline)
-    except UserError as e:
-        print(f'error: {error_line(e)}', file=sys.stderr)
-        return 2
-    print(f'pushed {args.folder} to {url}')
-    return 0
-
+from .cli.push import main
 
 if __name__ == '__main__':
     sys.exit(main())

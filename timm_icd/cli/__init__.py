@@ -1,0 +1,1 @@
+from .common import is_main_process, run_command

@@ -1,0 +1,34 @@
+"""Push a finished run's student folder to the Hugging Face Hub (for runs made offline, or to push again).
+
+    python -m timm_icd.push OUT/student ORG/NAME [--private] [--revision BRANCH] [--baseline VANILLA/student]
+"""
+import sys
+from typing import List, Optional
+
+from ..publish import push_student
+from ..run import ArgumentParser
+from .common import run_command
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = ArgumentParser(prog='python -m timm_icd.push', description=__doc__.splitlines()[0])
+    parser.add_argument('folder', help='a student folder written by train_icd.py (OUT/student)')
+    parser.add_argument('repo_id', help='ORG/NAME of the Hub model repository (created if needed)')
+    parser.add_argument('--private', action='store_true', help='create the repository as private')
+    parser.add_argument('--revision', default=None, help='branch to push to (created if needed)')
+    parser.add_argument('--license', default='apache-2.0', help="the card's license (default: apache-2.0)")
+    parser.add_argument('--baseline', default=None, metavar='FOLDER',
+                        help='student folder of the same student trained --method vanilla, for the results table')
+
+    def body() -> int:
+        args = parser.parse_args(argv)
+        url = push_student(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                           license=args.license, baseline=args.baseline)
+        print(f'pushed {args.folder} to {url}')
+        return 0
+
+    return run_command(body)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Which loss terms a run trains with, and their weights: decided here, in ``resolve_method``, and nowhere else.
+
+    loss = task_loss_weight * CE + kd_loss_weight * LOGIT + icd_loss_weight * ICD
+
+LOGIT is the method's logit term (Hinton KD for ``kd`` and ``icd+kd``); ``feature`` is timm's
+``FeatureDistillationTask`` (CE + feature MSE), run for comparison. A logit term needs a teacher that predicts the
+dataset's classes; ``auto`` adds one only then.
+"""
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from ..base import UserError
+
+_logger = logging.getLogger(__name__)
+
+# (task_loss_weight, kd_loss_weight, icd_loss_weight): the ICD paper's settings
+METHOD_WEIGHTS = {
+    'vanilla': (1.0, 0.0, 0.0),
+    'kd': (0.1, 0.9, 0.0),
+    'icd': (1.0, 0.0, 1.0),
+    'icd+kd': (1.0, 1.0, 1.0),
+}
+METHODS = tuple(METHOD_WEIGHTS)
+LOGIT_LOSSES = {'kd': 'kd', 'icd+kd': 'kd'}  # method -> its logit term
+TIMM_METHODS = ('feature',)  # timm's own tasks, run by this tool's loop
+
+
+@dataclass(frozen=True)
+class Method:
+    """A resolved method: its loss terms and weights, and why it was chosen (for the log)."""
+    name: str
+    task_loss_weight: float
+    kd_loss_weight: float
+    icd_loss_weight: float
+    logit_loss: Optional[str]
+    reason: str
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kd_loss_weight > 0 or self.icd_loss_weight > 0 or self.name in TIMM_METHODS
+
+    def describe(self) -> str:
+        """The loss as a formula, for the log."""
+        if self.name == 'feature':
+            return f'{self.task_loss_weight} * ce + {self.kd_loss_weight} * feature MSE'
+        return (f'{self.task_loss_weight} * ce + {self.kd_loss_weight} * {self.logit_loss or "kd"} + '
+                f'{self.icd_loss_weight} * icd')
+
+
+def _names(names: Optional[Sequence]) -> Optional[list]:
+    return [str(n) for n in names] if names else None
+
+
+def resolve_method(
+        method: str,
+        num_classes: int,
+        teacher_classes: Optional[int] = None,
+        teacher_label_names: Optional[Sequence] = None,
+        label_names: Optional[Sequence] = None,
+        task_loss_weight: Optional[float] = None,
+        kd_loss_weight: Optional[float] = None,
+        icd_loss_weight: Optional[float] = None,
+) -> Method:
+    """Resolve ``auto``, check the teacher's label space against the dataset's, and fix the loss weights.
+
+    The teacher predicts the dataset's classes when it has as many and, where both name them, the same names: a
+    teacher saved with label names (this tool's students, most Hub models) that name other classes predicts another
+    label space even at the same count. Then ``auto`` becomes ``icd``, and a method with a logit term is refused.
+
+    Args:
+        method: 'auto', one of ``METHODS`` or 'feature'.
+        num_classes: Classes of the dataset (the student's outputs).
+        teacher_classes: The teacher's outputs; None when there is no teacher.
+        teacher_label_names, label_names: Class names of the teacher and the dataset, where known.
+        task_loss_weight, kd_loss_weight, icd_loss_weight: Overrides of the method's weights.
+    """
+    if method not in ('auto',) + METHODS + TIMM_METHODS:
+        raise UserError(f"unknown method '{method}': choose one of auto, {', '.join(METHODS + TIMM_METHODS)}.")
+    if method == 'vanilla':
+        return Method('vanilla', 1.0 if task_loss_weight is None else float(task_loss_weight), 0.0, 0.0, None,
+                      'vanilla: cross-entropy only, no teacher')
+    if teacher_classes is None:
+        raise UserError(f"method '{method}' needs a teacher: pass --teacher NAME.")
+    if method == 'feature':  # timm's FeatureDistillationTask rule: independent weights, or distill = 1 - task
+        task = 1.0 if task_loss_weight is None else float(task_loss_weight)
+        distill = float(kd_loss_weight) if kd_loss_weight is not None else (
+            1.0 - task if task_loss_weight is not None else 1.0)
+        return Method('feature', task, distill, 0.0, None, "feature: timm's FeatureDistillationTask")
+
+    theirs, ours = _names(teacher_label_names), _names(label_names)
+    other_names = theirs is not None and ours is not None and len(theirs) == len(ours) and theirs != ours
+    same_space = teacher_classes == num_classes and not other_names
+    if method == 'auto':
+        if same_space:
+            method, reason = 'icd+kd', f"auto chose icd+kd: the teacher predicts the dataset's {num_classes} classes"
+        elif other_names:
+            method, reason = 'icd', (f"auto uses icd: the teacher's classes ({', '.join(theirs[:3])}, ...) are not "
+                                     f"the dataset's ({', '.join(ours[:3])}, ...), so logit KD would be meaningless")
+        else:
+            method, reason = 'icd', (f'auto chose icd: the teacher predicts {teacher_classes} classes but the dataset '
+                                     f'has {num_classes}, so logit KD is impossible and only the feature-level ICD '
+                                     f'term is used')
+    else:
+        reason = f'{method} as asked'
+    if method in LOGIT_LOSSES and other_names:
+        raise UserError(f"--method {method} needs a teacher that predicts the dataset's classes, but the teacher's "
+                        f"label names ({', '.join(theirs[:3])}, ...) are not the dataset's ({', '.join(ours[:3])}, "
+                        f"...): use --method icd or auto.")
+    if method in LOGIT_LOSSES and not same_space:
+        raise UserError(
+            f"method '{method}' needs a teacher with the dataset's {num_classes} classes, but the teacher has "
+            f"{teacher_classes}: fine-tune the teacher first (train_icd.py --method vanilla --student TEACHER "
+            f"--pretrained ...) and pass it with --teacher-checkpoint, or use --method icd.")
+    defaults = METHOD_WEIGHTS[method]
+    ce, kd, icd = (float(w) if w is not None else d
+                   for w, d in zip((task_loss_weight, kd_loss_weight, icd_loss_weight), defaults))
+    if kd > 0 and not same_space:
+        raise UserError(f"a KD weight of {kd} needs a teacher with the dataset's {num_classes} classes, but the "
+                        f"teacher has {teacher_classes}; set --kd-loss-weight 0 or fine-tune the teacher first.")
+    return Method(method, ce, kd, icd, LOGIT_LOSSES.get(method, 'kd') if kd > 0 else None, reason)

@@ -1,0 +1,188 @@
+"""A run's parts from parsed flags: data, models, the distiller, the input pipeline and the teacher cache.
+
+Order matters for users: every check that can fail fast (names, the output folder, the dataset, teacher weights, the
+method against the teacher's label space, a resumed run's settings) runs here, before the first training step, and
+nothing in an existing run folder is changed by it.
+"""
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from timm.data import Mixup, resolve_data_config
+
+from ..base import UserError
+from ..data import ImageData, Pipeline, create_pipeline, find_bad_images, load_image_data, load_stream_data
+from ..distill import (
+    DistillationTask, FeatureTask, ICDDistillationTask, ICDTeacher, check_model_name, create_student, create_teacher,
+    fixed_size_kwargs, is_hub_or_local, resolve_method)
+from ..teacher_cache import CachedTeacher, TeacherCache, open_for_run
+from .checkpoint import check_output_dir, read_run_state, resolve_resume
+from .flags import augment_config, data_seed, teacher_dtype
+from .state import RunState
+
+_logger = logging.getLogger(__name__)
+
+# settings a resumed run must share with the run that wrote the checkpoint
+FINGERPRINT = ('student', 'teacher', 'teacher_checkpoint', 'teacher_pretrained', 'method', 'dataset', 'input_size',
+               'batch_size', 'grad_accum_steps', 'seed', 'data_seed', 'icd_feat_dim', 'icd_negatives',
+               'student_layer', 'teacher_layer', 'num_processes', 'input_pipeline', 'model_ema', 'streaming',
+               'shuffle_buffer', 'teacher_cache')
+
+
+@dataclass
+class Run:
+    """Everything a run needs, built and checked before the run folder is touched."""
+    args: argparse.Namespace
+    accelerator: Accelerator
+    output: Path
+    data: ImageData
+    data_config: dict
+    task: DistillationTask
+    pipeline: Pipeline
+    train_loader: Any
+    eval_loader: Any
+    mixup_fn: Optional[Mixup]
+    resume_from: Optional[Path] = None
+    cache: Optional[TeacherCache] = None
+    model_ema: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    num_epochs: int = 0
+    state: RunState = field(default_factory=RunState)
+
+
+def default_output(args: argparse.Namespace, accelerator: Accelerator) -> Path:
+    """output/train/<time>-<student>-<method> (as timm names runs), the same on every process."""
+    stamp = [time.strftime('%Y%m%d-%H%M%S')]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(stamp)
+    name = args.experiment or '-'.join([stamp[0], args.student.split(':')[-1].replace('/', '_'),
+                                        args.method.replace('+', '_')])
+    return Path('output') / 'train' / name
+
+
+def fingerprint(args: argparse.Namespace, accelerator: Accelerator, method: str, pipeline: str) -> dict:
+    """The FINGERPRINT settings of this run; ``method`` and ``pipeline`` are the resolved ones (not ``auto``)."""
+    settings = {**vars(args), 'num_processes': accelerator.num_processes, 'method': method, 'input_pipeline': pipeline,
+                'data_seed': data_seed(args)}
+    return {k: settings[k] for k in FINGERPRINT}
+
+
+def _load_data(args: argparse.Namespace, accelerator: Accelerator) -> ImageData:
+    with accelerator.main_process_first():  # the hold-out of a dataset without eval split is fixed (seed 0)
+        if args.streaming:
+            data = load_stream_data(args.dataset, args.train_split, args.val_split, args.image_column,
+                                    args.label_column, args.num_classes, args.train_num_samples, args.val_num_samples)
+        else:
+            data = load_image_data(args.dataset, args.train_split, args.val_split, args.image_column,
+                                   args.label_column, args.val_fraction)
+    if args.skip_bad_images:
+        for split in ('train', 'eval'):
+            ds = getattr(data, split)
+            bad = [find_bad_images(ds, data.image_column, args.workers) if accelerator.is_main_process else None]
+            if accelerator.num_processes > 1:  # decode everything once, on the main process
+                broadcast_object_list(bad)
+            bad = bad[0]
+            if bad:
+                _logger.warning(f'Skipping {len(bad)} unreadable images in split {split} (rows {bad[:10]}).')
+                setattr(data, split, ds.select(sorted(set(range(len(ds))) - set(bad))))
+                setattr(data, f'{split}_rows', len(ds) - len(bad))
+            data.skipped_images[split] = len(bad)
+    return data
+
+
+def _create_task(args: argparse.Namespace, accelerator: Accelerator, data: ImageData, data_config: dict,
+                 student: nn.Module, mixup_active: bool) -> DistillationTask:
+    """The teacher and the distiller, with the method resolved against the teacher's label space."""
+    teacher, teacher_input_size = None, args.teacher_input_size
+    if args.method != 'vanilla':
+        if teacher_input_size is None and (args.teacher_checkpoint or not (
+                args.teacher_pretrained or is_hub_or_local(args.teacher))):
+            teacher_input_size = data_config['input_size']  # weights without a config: assume the student's size
+        teacher = create_teacher(args.teacher, data.num_classes, args.teacher_pretrained, args.teacher_checkpoint,
+                                 **fixed_size_kwargs(args.teacher, teacher_input_size))
+        if teacher.pretrained_cfg.get('interpolation') not in (None, data_config['interpolation']):
+            _logger.info(f"The teacher sees the student's {data_config['interpolation']} resizing; its config "
+                         f"says {teacher.pretrained_cfg['interpolation']} (set --interpolation to match it).")
+    method = resolve_method(
+        args.method, data.num_classes, teacher_classes=teacher.num_classes if teacher is not None else None,
+        teacher_label_names=teacher.pretrained_cfg.get('label_names') if teacher is not None else None,
+        label_names=data.label_names, task_loss_weight=args.task_loss_weight, kd_loss_weight=args.kd_loss_weight,
+        icd_loss_weight=args.icd_loss_weight)
+    criterion_kwargs = {'smoothing': args.smoothing, 'soft_targets': mixup_active}
+    if method.name == 'feature':  # timm's own feature distillation, for comparison in the same loop
+        input_size = tuple(teacher_input_size or teacher.pretrained_cfg.get('input_size') or data_config['input_size'])
+        if input_size[1:] != tuple(data_config['input_size'])[1:]:
+            raise UserError(f"--method feature (timm's task) feeds the teacher the student's "
+                            f"{data_config['input_size'][1]} px batches, but the teacher expects "
+                            f"{input_size[1]} px: use --method icd, which resizes.")
+        _logger.info(f'Method {method.reason}.')
+        return FeatureTask(student, teacher, criterion_kwargs=criterion_kwargs,
+                           task_loss_weight=method.task_loss_weight, kd_loss_weight=method.kd_loss_weight,
+                           student_mean=data_config['mean'], student_std=data_config['std'],
+                           verbose=accelerator.is_main_process)
+    if args.teacher_cache and teacher is not None:  # the cache serves icd and kd runs alike: it holds the features
+        teacher = ICDTeacher(teacher, teacher_input_size, layer=args.teacher_layer, need_features=True,
+                             dtype=teacher_dtype(args))
+    return ICDDistillationTask(
+        student, teacher, method=method, criterion_kwargs=criterion_kwargs, kd_temperature=args.kd_temperature,
+        kd_standardize=args.kd_standardize, icd_feat_dim=args.icd_feat_dim, icd_alpha=args.icd_alpha,
+        icd_init_t=args.icd_init_t, icd_max_tau=args.icd_max_tau, icd_negatives=args.icd_negatives,
+        student_layer=args.student_layer, teacher_layer=args.teacher_layer,
+        student_input_size=data_config['input_size'], teacher_input_size=teacher_input_size,
+        student_mean=data_config['mean'], student_std=data_config['std'], teacher_dtype=teacher_dtype(args),
+        verbose=accelerator.is_main_process)
+
+
+def build(args: argparse.Namespace, accelerator: Accelerator) -> Run:
+    """Check names, the run folder, the data and the weights, and build the task and loaders; writes nothing."""
+    output = Path(args.output) if args.output else default_output(args, accelerator)
+    check_model_name(args.student, 'student')
+    if args.method != 'vanilla':
+        check_model_name(args.teacher, 'teacher')
+    check_output_dir(output, args.resume, args.overwrite)
+    data = _load_data(args, accelerator)
+    student = create_student(args.student, data.num_classes, args.pretrained, args.student_checkpoint,
+                             drop_rate=args.drop, drop_path_rate=args.drop_path,
+                             **fixed_size_kwargs(args.student, args.input_size))
+    data_config = resolve_data_config(
+        {'input_size': args.input_size, 'mean': args.mean, 'std': args.std, 'interpolation': args.interpolation,
+         'crop_pct': args.crop_pct}, model=student)
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    task = _create_task(args, accelerator, data, data_config, student, mixup_active)
+    augment = augment_config(args)
+    pipeline = create_pipeline(
+        data, data_config, augment, kind=args.input_pipeline, batch_size=args.batch_size,
+        eval_batch_size=args.validation_batch_size, workers=args.workers, seed=data_seed(args),
+        with_index=bool(args.teacher_cache), shuffle_buffer=args.shuffle_buffer,
+        grad_accum_steps=args.grad_accum_steps, rank=accelerator.process_index, world=accelerator.num_processes)
+    _logger.info(f'Input pipeline: {pipeline.description}.')
+    cache = None
+    if args.teacher_cache and task.teacher is not None:
+        cache = open_for_run(
+            args.teacher_cache, task.teacher, data, data_config, accelerator, augment, pipeline.kind,
+            data_seed(args), args.epochs, args.teacher, teacher_dtype=args.teacher_dtype,
+            mixed_precision=args.mixed_precision, features=args.cache_features, topk=args.cache_topk)
+        task.teacher = CachedTeacher(task.teacher, cache)
+    mixup_fn = Mixup(
+        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
+        num_classes=data.num_classes) if mixup_active else None
+    resume_from = resolve_resume(output, args.resume) if args.resume else None
+    if resume_from is not None:  # before any weights are read: a precise message for a mismatched run
+        expected = fingerprint(args, accelerator, task.method, pipeline.kind)
+        saved = read_run_state(resume_from)['fingerprint']
+        saved = {'input_pipeline': 'loader', 'model_ema': False, 'streaming': False,  # what older runs used
+                 'shuffle_buffer': args.shuffle_buffer, 'data_seed': saved['seed'], 'teacher_cache': None, **saved}
+        changed = [k for k in FINGERPRINT if saved.get(k) != expected[k]]
+        if changed:
+            raise UserError(f'cannot resume {resume_from}: it was written with different '
+                            f'{", ".join(changed)}; resume with the original settings.')
+    return Run(args, accelerator, output, data, data_config, task, pipeline, pipeline.train_loader,
+               pipeline.eval_loader, mixup_fn, resume_from=resume_from, cache=cache)

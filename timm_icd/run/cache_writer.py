@@ -1,0 +1,44 @@
+"""Write a teacher cache ahead of the training runs that will read it (``python -m timm_icd.cache``).
+
+The cache is valid for the data settings the training runs will use: the same --dataset, --data-seed (default
+--seed), --input-size, augmentation flags and input pipeline; so it is built from the same flags, by the same
+``build`` a run uses, and every epoch such a run trains is computed and stored. Under ``accelerate launch`` every
+process writes its share of the rows.
+"""
+import argparse
+
+import torch
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+from ..base import UserError
+from ..teacher_cache import finish_epoch
+from .build import build
+from .loop import evaluate
+from .train import create_accelerator
+
+
+def write_ahead(args: argparse.Namespace) -> dict:
+    """Write the cache for ``args`` (every epoch a run with these settings trains), using every process."""
+    accelerator = create_accelerator(args)
+    r = build(args, accelerator)
+    if r.cache is None:
+        raise UserError(f'--method {args.method} uses no teacher outputs to cache.')
+    r.task.to(accelerator.device)
+    r.pipeline.to(accelerator.device)
+    r.task.eval()
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    _, epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=1)
+    metrics = r.cache.manifest.get('teacher_metrics')
+    if metrics is None and r.task.teacher_classes == r.data.num_classes:
+        metrics = evaluate(accelerator, r.task.teacher_logits, accelerator.prepare(r.eval_loader), False,
+                           r.pipeline.eval_stage)
+    rows = 0
+    for epoch in range(epochs):
+        if r.cache.complete(epoch):
+            continue
+        r.cache.prepare_epoch(epoch, accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+        rows += finish_epoch(r.cache, r.task.teacher, r.pipeline, epoch, accelerator,
+                             args.validation_batch_size or args.batch_size, args.workers, metrics)
+    r.task.remove_hooks()
+    return {'epochs': epochs, 'rows_written': rows, 'cache': r.cache}

@@ -1,0 +1,243 @@
+"""A distillation run from parsed flags: build it (``build.py``), then claim the run folder, train epoch by epoch,
+checkpoint, and write the student (and push it).
+
+If the run fails before its first checkpoint, a run it was replacing with ``--overwrite`` is put back.
+"""
+import argparse
+import csv
+import io
+import logging
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import distribute_bn
+
+from ..base import UserError, write_text_atomic
+from ..distill import create_student_ema
+from ..publish import CURVES, plot_run, push_student, save_student
+from ..teacher_cache import finish_epoch as finish_cache_epoch
+from .build import Run, build, fingerprint
+from .checkpoint import claim_output_dir, load_checkpoint, save_checkpoint, settle_overwrite
+from .flags import args_to_yaml, data_seed, loop_config, tracker_config
+from .loop import evaluate, train_one_epoch
+from .record import run_record
+from .state import RunState
+from .watchdog import start_watchdog
+
+_logger = logging.getLogger(__name__)
+
+
+def _summary_csv(history: List[dict]) -> str:
+    buf = io.StringIO()
+    if history:
+        writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    return buf.getvalue()
+
+
+def start(r: Run) -> None:
+    """Claim the run folder, move everything onto the device(s), and restore a checkpoint or measure the teacher."""
+    args, accelerator, task = r.args, r.accelerator, r.task
+    if accelerator.is_main_process:
+        claim_output_dir(r.output, args.overwrite)
+        write_text_atomic(r.output / 'args.yaml', args_to_yaml(args))
+    accelerator.wait_for_everyone()
+    if args.log_with:  # into the run folder (OUT/logs/<project>), on the main process (Accelerate decides)
+        accelerator.project_configuration.logging_dir = str(r.output / 'logs')
+        accelerator.init_trackers(args.tracker_project, config=tracker_config(args))
+
+    if args.grad_checkpointing:
+        task.student.set_grad_checkpointing(True)
+    if args.sync_bn:
+        task.convert_sync_batchnorm()
+    task.to(accelerator.device)
+    r.pipeline.to(accelerator.device)
+    if args.channels_last:
+        task.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(task.trainable_module, **optimizer_kwargs(args))
+    if args.model_ema:  # on the device, before DDP or compile wrap the student (as timm's train.py)
+        r.model_ema = create_student_ema(task.student, decay=args.model_ema_decay, warmup=args.model_ema_warmup)
+        accelerator.register_for_checkpointing(r.model_ema)
+    if args.compile:  # student + heads and teacher, with their hooks, before DDP wraps the student (as timm)
+        task.compile()
+    if r.pipeline.kind == 'stream':  # each process streams its own part: Accelerate must not shard it again
+        task.trainable_module, r.optimizer = accelerator.prepare(task.trainable_module, optimizer)
+    else:
+        task.trainable_module, r.optimizer, r.train_loader, r.eval_loader = accelerator.prepare(
+            task.trainable_module, optimizer, r.train_loader, r.eval_loader)
+    updates_per_epoch = -(-len(r.train_loader) // args.grad_accum_steps)
+    r.scheduler, r.num_epochs = create_scheduler_v2(
+        r.optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
+
+    r.state = RunState(fingerprint=fingerprint(args, accelerator, task.method, r.pipeline.kind))
+    if r.resume_from is not None:
+        r.state = RunState.from_json(load_checkpoint(accelerator, r.resume_from, r.scheduler))
+        if accelerator.process_index > 0:  # the saved loss sums are all processes' (see checkpoint): count them once
+            r.state.epoch_sums = [0.0] * len(r.state.epoch_sums)
+        _logger.info(f'Resumed from {r.resume_from}: epoch {r.state.epoch}, step {r.state.step_in_epoch}.')
+    elif r.cache is not None and r.cache.manifest.get('teacher_metrics'):  # measured by the run that wrote it
+        r.state.teacher = r.cache.manifest['teacher_metrics']
+    elif task.teacher is not None and task.teacher_classes == r.data.num_classes:
+        task.eval()
+        r.state.teacher = evaluate(accelerator, task.teacher_logits, r.eval_loader, args.channels_last,
+                                   r.pipeline.eval_stage, sharded=r.pipeline.kind == 'stream')
+        _logger.info(f"Teacher on '{r.data.eval_split}': top-1 {r.state.teacher['top1']:.2f}%, "
+                     f"top-5 {r.state.teacher['top5']:.2f}% (with the student's eval preprocessing)")
+
+
+def checkpoint(r: Run, state: RunState) -> None:
+    """Save a checkpoint; the first one also lets go of a run replaced with --overwrite.
+
+    Mid-epoch, a streaming run also records where each process's stream goes on (``StreamLoader.position``).
+    """
+    accelerator = r.accelerator
+    state.stream = None
+    if r.pipeline.kind == 'stream' and state.step_in_epoch:
+        positions = [r.train_loader.position]
+        state.stream = gather_object(positions) if accelerator.num_processes > 1 else positions
+    snapshot = state.to_json()
+    if accelerator.num_processes > 1 and state.step_in_epoch:  # the epoch's loss sums of all processes so far
+        sums = torch.as_tensor(snapshot['epoch_sums'], dtype=torch.float64, device=accelerator.device)
+        snapshot['epoch_sums'] = accelerator.reduce(sums, reduction='sum').tolist()
+    save_checkpoint(accelerator, r.output, snapshot, r.scheduler, r.args.keep_checkpoints)
+    if r.accelerator.is_main_process:
+        settle_overwrite(r.output, keep_new=True)
+
+
+def fit(r: Run, argv: Optional[List[str]]) -> dict:
+    """The epoch loop from the current state, then the student folder (and the Hub push)."""
+    args, accelerator, task, state = r.args, r.accelerator, r.task, r.state
+
+    def step_checkpoint(current: RunState) -> None:
+        # every N optimizer updates, so never in the middle of a gradient accumulation cycle
+        if args.checkpoint_steps and accelerator.sync_gradients and current.num_updates % args.checkpoint_steps == 0:
+            checkpoint(r, current)
+
+    last = state.history[-1] if state.history else {}
+    epoch_seconds = []  # wall time of each epoch this process ran (train + eval), for the log and benchmarks
+    config = loop_config(args)
+    for epoch in range(state.epoch, r.num_epochs):
+        started = time.perf_counter()
+        state.epoch = epoch
+        r.train_loader.set_epoch(epoch)
+        r.train_loader.dataset.set_epoch(epoch)
+        loader = r.train_loader
+        if state.step_in_epoch and r.pipeline.kind == 'stream':
+            loader.resume_from(state.stream[accelerator.process_index])
+        elif state.step_in_epoch:
+            loader = accelerator.skip_first_batches(r.train_loader, state.step_in_epoch)
+        recording = r.cache is not None and not r.cache.complete(epoch)
+        if recording:  # this epoch runs the teacher and records it
+            r.cache.prepare_epoch(epoch, accelerator.is_main_process)
+            accelerator.wait_for_everyone()
+        train_metrics = train_one_epoch(accelerator, task, loader, r.optimizer, r.scheduler, state, config,
+                                        r.mixup_fn, on_step=step_checkpoint, prepare=r.pipeline.train_stage,
+                                        model_ema=r.model_ema, select=task.teacher.select if r.cache else None)
+        if recording:
+            finish_cache_epoch(r.cache, task.teacher, r.pipeline, epoch, accelerator,
+                               args.validation_batch_size or args.batch_size, args.workers, state.teacher)
+        if accelerator.num_processes > 1 and args.dist_bn in ('reduce', 'broadcast'):
+            distribute_bn(task.student, accelerator.num_processes, reduce=args.dist_bn == 'reduce')
+        task.eval()
+        sharded = r.pipeline.kind == 'stream'
+        metrics = evaluate(accelerator, task.get_eval_model(), r.eval_loader, args.channels_last,
+                           r.pipeline.eval_stage, sharded)
+        ema_metrics = {}
+        if r.model_ema is not None:
+            ema_metrics = evaluate(accelerator, r.model_ema.module, r.eval_loader, args.channels_last,
+                                   r.pipeline.eval_stage, sharded)
+            ema_metrics = {'eval_ema_top1': ema_metrics['top1'], 'eval_ema_top5': ema_metrics['top5']}
+        r.scheduler.step(epoch + 1, metrics['top1'])
+        epoch_seconds.append(time.perf_counter() - started)
+        state.seconds += epoch_seconds[-1]  # over resumes too
+        last = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items() if k != 'lr'},
+                **{f'eval_{k}': v for k, v in metrics.items()}, **ema_metrics, 'lr': train_metrics['lr']}
+        state.history.append(last)
+        if args.log_with:  # the summary.csv row, as epoch/<column>
+            accelerator.log({f'epoch/{k}': v for k, v in {**last, 'seconds': epoch_seconds[-1]}.items()},
+                            step=state.global_step)
+        _logger.info(f"Epoch {epoch}: loss {train_metrics['loss']:.4f} (ce {train_metrics['loss_ce']:.4f}, "
+                     f"kd {train_metrics['loss_kd']:.4f}, icd {train_metrics['loss_icd']:.4f}, tau "
+                     f"{train_metrics['tau']:.3f}), eval top-1 {metrics['top1']:.2f}%, top-5 "
+                     f"{metrics['top5']:.2f}% on {metrics['count']} images"
+                     + (f"; EMA top-1 {ema_metrics['eval_ema_top1']:.2f}%" if ema_metrics else '')
+                     + f" ({epoch_seconds[-1]:.1f}s)")
+        if state.best_top1 is None or metrics['top1'] > state.best_top1:
+            state.best_top1, state.best_epoch = metrics['top1'], epoch
+            if args.save_best and accelerator.is_main_process:
+                save_student(task.student, r.output / 'student_best', r.data_config, r.data.label_names,
+                             run_record(r, argv, last))
+        state.end_epoch()
+        checkpoint(r, state)
+        if accelerator.is_main_process:
+            if epoch + 1 < r.num_epochs:
+                write_text_atomic(r.output / 'summary.csv', _summary_csv(state.history))
+            plot_run(state.history, r.output / CURVES, f'{args.student} ({task.method})')
+
+    result = {'output': str(r.output), 'student': str(r.output / 'student'), 'method': task.method,
+              'teacher': state.teacher, 'top1': last.get('eval_top1'), 'top5': last.get('eval_top5'),
+              'best_top1': state.best_top1, 'best_epoch': state.best_epoch, 'epochs': r.num_epochs,
+              'model': task.student, 'epoch_seconds': epoch_seconds, 'input_pipeline': r.pipeline.kind}
+    if accelerator.is_main_process:
+        write_text_atomic(r.output / 'summary.csv', _summary_csv(state.history))  # also after a resume at the end
+        save_student(task.student, r.output / 'student', r.data_config, r.data.label_names, run_record(r, argv, last))
+        if r.model_ema is not None:  # the ICD heads are not part of it: the EMA holds the bare student only
+            save_student(r.model_ema.module, r.output / 'student_ema', r.data_config, r.data.label_names,
+                         run_record(r, argv, last, ema=True))
+    accelerator.wait_for_everyone()
+    if args.push_to_hub and accelerator.is_main_process:  # after the barrier: the others need not wait for it
+        folder = r.output / ('student_ema' if args.push_ema else 'student')
+        result['hub_url'] = push_student(folder, args.push_to_hub, private=args.hub_private,
+                                         revision=args.hub_revision)
+    return result
+
+
+def create_accelerator(args: argparse.Namespace) -> Accelerator:
+    """The run's Accelerator, logging set up on every process, the watchdog started and the seed set."""
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum_steps, log_with=args.log_with,
+        # trackers write into the run folder, which is settled later (start() sets the final logging_dir)
+        project_config=ProjectConfiguration(logging_dir=str(Path(args.output or 'output') / 'logs')),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=data_seed(args),
+                                                  non_blocking=torch.cuda.is_available()))
+    start_watchdog(accelerator)  # multi-process runs: a dead peer stops the others at once, with one line
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format='%(message)s', force=True)
+    logging.getLogger('accelerate').setLevel(logging.WARNING)  # one INFO line per checkpoint file otherwise
+    set_seed(args.seed)
+    return accelerator
+
+
+def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
+    """Train a student as ``args`` say (see train_icd.py --help) and return its results and the model.
+
+    Every check runs before the run folder changes. If the run fails before its first checkpoint, a run it was
+    replacing with --overwrite is put back.
+    """
+    accelerator = create_accelerator(args)
+    started = time.time()
+    if accelerator.num_processes > 1:
+        _logger.info(f'Training on {accelerator.num_processes} processes ({accelerator.distributed_type}).')
+    r = build(args, accelerator)
+    try:
+        start(r)
+        result = fit(r, argv)
+    except BaseException as e:
+        if accelerator.is_main_process:
+            settle_overwrite(r.output, keep_new=False)
+        if isinstance(e, UserError) and accelerator.process_index > 0:
+            e.rank = accelerator.process_index  # may be this process's alone (e.g. a bad image in its shard)
+        raise
+    finally:
+        r.task.remove_hooks()
+    result['seconds'] = time.time() - started
+    accelerator.end_training()
+    return result
+

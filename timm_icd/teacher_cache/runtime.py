@@ -1,0 +1,120 @@
+"""The teacher cache in a run: open (or start) it for the run's settings, and complete the epochs the teacher ran.
+
+``python -m timm_icd.cache`` writes a cache ahead (``run/cache_writer.py``); what the cache holds and how:
+``storage.py``.
+"""
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+
+from ..base import UserError
+from ..data import AugmentConfig, ImageData, Pipeline
+from ..distill import ICDTeacher, probe_feature_dim
+from .storage import MANIFEST, CachedTeacher, TeacherCache, dataset_fingerprint, sample_indices, weights_hash
+
+_logger = logging.getLogger(__name__)
+
+
+def open_for_run(
+        root: str,
+        teacher: ICDTeacher,
+        data: ImageData,
+        data_config: dict,
+        accelerator: Accelerator,
+        augment: AugmentConfig,
+        pipeline_kind: str,
+        data_seed: int,
+        epochs: int,
+        teacher_name: str,
+        teacher_dtype: str = 'float32',
+        mixed_precision: str = 'no',
+        features: str = 'fp16',
+        topk: int = 0,
+) -> TeacherCache:
+    """The run's cache at ``root``, opened if valid for its settings (else refused in one line), or started.
+
+    Args:
+        root: The cache folder (``--teacher-cache``).
+        teacher: The live teacher whose outputs are cached.
+        data, data_config: The run's data and the student's data config.
+        accelerator: The run's Accelerator (processes, main-process-first).
+        augment, pipeline_kind, data_seed: What decides each sample's view (the cache is keyed on them).
+        epochs: The run's epochs (a multi-machine run needs them all cached).
+        teacher_name: As given (``--teacher``), for the manifest.
+        teacher_dtype, mixed_precision: How the teacher runs (``--teacher-dtype``, ``--mixed-precision``).
+        features, topk: Storage (``--cache-features``, ``--cache-topk``).
+    """
+    if accelerator.num_processes > int(os.environ.get('LOCAL_WORLD_SIZE', accelerator.num_processes)):
+        manifest = Path(root) / MANIFEST
+        if not manifest.exists() or len(json.loads(manifest.read_text())['epochs']) < epochs:
+            raise UserError('a --teacher-cache is written by the processes of one machine (they share its memory '
+                            'maps): write it first with python -m timm_icd.cache on one machine, then train on many.')
+    valid_for = {
+        'teacher_weights': weights_hash(teacher.model), 'teacher_layer': teacher.layer,
+        'teacher_input_size': list(teacher.input_size or data_config['input_size']),
+        'teacher_dtype': teacher_dtype, 'mixed_precision': mixed_precision,
+        'dataset': data.name, 'train_split': data.train_split,
+        'dataset_fingerprint': dataset_fingerprint(data.train, data.image_column, data.label_column),
+        'data_seed': data_seed, 'input_pipeline': pipeline_kind, 'input_size': list(data_config['input_size']),
+        **augment.per_sample(),
+    }
+    valid_for = json.loads(json.dumps(valid_for))  # tuples as lists, as the manifest stores them
+    storage = {'features': features, 'topk': topk}
+    if topk >= teacher.num_classes:
+        raise UserError(f'--cache-topk {topk} must be below the teacher\'s {teacher.num_classes} classes '
+                        f'(or left out, to store all logits).')
+    if topk and topk * 8 + 4 >= 2 * teacher.num_classes:
+        _logger.warning(f'--cache-topk {topk} stores {topk * 8 + 4} bytes per row, all '
+                        f'{teacher.num_classes} logits would take {2 * teacher.num_classes}: leave it out.')
+    feature_dim = probe_feature_dim(teacher.model, teacher.input_size or data_config['input_size'], teacher.layer,
+                                    role='teacher')
+    with accelerator.main_process_first():
+        cache = TeacherCache.create_or_open(Path(root), valid_for, storage, data.train_rows, feature_dim,
+                                            teacher.num_classes, accelerator.is_main_process)
+    cache.manifest.setdefault('teacher_name', teacher_name)
+    done = len([e for e in range(epochs) if cache.complete(e)])
+    _logger.info(f'Teacher cache {root}: {done} of the run\'s {epochs} epochs cached'
+                 + (f'; the teacher runs for the other {epochs - done} and records them' if done < epochs
+                    else '; the teacher never runs') + f' ({cache.bytes_per_row()} bytes per row, '
+                 f'{cache.bytes_per_row() * cache.rows / 2 ** 20:.2f} MiB per epoch).')
+    return cache
+
+
+@torch.no_grad()
+def fill_missing(cache: TeacherCache, teacher, pipeline: Pipeline, epoch: int, accelerator: Accelerator,
+                 batch_size: int, workers: int = 0) -> int:
+    """Compute and store the rows of ``epoch`` no training batch wrote (the last partial batch the loader drops, or
+    every row for ``python -m timm_icd.cache``), split across the processes. Returns this process's row count."""
+    live = teacher.live if isinstance(teacher, CachedTeacher) else teacher
+    rows = cache.missing(epoch)[accelerator.process_index::accelerator.num_processes]
+    dataset = pipeline.train_loader.dataset
+    dataset.set_epoch(epoch)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows.tolist()), batch_size=batch_size,
+                                         num_workers=workers if pipeline.kind == 'loader' else 0)
+    for batch in loader:
+        batch = [t.to(accelerator.device) for t in batch]
+        x, _ = pipeline.train_stage(batch, epoch)
+        with accelerator.autocast():
+            logits, features = live(live.prepare_input(x))
+        cache.write(epoch, sample_indices(batch), logits, features)
+    return len(rows)
+
+
+def finish_epoch(cache: TeacherCache, teacher, pipeline: Pipeline, epoch: int, accelerator: Accelerator,
+                 batch_size: int, workers: int = 0, teacher_metrics: Optional[dict] = None) -> int:
+    """After an epoch that ran the teacher: fill its missing rows, flush, and mark it complete on every process.
+    Returns the rows this process filled."""
+    accelerator.wait_for_everyone()  # every process's training rows are in
+    rows = fill_missing(cache, teacher, pipeline, epoch, accelerator, batch_size, workers)
+    cache.finish_epoch(epoch, is_main=False)  # flush this process's rows
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        cache.finish_epoch(epoch, is_main=True, teacher_metrics=teacher_metrics)
+    accelerator.wait_for_everyone()
+    cache.reload()
+    return rows
