@@ -54,17 +54,19 @@ def test_two_processes_sync_weights_gather_metrics_once_and_only_rank0_writes(tm
     assert result.stdout.count('done:') == 0  # the worker prints nothing; train_icd.py prints on rank 0 only
 
 
-def test_global_negatives_equal_one_process_on_the_concatenated_batch(tmp_path):
+def test_global_batches_equal_one_process_on_the_concatenated_batch(tmp_path):
+    """ICD's global negatives and DIST's global intra-class term: 2 processes = 1 process on both halves."""
     result = accelerate_launch(29532, str(REPO / 'tests' / 'global_negatives_worker.py'), tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in (0, 1):
         r = json.loads((tmp_path / f'rank{rank}.json').read_text())
         assert r['world'] == 2
-        assert r['loss'] == pytest.approx(r['loss_ref'], abs=1e-5)
-        assert abs(r['loss_local_only'] - r['loss_ref']) > 1e-3  # the gather really changes the loss
-        for name, diff in r['grad_max_abs_diff'].items():
-            assert diff < 1e-5, (rank, name, diff)
-        assert all(norm > 0 for norm in r['grad_norm_ref'].values())
+        for loss in (r, r['dist']):
+            assert loss['loss'] == pytest.approx(loss['loss_ref'], abs=1e-5)
+            assert abs(loss['loss_local_only'] - loss['loss_ref']) > 1e-3  # the gather really changes the loss
+            for name, diff in loss['grad_max_abs_diff'].items():
+                assert diff < 1e-5, (rank, name, diff)
+            assert all(norm > 0 for norm in loss['grad_norm_ref'].values())
 
 
 def test_training_with_global_negatives_end_to_end(tmp_path, digits_small):

@@ -1,8 +1,9 @@
 from .feature_task import FeatureTask
+from .gather import BATCHES, gather_with_grad
 from .hooks import FeatureHook, pool_features, probe_feature_dim
 from .icd_loss import ICD_NEGATIVES, ICDLoss, icd_terms
-from .logit_losses import LS_TEMPERATURE, kd_loss, standardize_logits
-from .methods import METHOD_WEIGHTS, METHODS, Method, resolve_method
+from .logit_losses import LS_TEMPERATURE, dist_loss, dkd_loss, kd_loss, standardize_logits
+from .methods import LOGIT_LOSSES, METHOD_WEIGHTS, METHODS, Method, logit_loss_of, resolve_method
 from .models import (
     check_model_name, create_student, create_student_ema, create_teacher, fixed_size_kwargs, is_hub_or_local,
     load_weights_file, teacher_source)

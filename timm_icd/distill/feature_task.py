@@ -60,10 +60,15 @@ class FeatureTask(FeatureDistillationTask):
     def teacher_classes(self) -> int:
         return self._teacher_classes
 
+    def set_epoch(self, epoch: int) -> None:
+        """timm's loss does not change over epochs."""
+
     def loss_record(self) -> Dict[str, Any]:
         """The loss as distillation.json records it; the feature MSE's weight is the 'kd' weight."""
-        return {'method': self.method, 'kd_temperature': None, 'kd_standardize': None, 'icd': None,
-                'loss_weights': {'task': self.task_loss_weight, 'kd': self.distill_loss_weight, 'icd': 0.0}}
+        return {'method': self.method,
+                'loss_weights': {'task': self.task_loss_weight, 'kd': self.distill_loss_weight, 'icd': 0.0},
+                'logit_loss': None, 'kd_temperature': None, 'kd_standardize': None, 'dkd': None, 'dist': None,
+                'icd': None}
 
     @torch.no_grad()
     def teacher_logits(self, input: torch.Tensor) -> torch.Tensor:

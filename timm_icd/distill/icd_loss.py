@@ -13,10 +13,10 @@ import logging
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed._functional_collectives import all_gather_single_autograd
+
+from .gather import gather_with_grad
 
 _logger = logging.getLogger(__name__)
 
@@ -39,19 +39,6 @@ def icd_terms(logits: torch.Tensor):
     invariance = F.kl_div(
         F.log_softmax(logits, dim=1), F.log_softmax(logits, dim=0).T, reduction='batchmean', log_target=True)
     return contrastive, invariance
-
-
-def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every process in rank order, keeping the gradient path to each process's slice.
-
-    The gather's backward sums the incoming gradients over processes (a reduce-scatter), so with every process
-    computing the same global loss and DDP averaging the parameter gradients, the result is exactly the gradient of
-    one process on the concatenated batch. torch deprecates ``torch.distributed.nn.functional.all_gather`` (which
-    also refuses to run under torch.compile) in favour of this functional collective, which traces under compile.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
 
 
 class ICDLoss(nn.Module):
@@ -120,7 +107,7 @@ class ICDLoss(nn.Module):
             z_s = self.embed(student_features, self.student_head)
             z_t = self.embed(teacher_features, self.teacher_head)
             if self.negatives == 'global':
-                z_s, z_t = _gather_with_grad(z_s), _gather_with_grad(z_t)
+                z_s, z_t = gather_with_grad(z_s), gather_with_grad(z_t)
             tau = self.tau
             contrastive, invariance = icd_terms(tau * z_s @ z_t.T)
         return {

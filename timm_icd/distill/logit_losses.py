@@ -62,3 +62,93 @@ def kd_loss(
     log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
     return F.kl_div(log_p_s, log_p_t, reduction='batchmean', log_target=True) * (temperature ** 2)
+
+
+def dkd_loss(
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        target: torch.Tensor,
+        temperature: float = 4.0,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        standardize: bool = False,
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): ``T^2 * (alpha * TCKD + beta * NCKD)``, averaged over the batch.
+
+    With ``p = softmax(z / T)`` and ``y`` the label, TCKD is the KL between the teacher's and the student's binary
+    distributions ``[p_y, 1 - p_y]`` (target against all others), NCKD the KL between their distributions over the
+    non-target classes alone (``softmax`` of the other C - 1 logits). Every term is computed from log-sum-exps in
+    float32, never as ``log(1 - p_y)``: ``log(1 - p_y) = logsumexp(z_other / T) - logsumexp(z / T)``, so a confident
+    teacher (``p_y`` within float32's epsilon of 1) gives exact finite values where the naive form (and the authors'
+    code, which takes the log of summed probabilities) gives ``log 0``. The non-target classes are gathered, not
+    masked with a large negative constant, so the non-target softmax is exact too.
+
+    Args:
+        student_logits, teacher_logits: B x C logits.
+        target: B class indices (hard labels: the decoupling needs the target class).
+        temperature: T (the authors' 4).
+        alpha, beta: Weights of TCKD and NCKD (the authors' CIFAR-100 settings: 1 and 8; ImageNet: 1 and 0.5).
+        standardize: Z-score both logits per sample first (``standardize_logits``).
+
+    Returns:
+        The scalar loss, float32.
+    """
+    s, t = student_logits.float(), teacher_logits.float()
+    if standardize:
+        s, t = standardize_logits(s), standardize_logits(t)
+    s, t = s / temperature, t / temperature
+    target = target.long()
+    others = torch.ones_like(s, dtype=torch.bool).scatter_(1, target[:, None], False)  # B x C, False at the target
+
+    def binary_and_rest(z: torch.Tensor):
+        rest = z[others].view(z.shape[0], -1)  # the non-target logits, B x (C - 1)
+        lse_all, lse_rest = torch.logsumexp(z, dim=1), torch.logsumexp(rest, dim=1)
+        log_binary = torch.stack([z.gather(1, target[:, None])[:, 0] - lse_all, lse_rest - lse_all], dim=1)
+        return log_binary, rest - lse_rest[:, None]  # log [p_y, 1 - p_y], log softmax over the non-targets
+
+    log_bs, log_qs = binary_and_rest(s)
+    log_bt, log_qt = binary_and_rest(t)
+    tckd = F.kl_div(log_bs, log_bt, reduction='batchmean', log_target=True)
+    nckd = F.kl_div(log_qs, log_qt, reduction='batchmean', log_target=True)
+    return (alpha * tckd + beta * nckd) * temperature ** 2
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation of the rows of ``a`` and ``b``: the cosine of the centred rows (eps in the norms)."""
+    return F.cosine_similarity(a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True), dim=1, eps=eps)
+
+
+def dist_loss(
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        temperature: float = 4.0,
+        beta: float = 2.0,
+        gamma: float = 2.0,
+        standardize: bool = False,
+) -> torch.Tensor:
+    """DIST (Huang et al., NeurIPS 2022): match relations of the probabilities, not their values.
+
+    ``Y = softmax(z / T)``; inter-class: ``1 - mean_i pearson(Y_s[i, :], Y_t[i, :])`` (each sample's ranking of the
+    classes); intra-class: ``1 - mean_c pearson(Y_s[:, c], Y_t[:, c])`` (each class's ranking of the samples in the
+    batch). Loss: ``T^2 * (beta * inter + gamma * intra)``, in float32.
+
+    The intra-class term depends on the whole batch: pass the logits of every process (``gather_logits``) to compute
+    it over the global batch; with a process's own logits it is the per-process term (what the authors' DDP code
+    computes).
+
+    Args:
+        student_logits, teacher_logits: B x C logits.
+        temperature: T (the authors' 4 on CIFAR-100, 1 on ImageNet).
+        beta, gamma: Weights of the inter- and intra-class terms (the authors' CIFAR-100 settings: 2 and 2).
+        standardize: Z-score both logits per sample first (``standardize_logits``).
+
+    Returns:
+        The scalar loss, float32.
+    """
+    s, t = student_logits.float(), teacher_logits.float()
+    if standardize:
+        s, t = standardize_logits(s), standardize_logits(t)
+    ys, yt = F.softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1)
+    inter = 1 - _pearson(ys, yt).mean()
+    intra = 1 - _pearson(ys.T, yt.T).mean()
+    return (beta * inter + gamma * intra) * temperature ** 2

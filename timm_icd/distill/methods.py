@@ -2,7 +2,8 @@
 
     loss = task_loss_weight * CE + kd_loss_weight * LOGIT + icd_loss_weight * ICD
 
-LOGIT is the method's logit term (Hinton KD for ``kd`` and ``icd+kd``); ``feature`` is timm's
+LOGIT is the method's logit term: Hinton KD (``kd``, ``icd+kd``), decoupled KD (``dkd``, ``icd+dkd``; Zhao et al.,
+CVPR 2022) or DIST (``dist``, ``icd+dist``; Huang et al., NeurIPS 2022); ``feature`` is timm's
 ``FeatureDistillationTask`` (CE + feature MSE), run for comparison. A logit term needs a teacher that predicts the
 dataset's classes; ``auto`` adds one only then.
 """
@@ -14,15 +15,21 @@ from ..base import UserError
 
 _logger = logging.getLogger(__name__)
 
-# (task_loss_weight, kd_loss_weight, icd_loss_weight): the ICD paper's settings
+# (task_loss_weight, kd_loss_weight, icd_loss_weight): the ICD paper's settings for vanilla, kd, icd and icd+kd;
+# DKD's and DIST's authors add their term to CE at weight 1 (their own alpha/beta/gamma weigh its parts), and
+# icd+dkd / icd+dist add ICD at the weight icd+kd gives it
 METHOD_WEIGHTS = {
     'vanilla': (1.0, 0.0, 0.0),
     'kd': (0.1, 0.9, 0.0),
+    'dkd': (1.0, 1.0, 0.0),
+    'dist': (1.0, 1.0, 0.0),
     'icd': (1.0, 0.0, 1.0),
     'icd+kd': (1.0, 1.0, 1.0),
+    'icd+dkd': (1.0, 1.0, 1.0),
+    'icd+dist': (1.0, 1.0, 1.0),
 }
 METHODS = tuple(METHOD_WEIGHTS)
-LOGIT_LOSSES = {'kd': 'kd', 'icd+kd': 'kd'}  # method -> its logit term
+LOGIT_LOSSES = {'kd': 'kd', 'icd+kd': 'kd', 'dkd': 'dkd', 'icd+dkd': 'dkd', 'dist': 'dist', 'icd+dist': 'dist'}
 TIMM_METHODS = ('feature',)  # timm's own tasks, run by this tool's loop
 
 
@@ -119,3 +126,8 @@ def resolve_method(
         raise UserError(f"a KD weight of {kd} needs a teacher with the dataset's {num_classes} classes, but the "
                         f"teacher has {teacher_classes}; set --kd-loss-weight 0 or fine-tune the teacher first.")
     return Method(method, ce, kd, icd, LOGIT_LOSSES.get(method, 'kd') if kd > 0 else None, reason)
+
+
+def logit_loss_of(method: str) -> Optional[str]:
+    """The logit term a method name carries ('kd', 'dkd', 'dist'), or None (flags check against it)."""
+    return LOGIT_LOSSES.get(method)

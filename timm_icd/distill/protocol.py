@@ -34,6 +34,9 @@ class DistillationTask(Protocol):
         """'loss' to back-propagate, 'output' (student logits) and the detached parts of ``run.state.LOSS_PARTS``
         it has (missing parts are logged as 0)."""
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch (from 0) that starts now, before its first step (for terms that change over epochs)."""
+
     def train(self, mode: bool = True) -> 'DistillationTask':
         """Training mode for the student; the teacher stays in eval mode."""
 

@@ -1,6 +1,8 @@
 """The ICD distiller: a ``timm.task.TrainingTask`` that trains a student from a frozen teacher.
 
-    loss = task_loss_weight * CE(student, y) + kd_loss_weight * KD(student, teacher) + icd_loss_weight * ICD
+    loss = task_loss_weight * CE(student, y) + kd_loss_weight * LOGIT(student, teacher) + icd_loss_weight * ICD
+
+LOGIT is the method's logit term: Hinton KD, DKD (ramped up over ``dkd_warmup_epochs``, as its authors do) or DIST.
 
 One trainable module holds the student and the ICD heads (so DDP syncs the heads with the student); the teacher
 sits outside it, in eval mode with ``requires_grad=False``, runs under ``no_grad`` and is never wrapped for DDP.
@@ -16,8 +18,10 @@ from timm.task import DistillationTeacher, TrainingTask, resolve_classification_
 from timm.utils import unwrap_model
 
 from .hooks import FeatureHook, probe_feature_dim
+from ..base import UserError
+from .gather import BATCHES, gather_with_grad
 from .icd_loss import ICDLoss
-from .logit_losses import kd_loss
+from .logit_losses import dist_loss, dkd_loss, kd_loss
 from .methods import Method, resolve_method
 from .models import create_student, create_teacher
 from .teacher import ICDTeacher
@@ -75,8 +79,8 @@ class ICDDistillationTask(TrainingTask):
     """Distill a frozen teacher into a student with CE + KD + ICD.
 
     ``forward(input, target)`` returns a dict with 'loss' (to back-propagate), 'output' (student logits, for
-    metrics), and the detached parts 'loss_ce', 'loss_kd', 'loss_icd' and 'tau' (parts of a method that does not
-    use them are 0).
+    metrics), and the detached parts 'loss_ce', 'loss_kd' (the logit term, unweighted), 'loss_icd' and 'tau' (parts
+    of a method that does not use them are 0).
 
     Args:
         student_model: The student (a timm model).
@@ -87,9 +91,14 @@ class ICDDistillationTask(TrainingTask):
             when None (so ``smoothing`` and Mixup/CutMix soft targets work as in timm).
         task_loss_weight, kd_loss_weight, icd_loss_weight: Override the method's weights (see METHOD_WEIGHTS); used
             only when ``method`` is a name.
-        kd_temperature: Temperature of the KD term.
-        kd_standardize: Z-score student and teacher logits per sample before the KD softmax (logit
+        kd_temperature: Temperature of the logit term (KD, DKD or DIST).
+        kd_standardize: Z-score student and teacher logits per sample before the logit term (logit
             standardisation, Sun et al., CVPR 2024; see ``kd_loss``).
+        dkd_alpha, dkd_beta: DKD's weights of its target and non-target parts (see ``dkd_loss``).
+        dkd_warmup_epochs: DKD's weight ramps up linearly over this many epochs (``set_epoch``); 0: no ramp.
+        dist_beta, dist_gamma: DIST's weights of its inter- and intra-class parts (see ``dist_loss``).
+        dist_batch: 'local' computes DIST's intra-class term over each process's batch (the authors' DDP code);
+            'global' gathers every process's logits so it is computed over the whole batch.
         icd_feat_dim, icd_alpha, icd_init_t, icd_max_tau, icd_negatives: ICD settings (see ``ICDLoss``).
         student_layer, teacher_layer: Module names to take features from; None takes each classifier's input.
         student_input_size: (C, H, W) of the student's batches; None uses its pretrained_cfg.
@@ -110,6 +119,12 @@ class ICDDistillationTask(TrainingTask):
             icd_loss_weight: Optional[float] = None,
             kd_temperature: float = 4.0,
             kd_standardize: bool = False,
+            dkd_alpha: float = 1.0,
+            dkd_beta: float = 8.0,
+            dkd_warmup_epochs: int = 20,
+            dist_beta: float = 2.0,
+            dist_gamma: float = 2.0,
+            dist_batch: str = 'local',
             icd_feat_dim: int = 128,
             icd_alpha: float = 0.5,
             icd_init_t: float = 1.0,
@@ -140,6 +155,12 @@ class ICDDistillationTask(TrainingTask):
             method.task_loss_weight, method.kd_loss_weight, method.icd_loss_weight)
         self.kd_temperature = kd_temperature
         self.kd_standardize = kd_standardize
+        if dist_batch not in BATCHES:
+            raise ValueError(f'dist_batch must be one of {BATCHES}, got {dist_batch!r}')
+        self.dkd_alpha, self.dkd_beta, self.dkd_warmup_epochs = dkd_alpha, dkd_beta, dkd_warmup_epochs
+        self.dist_beta, self.dist_gamma, self.dist_batch = dist_beta, dist_gamma, dist_batch
+        self.logit_ramp = 1.0
+        self.set_epoch(0)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         if verbose:
             _logger.info(f'Method {method.reason}; loss = {method.describe()}'
@@ -212,8 +233,13 @@ class ICDDistillationTask(TrainingTask):
         return {
             'method': self.method,
             'loss_weights': {'task': self.task_loss_weight, 'kd': self.kd_loss_weight, 'icd': self.icd_loss_weight},
+            'logit_loss': self.spec.logit_loss,
             'kd_temperature': self.kd_temperature if kd else None,
             'kd_standardize': self.kd_standardize if kd else None,
+            'dkd': {'alpha': self.dkd_alpha, 'beta': self.dkd_beta, 'warmup_epochs': self.dkd_warmup_epochs}
+            if self.spec.logit_loss == 'dkd' else None,
+            'dist': {'beta': self.dist_beta, 'gamma': self.dist_gamma, 'batch': self.dist_batch}
+            if self.spec.logit_loss == 'dist' else None,
             'icd': None if icd is None else {
                 'feat_dim': icd.student_head.out_features, 'alpha': icd.alpha, 'negatives': icd.negatives,
                 'max_tau': icd.max_tau, 'tau_final': float(icd.tau.item()),
@@ -236,8 +262,8 @@ class ICDDistillationTask(TrainingTask):
         zero = loss_ce.new_zeros(()).detach()
         loss_kd = loss_icd = tau = zero
         if self.kd_loss_weight > 0:
-            loss_kd = kd_loss(logits, teacher_logits, self.kd_temperature, standardize=self.kd_standardize)
-            loss = loss + self.kd_loss_weight * loss_kd
+            loss_kd = self._logit_term(logits, teacher_logits, target)
+            loss = loss + (self.kd_loss_weight * self.logit_ramp) * loss_kd
         if icd_out is not None:
             loss_icd, tau = icd_out['loss_icd'], icd_out['tau']
             loss = loss + self.icd_loss_weight * loss_icd
@@ -249,6 +275,25 @@ class ICDDistillationTask(TrainingTask):
             'loss_icd': loss_icd.detach(),
             'tau': tau.detach(),
         }
+
+    def _logit_term(self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        kind, t, std = self.spec.logit_loss, self.kd_temperature, self.kd_standardize
+        if kind == 'dkd':
+            if target.ndim != 1:
+                raise UserError('DKD separates the target class from the others, which needs hard labels: drop '
+                                '--mixup/--cutmix or use another method.')
+            return dkd_loss(logits, teacher_logits, target, t, self.dkd_alpha, self.dkd_beta, standardize=std)
+        if kind == 'dist':
+            if self.dist_batch == 'global':  # the intra-class term over every process's batch (see dist_loss)
+                logits, teacher_logits = gather_with_grad(logits), gather_with_grad(teacher_logits)
+            return dist_loss(logits, teacher_logits, t, self.dist_beta, self.dist_gamma, standardize=std)
+        return kd_loss(logits, teacher_logits, t, standardize=std)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the task which epoch (from 0) is starting: DKD's weight is ``min((epoch + 1) / warmup, 1)``, as its
+        authors ramp it (their epochs count from 1)."""
+        warmup = self.dkd_warmup_epochs if self.spec.logit_loss == 'dkd' else 0
+        self.logit_ramp = min((epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
 
     def convert_sync_batchnorm(self) -> 'ICDDistillationTask':
         """Replace the student's BatchNorm layers with torch's SyncBatchNorm (before DDP wraps it, as timm does).

@@ -32,8 +32,13 @@ STUDENT_FILES = ('model.safetensors', 'config.json', DISTILLATION_JSON)
 TAGS = ['image-classification', 'timm', 'knowledge-distillation', 'icd']
 METHOD_NAMES = {
     'icd+kd': 'Invariant Consistency Distillation plus Hinton KD (ICD+KD)',
+    'icd+dkd': 'Invariant Consistency Distillation plus Decoupled KD (ICD+DKD)',
+    'icd+dist': 'Invariant Consistency Distillation plus DIST (ICD+DIST)',
     'icd': 'Invariant Consistency Distillation (ICD)',
     'kd': 'Hinton knowledge distillation (KD)',
+    'dkd': 'Decoupled Knowledge Distillation (DKD)',
+    'dist': 'DIST, distillation of inter- and intra-class relations',
+    'feature': "timm's feature distillation (pooled pre-logit MSE)",
     'vanilla': 'plain cross-entropy training (no distillation)',
 }
 LOCAL_DATASETS = ('digits', 'imagefolder:', '/', '.', '~')

@@ -132,7 +132,9 @@ def _create_task(args: argparse.Namespace, accelerator: Accelerator, data: Image
                              dtype=teacher_dtype(args))
     return ICDDistillationTask(
         student, teacher, method=method, criterion_kwargs=criterion_kwargs, kd_temperature=args.kd_temperature,
-        kd_standardize=args.kd_standardize, icd_feat_dim=args.icd_feat_dim, icd_alpha=args.icd_alpha,
+        kd_standardize=args.kd_standardize, dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta,
+        dkd_warmup_epochs=args.dkd_warmup_epochs, dist_beta=args.dist_beta, dist_gamma=args.dist_gamma,
+        dist_batch=args.dist_batch, icd_feat_dim=args.icd_feat_dim, icd_alpha=args.icd_alpha,
         icd_init_t=args.icd_init_t, icd_max_tau=args.icd_max_tau, icd_negatives=args.icd_negatives,
         student_layer=args.student_layer, teacher_layer=args.teacher_layer,
         student_input_size=data_config['input_size'], teacher_input_size=teacher_input_size,

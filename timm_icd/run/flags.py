@@ -18,7 +18,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from ..base import UserError
 from ..data import PIPELINES, AugmentConfig
-from ..distill import ICD_NEGATIVES, LS_TEMPERATURE, METHODS
+from ..distill import BATCHES, ICD_NEGATIVES, LS_TEMPERATURE, METHODS, logit_loss_of
 from ..publish import check_push_target
 from .loop import LoopConfig
 
@@ -92,17 +92,36 @@ def create_parser() -> argparse.ArgumentParser:
 
     group = parser.add_argument_group('Method')
     group.add_argument('--method', default='auto', choices=('auto',) + METHODS + ('feature',),
-                       help='auto (default): icd+kd when the teacher has the dataset\'s classes, else icd')
+                       help="auto (default): icd+kd when the teacher has the dataset's classes, else icd; kd, dkd "
+                            "(decoupled KD) and dist (DIST) are logit terms, icd+X adds ICD to one; feature is timm's "
+                            "feature MSE")
     group.add_argument('--task-loss-weight', type=float, default=None, help="CE weight (default: the method's)")
     group.add_argument('--kd-loss-weight', '--distill-loss-weight', dest='kd_loss_weight', type=float, default=None,
-                       help="KD weight (default: the method's; --distill-loss-weight is timm's name)")
+                       help="weight of the logit term, KD, DKD or DIST (default: the method's; --distill-loss-weight "
+                            "is timm's name)")
     group.add_argument('--kd-distill-type', default=None, choices=('logit', 'feature', 'token'),
                        help="timm train.py's switch: logit is --method kd, feature is --method feature")
     group.add_argument('--icd-loss-weight', type=float, default=None, help="ICD weight (default: the method's)")
     group.add_argument('--kd-temperature', type=float, default=None,
-                       help='KD temperature (default: 4, or 2 with --kd-standardize as in Sun et al.)')
+                       help='temperature of the logit term, KD, DKD or DIST (default: 4, the authors\' CIFAR-100 '
+                            'setting for all three, or 2 with --kd-standardize as in Sun et al.)')
     group.add_argument('--kd-standardize', action='store_true',
                        help='Z-score both logits per sample before KD (Sun et al., CVPR 2024); sets T to 2 if unset')
+    group.add_argument('--dkd-alpha', type=float, default=1.0,
+                       help="DKD: weight of the target-class part TCKD (default: 1, the authors')")
+    group.add_argument('--dkd-beta', type=float, default=8.0,
+                       help="DKD: weight of the non-target part NCKD (default: 8, the authors' CIFAR-100 setting; "
+                            "0.5 on ImageNet)")
+    group.add_argument('--dkd-warmup-epochs', type=int, default=20,
+                       help="DKD: its weight ramps up linearly over this many epochs (default: 20, the authors' "
+                            "CIFAR-100 setting for 240 epochs; 0: no ramp)")
+    group.add_argument('--dist-beta', type=float, default=2.0,
+                       help="DIST: weight of the inter-class relation (default: 2, the authors' CIFAR-100 setting)")
+    group.add_argument('--dist-gamma', type=float, default=2.0,
+                       help="DIST: weight of the intra-class relation (default: 2, the authors' CIFAR-100 setting)")
+    group.add_argument('--dist-batch', default='local', choices=BATCHES,
+                       help="DIST's intra-class term over each process's batch (local, default, as the authors' DDP "
+                            "code) or over every process's batch together (global: the logits are gathered)")
     group.add_argument('--icd-feat-dim', type=int, default=128, help='ICD embedding width (default: 128)')
     group.add_argument('--icd-alpha', type=float, default=0.5, help='weight of the invariance term (default: 0.5)')
     group.add_argument('--icd-init-t', type=float, default=1.0, help='initial t; tau = exp(t) (default: 1)')
@@ -330,6 +349,14 @@ def validate_args(args: argparse.Namespace) -> None:
         _check(not no_kd, f'--kd-standardize needs a KD term, which --method {args.method} does not have: use '
                           f'--method kd, icd+kd or auto.')
         _check(args.kd_loss_weight != 0, '--kd-standardize needs a KD term, which --kd-loss-weight 0 turns off.')
+    for name in ('dkd_alpha', 'dkd_beta', 'dkd_warmup_epochs', 'dist_beta', 'dist_gamma'):
+        value = getattr(args, name)
+        _check(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")
+    if logit_loss_of(args.method) == 'dkd':
+        mixed = [f for f, on in (('--mixup', args.mixup > 0), ('--cutmix', args.cutmix > 0),
+                                 ('--cutmix-minmax', args.cutmix_minmax is not None)) if on]
+        _check(not mixed, f'--method {args.method} separates the target class from the others, which the mixed '
+                          f'labels of {mixed[0] if mixed else ""} do not have: drop it or use another method.')
     _check(args.icd_feat_dim >= 1, f'--icd-feat-dim must be >= 1, got {args.icd_feat_dim}.')
     _check(args.icd_alpha >= 0, f'--icd-alpha must be >= 0, got {args.icd_alpha}.')
     _check(args.icd_max_tau > 0, f'--icd-max-tau must be > 0, got {args.icd_max_tau}.')
@@ -393,7 +420,7 @@ def validate_args(args: argparse.Namespace) -> None:
         check_tracker(args.log_with)
     _check(args.kd_distill_type != 'token', "--kd-distill-type token (timm's distillation-token heads) is not "
                                             "offered here: use logit, feature, or --method icd.")
-    _check(args.kd_distill_type != 'logit' or 'kd' in args.method,
+    _check(args.kd_distill_type != 'logit' or logit_loss_of(args.method) == 'kd',
            f'--kd-distill-type logit contradicts --method {args.method}: drop one of them.')
     _check(args.kd_distill_type != 'feature' or args.method == 'feature',
            f'--kd-distill-type feature contradicts --method {args.method}: drop one of them.')

@@ -99,6 +99,9 @@ def train_one_epoch(
         Mean of each loss part over the epoch's applied steps, and the last learning rate.
     """
     task.train()
+    set_epoch = getattr(task, 'set_epoch', None)  # timm's own tasks (in the benchmarks) have none
+    if set_epoch is not None:
+        set_epoch(state.epoch)
     module, seed = task.trainable_module, config.data_seed
     sums = torch.tensor(state.epoch_sums, dtype=torch.float64, device=accelerator.device)
     zero, one = torch.zeros((), device=accelerator.device), torch.ones((), device=accelerator.device)
