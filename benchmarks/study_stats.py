@@ -1,0 +1,195 @@
+"""The study's analysis, as ``results/protocol.md`` fixes it: paired differences by seed, two-sided t-tests, Holm's
+step-down correction over the four primary contrasts; exploratory contrasts reported without correction or claim."""
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy import stats
+
+from common import machine
+
+ALPHA = 0.05
+
+
+def holm(pvalues: Sequence[float]) -> List[float]:
+    """Holm's step-down adjusted p-values (family-wise error), in the input order."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def paired(a: Dict[int, float], b: Dict[int, float]) -> Dict[str, object]:
+    """Mean of a - b over the seeds both have, its 95% t-interval, the two-sided t-test and the exact sign test."""
+    seeds = sorted(set(a) & set(b))
+    d = np.array([a[s] - b[s] for s in seeds])
+    out = {'n': len(d), 'seeds': seeds, 'diffs': d.tolist(), 'mean': float(d.mean()) if len(d) else float('nan'),
+           'positive': int((d > 0).sum()), 'negative': int((d < 0).sum())}
+    if len(d) >= 2 and d.std(ddof=1) > 0:
+        sem = d.std(ddof=1) / np.sqrt(len(d))
+        half = stats.t.ppf(0.975, len(d) - 1) * sem
+        out.update(low=out['mean'] - half, high=out['mean'] + half, p=float(stats.ttest_1samp(d, 0.0).pvalue))
+    else:
+        out.update(low=float('nan'), high=float('nan'), p=float('nan') if len(d) < 2 else 1.0)
+    nonzero = out['positive'] + out['negative']
+    out['sign_p'] = float(stats.binomtest(out['positive'], nonzero).pvalue) if nonzero else float('nan')
+    return out
+
+
+def values(rows: List[dict], pair: str, family: str, teacher: str = 'trained',
+           stages: Tuple[str, ...] = ('confirm', 'explore')) -> Dict[int, float]:
+    """Test top-1 by seed of one arm: its pair, family and teacher ('trained', 'random' or '' for none)."""
+    out = {}
+    for r in rows:
+        if r['stage'] not in stages or r['pair'] != pair or r['family'] != family or r['test_top1'] in ('', None):
+            continue
+        kind = '' if not r['teacher'] else 'random' if r['teacher'].startswith('random') else 'trained'
+        if kind == (teacher if family != 'vanilla' else ''):
+            out[int(r['seed'])] = float(r['test_top1'])
+    return out
+
+
+def teachers_of(rows: List[dict], pair: str) -> Dict[int, str]:
+    return {int(r['seed']): r['teacher'] for r in rows if r['stage'] == 'confirm' and r['pair'] == pair
+            and r['teacher'] and not r['teacher'].startswith('random')}
+
+
+def contrasts(choice: Dict[str, str]) -> Tuple[List[tuple], List[tuple]]:
+    """(primary, exploratory): (name, label, (pair, family, teacher) of A, of B)."""
+    x, other = choice['X'], 'dist' if choice['X'] == 'dkd' else 'dkd'
+    cnn = lambda f, t='trained': ('cnn', f, t)  # noqa: E731
+    tr = lambda f, t='trained': ('transfer', f, t)  # noqa: E731
+    primary = [
+        ('P1', 'icd+kd - kd (same label space)', cnn('icd+kd'), cnn('kd')),
+        ('P2', f'icd+{x} - {x} (same label space; {x}: the better logit term on validation)', cnn(f'icd+{x}'), cnn(x)),
+        ('P3', 'icd - vanilla (across label spaces)', tr('icd'), tr('vanilla')),
+        ('P4', 'icd - icd with a random teacher (across label spaces)', tr('icd'), tr('icd', 'random')),
+    ]
+    exploratory = [
+        ('E1', 'kd - vanilla', cnn('kd'), cnn('vanilla')),
+        ('E2', f'{x} - vanilla', cnn(x), cnn('vanilla')),
+        ('E3', 'icd+kd - vanilla', cnn('icd+kd'), cnn('vanilla')),
+        ('E4', f'icd+{x} - vanilla', cnn(f'icd+{x}'), cnn('vanilla')),
+        ('E5', f'{x} - kd', cnn(x), cnn('kd')),
+        ('E6', f'icd+{x} - icd+kd', cnn(f'icd+{x}'), cnn('icd+kd')),
+        ('E7', f'{other} - {x}', cnn(other), cnn(x)),
+        ('E8', 'kd with logit standardisation - kd (standardisation alone, at KD\'s weight and T)', cnn('kd+ls'),
+         cnn('kd')),
+        ('E9', 'icd with a random teacher - vanilla (across label spaces)', tr('icd', 'random'), tr('vanilla')),
+    ]
+    return primary, exploratory
+
+
+def analyse(rows: List[dict], choice: Dict[str, str]) -> Dict[str, dict]:
+    primary, exploratory = contrasts(choice)
+    results = {}
+    for name, label, a, b in primary + exploratory:
+        results[name] = {'label': label, **paired(values(rows, *a), values(rows, *b))}
+        tmap = teachers_of(rows, a[0])
+        by_teacher = {}
+        for seed, d in zip(results[name]['seeds'], results[name]['diffs']):
+            by_teacher.setdefault(tmap.get(seed, '?'), []).append(d)
+        results[name]['by_teacher'] = {t: float(np.mean(v)) for t, v in sorted(by_teacher.items())}
+        means = list(results[name]['by_teacher'].values())
+        results[name]['teacher_p'] = float(stats.ttest_1samp(means, 0.0).pvalue) \
+            if len(means) >= 2 and np.std(means) > 0 else float('nan')
+    adjusted = holm([results[name]['p'] for name, *_ in primary])
+    for (name, *_), p in zip(primary, adjusted):
+        results[name]['holm_p'] = p
+        results[name]['established'] = bool(p < ALPHA)
+    return results
+
+
+def _f(v: Optional[float], fmt: str = '+.2f') -> str:
+    return '-' if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
+
+
+def _p(v: float) -> str:
+    return '-' if np.isnan(v) else f'{v:.4f}' if v >= 1e-4 else f'{v:.1e}'
+
+
+def _arm_table(rows: List[dict], pair: str, arms: List[tuple]) -> List[str]:
+    lines = ['| arm | n | mean | std | min | max |', '|---|---|---|---|---|---|']
+    for label, family, teacher in arms:
+        v = list(values(rows, pair, family, teacher).values())
+        if not v:
+            continue
+        sd = f'{statistics.stdev(v):.2f}' if len(v) > 1 else 'n=1'
+        lines.append(f'| {label} | {len(v)} | {statistics.mean(v):.2f} | {sd} | {min(v):.2f} | {max(v):.2f} |')
+    return lines
+
+
+def write_report(cfg, s, rows: List[dict], choice: Dict[str, str], grid: dict, margin: float) -> Path:
+    """``<out>/<name>.md``: the tuning, the primary contrasts with Holm-adjusted p, and the exploratory ones."""
+    results = analyse(rows, choice)
+    primary, exploratory = contrasts(choice)
+    x = choice['X']
+    hours = sum(float(r['seconds'] or 0) for r in rows) / 3600
+    command = f"python benchmarks/study.py all{' --quick' if cfg.quick else ''}" + \
+        (f' --preset {cfg.preset}' if cfg.preset != 'cpu' else '')
+    lines = [f'# The pre-registered study: results{" (quick mode: a pipeline check, not evidence)" if cfg.quick else ""}',
+             '',
+             f'Generated by `{command}` on {time.strftime("%Y-%m-%d")}, following [protocol.md](protocol.md) '
+             f'(committed before the first confirmatory run). Machine: {machine()}, Python {platform.python_version()}, '
+             f'torch {torch.__version__}. Compute: {hours:.1f} h, the sum of every run\'s wall time ({s["jobs"]} runs '
+             f'at a time, {s["threads"]} thread(s) each). Every number comes from [{cfg.name}_runs.csv]'
+             f'({cfg.name}_runs.csv).', '',
+             '## Tuning (validation split; the test split is never evaluated here)', '',
+             f'Mean validation top-1 (%) over the tuning seeds {s["tune_seeds"]}; a configuration replaces its family\'s '
+             f'default only when it is better by more than {margin} points.', '',
+             '| family (method) | configuration | flags | validation top-1 | selected |', '|---|---|---|---|---|']
+    for family, (method, configs) in grid.items():
+        for config, flags in configs.items():
+            v = [float(r['val_top1']) for r in rows if r['stage'] == 'tune' and r['family'] == family
+                 and r['config'] == config]
+            score = ', '.join(f'{x_:.2f}' for x_ in v) + (f' (mean {np.mean(v):.2f})' if v else '')
+            lines.append(f"| {family} ({method}) | {config} | `{' '.join(flags) or '(defaults)'}` | {score or '-'} | "
+                         f"{'yes' if choice[family] == config else ''} |")
+    lines += ['', f'X, the logit term of P2: **{x}** (the higher validation mean of the selected DKD and DIST '
+                  f'configurations).', '',
+              '## Primary contrasts (test split, top-1 percentage points, paired by seed)', '',
+              f'Two-sided t-test of the per-seed differences; Holm\'s step-down over P1-P4 at family-wise '
+              f'{ALPHA}. "established" means Holm-adjusted p < {ALPHA}; nothing else is claimed.', '',
+              '| | contrast | n | mean | 95% CI | positive seeds | p | Holm p | established |',
+              '|---|---|---|---|---|---|---|---|---|']
+    for name, *_ in primary:
+        r = results[name]
+        lines.append(f"| {name} | {r['label']} | {r['n']} | {_f(r['mean'])} | [{_f(r['low'])}, {_f(r['high'])}] | "
+                     f"{r['positive']} of {r['n']} | {_p(r['p'])} | {_p(r['holm_p'])} | "
+                     f"{'**yes**' if r['established'] else 'no'} |")
+    lines += ['', 'Sensitivity (not part of the decision): the mean difference per teacher, and a t-test over those '
+                  'per-teacher means (teacher variance counted in full, with 2 degrees of freedom).', '',
+              '| | per teacher | p over teachers | exact sign test p |', '|---|---|---|---|']
+    for name, *_ in primary:
+        r = results[name]
+        per = ', '.join(f'{t}: {_f(v)}' for t, v in r['by_teacher'].items())
+        lines.append(f"| {name} | {per} | {_p(r['teacher_p'])} | {_p(r['sign_p'])} |")
+    lines += ['', '## Exploratory contrasts (no correction, no claim)', '',
+              '| | contrast | n | mean | 95% CI | positive seeds | p |', '|---|---|---|---|---|---|---|']
+    for name, *_ in exploratory:
+        r = results[name]
+        if r['n']:
+            lines.append(f"| {name} | {r['label']} | {r['n']} | {_f(r['mean'])} | [{_f(r['low'])}, {_f(r['high'])}] "
+                         f"| {r['positive']} of {r['n']} | {_p(r['p'])} |")
+    other = 'dist' if x == 'dkd' else 'dkd'
+    lines += ['', '## Test top-1 per arm (%)', '', '### Same label space: resnet18 -> mobilenetv3_small_050', '']
+    lines += _arm_table(rows, 'cnn', [('vanilla (exploratory)', 'vanilla', ''), ('kd', 'kd', 'trained'),
+                                      ('icd+kd', 'icd+kd', 'trained'), (x, x, 'trained'),
+                                      (f'icd+{x}', f'icd+{x}', 'trained'), (f'{other} (exploratory)', other, 'trained'),
+                                      ('kd+ls (exploratory)', 'kd+ls', 'trained')])
+    lines += ['', '### Across label spaces: clothing teacher (resnet18), footwear-and-bags student', '']
+    lines += _arm_table(rows, 'transfer', [('vanilla', 'vanilla', ''), ('icd', 'icd', 'trained'),
+                                           ('icd, random teacher', 'icd', 'random')])
+    teachers = [r for r in rows if r['stage'] == 'teachers']
+    if teachers:
+        lines += ['', '## Teachers (validation top-1, final epoch)', '', '| teacher | validation top-1 |', '|---|---|']
+        lines += [f"| {r['key']} | {float(r['val_top1']):.2f} |" for r in teachers]
+    path = Path(cfg.out) / f'{cfg.name}.md'
+    path.write_text('\n'.join(lines) + '\n')
+    return path

@@ -1,0 +1,84 @@
+"""The pre-registered study (benchmarks/study.py): its statistics against scipy and hand-worked values, its selection
+rule, and its quick mode end to end (real train_icd.py runs, teacher caches, the test split only after tuning)."""
+import csv
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import REPO, run_cli
+
+sys.path.insert(0, str(REPO / 'benchmarks'))
+import study  # noqa: E402
+from study_stats import holm, paired  # noqa: E402
+
+
+def test_holm_matches_a_hand_worked_example_and_never_lowers_a_p_value():
+    # sorted 0.01, 0.02, 0.03, 0.04 -> 4 * 0.01, 3 * 0.02, max(2 * 0.03, 0.06), max(0.04, 0.06)
+    assert holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
+    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    assert holm([0.9, 0.8, 0.7]) == pytest.approx([1.0, 1.0, 1.0])  # 3 x 0.7 caps at 1
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        p = rng.uniform(0, 1, 4).tolist()
+        adjusted = holm(p)
+        assert all(a >= raw for a, raw in zip(adjusted, p)) and max(adjusted) <= 1.0
+
+
+def test_paired_difference_is_scipys_paired_t_test_and_sign_test():
+    rng = np.random.default_rng(1)
+    a = {s: 70 + rng.normal() for s in range(10)}
+    b = {s: a[s] - 0.5 + rng.normal() * 0.4 for s in range(10)}
+    b[11] = 0.0  # a seed only one arm has is left out
+    r = paired(a, b)
+    xs, ys = [a[s] for s in range(10)], [b[s] for s in range(10)]
+    assert r['n'] == 10 and r['mean'] == pytest.approx(np.mean(np.subtract(xs, ys)))
+    assert r['p'] == pytest.approx(stats.ttest_rel(xs, ys).pvalue)
+    ci = stats.ttest_rel(xs, ys).confidence_interval(0.95)
+    assert (r['low'], r['high']) == pytest.approx((ci.low, ci.high))
+    assert r['sign_p'] == pytest.approx(stats.binomtest(r['positive'], 10).pvalue)
+
+
+def _tune_rows(scores):
+    return [{'stage': 'tune', 'family': family, 'config': config, 'val_top1': str(v)}
+            for (family, config), values in scores.items() for v in values]
+
+
+def test_selection_rule_needs_more_than_the_margin_to_replace_a_default():
+    base = {('kd', 'default'): [80.0, 80.0], ('kd', 'T2'): [80.4, 80.5], ('kd', 'w1'): [79.0, 79.0],
+            ('dkd', 'default'): [80.0, 80.0], ('dkd', 'beta2'): [81.0, 81.2], ('dkd', 'beta0.5'): [80.0, 80.0],
+            ('dist', 'default'): [82.0, 82.0], ('dist', 'T2'): [81.0, 81.0], ('dist', 'T1'): [80.0, 80.0],
+            ('icd', 'default'): [80.0, 80.0], ('icd', 'noclamp'): [80.6, 80.6], ('icd', 'w0.5'): [80.0, 80.0]}
+    choice = study.selected(_tune_rows(base))
+    assert choice == {'kd': 'default', 'dkd': 'beta2', 'dist': 'default', 'icd': 'noclamp', 'X': 'dist'}
+    del base[('dkd', 'default')]
+    with pytest.raises(SystemExit, match='tuning of dkd is not complete'):
+        study.selected(_tune_rows(base))
+
+
+def test_quick_study_runs_the_protocol_end_to_end(tmp_path):
+    out, data = tmp_path / 'results', tmp_path / 'data'
+    result = run_cli('all', '--quick', '--out', out, '--data-dir', data, script='benchmarks/study.py', timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out / 'study_quick_runs.csv') as f:
+        rows = list(csv.DictReader(f))
+    tune = [r for r in rows if r['stage'] == 'tune']
+    assert len(tune) == 12 and all(r['val_top1'] and not r['test_top1'] for r in tune)  # never the test split
+    confirm = [r for r in rows if r['stage'] == 'confirm']
+    assert all(r['test_top1'] and int(r['test_images']) == (160 if r['pair'] == 'cnn' else 64) for r in confirm)
+    cnn = [r for r in confirm if r['pair'] == 'cnn']
+    assert all('--teacher-cache' in r['flags'] for r in cnn) and len(cnn) == 8
+    assert {r['teacher'] for r in cnn if r['seed'] == '1'} == {'cnn-teacher1'}  # seed s uses teacher s mod teachers
+    transfer = {(r['method'], r['teacher'].split('(')[0], r['seed']) for r in confirm if r['pair'] == 'transfer'}
+    assert transfer == {(m, t, s) for s in '01' for m, t in (('icd', f'transfer-teacher{s}'), ('vanilla', ''),
+                                                             ('icd', 'random'))}
+    logs = (data / 'study_quick' / 'runs' / 'confirm').glob('confirm-cnn-*.log')
+    assert all('the teacher never runs' in log.read_text() for log in logs)  # every cnn run read its seed's cache
+    kd_ls = [r for r in rows if r['family'] == 'kd+ls']
+    assert kd_ls and all('--kd-standardize' in r['flags'] and '--kd-temperature' in r['flags'] for r in kd_ls)
+    text = (out / 'study_quick.md').read_text()
+    for name in ('P1', 'P2', 'P3', 'P4'):
+        line = next(line for line in text.splitlines() if line.startswith(f'| {name} |'))
+        assert line.count('|') == 10 and line.rstrip('| ').endswith(('yes**', 'no'))
+    assert 'Holm' in text and 'quick mode: a pipeline check, not evidence' in text
