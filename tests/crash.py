@@ -24,5 +24,6 @@ def _crash(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-if _POINT and (not _rank or int(_rank) == int(os.environ.get('RANK', '0'))):
+_first_attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0'  # a restarted worker is not killed again
+if _POINT and _first_attempt and (not _rank or int(_rank) == int(os.environ.get('RANK', '0'))):
     add_listener(_crash)

@@ -207,7 +207,7 @@ def test_skip_nonfinite_tolerates_up_to_n_steps(inputs, tmp_path):
 
 def test_an_interrupted_set_aside_is_put_back(tmp_path):
     """A kill while --overwrite moves the old run aside must not cost the files not yet moved."""
-    from timm_icd.checkpoint import claim_output_dir
+    from timm_icd.run.checkpoint import claim_output_dir
     out = tmp_path / 'run'
     (out / '.overwritten-run.partial').mkdir(parents=True)
     (out / '.overwritten-run.partial' / 'summary.csv').write_text('moved before the kill')

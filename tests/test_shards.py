@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
+from timm_icd.cli.shards import main as shards_main
 from timm_icd.data import shards
 from timm_icd.data import load_dataset_dict
 
@@ -81,7 +82,7 @@ def test_digits_shards_read_back(fmt, digits_small, tmp_path):
 @pytest.mark.parametrize('fmt', ['webdataset', 'parquet'])
 def test_imagefolder_jpeg_bytes_kept(fmt, image_folder, tmp_path):
     out = tmp_path / 'shards'
-    assert shards.main([f'imagefolder:{image_folder}', str(out), '--shard-size', '4', '--format', fmt]) == 0
+    assert shards_main([f'imagefolder:{image_folder}', str(out), '--shard-size', '4', '--format', fmt]) == 0
     source = load_dataset_dict(f'imagefolder:{image_folder}')
     assert _files(out)[1:] == [f'test-00000-of-00001.{shards.SUFFIX[fmt]}', shards.META_FILE,
                                *[f'train-0000{i}-of-00003.{shards.SUFFIX[fmt]}' for i in range(3)]]
@@ -113,7 +114,7 @@ def test_mixed_formats_become_lossless_png(image_folder, tmp_path):
         else:
             target.write_bytes(path.read_bytes())
     out = tmp_path / 'shards'
-    assert shards.main([f'imagefolder:{mixed}', str(out), '--shard-size', '100', '--splits', 'train']) == 0
+    assert shards_main([f'imagefolder:{mixed}', str(out), '--shard-size', '100', '--splits', 'train']) == 0
     assert _files(out) == ['README.md', 'timm_icd_shards.json', 'train-00000-of-00001.tar']
     source = load_dataset_dict(f'imagefolder:{mixed}')['train']
     loaded = _load('webdataset', out, tmp_path)['train']
@@ -123,16 +124,16 @@ def test_mixed_formats_become_lossless_png(image_folder, tmp_path):
 
 def test_refuses_existing_shards_and_bad_shard_size(digits_small, tmp_path):
     out = tmp_path / 'shards'
-    assert shards.main([digits_small, str(out), '--shard-size', '1000', '--splits', 'test']) == 0
+    assert shards_main([digits_small, str(out), '--shard-size', '1000', '--splits', 'test']) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     result = run_cli(digits_small, out, '--shard-size', 10, module='timm_icd.shards')
     assert result.returncode == 2
     assert result.stderr.count('\n') == 1 and result.stderr.startswith('error: ')
     assert 'not an empty folder' in result.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert shards.main([digits_small, str(tmp_path / 'other'), '--shard-size', '0']) == 2
+    assert shards_main([digits_small, str(tmp_path / 'other'), '--shard-size', '0']) == 2
     assert not (tmp_path / 'other').exists()
-    assert shards.main([digits_small, str(tmp_path / 'other'), '--shard-size', '5', '--splits', 'extra']) == 2
+    assert shards_main([digits_small, str(tmp_path / 'other'), '--shard-size', '5', '--splits', 'extra']) == 2
 
 
 def test_unreadable_image_leaves_no_partial_shard(image_folder, tmp_path, capsys):
@@ -143,7 +144,7 @@ def test_unreadable_image_leaves_no_partial_shard(image_folder, tmp_path, capsys
         target.write_bytes(path.read_bytes())
     (broken / 'train' / 'dog' / '4.jpg').write_bytes(b'not a jpeg')  # the last row
     out = tmp_path / 'shards'
-    assert shards.main([f'imagefolder:{broken}', str(out), '--shard-size', '4', '--format', 'parquet']) == 2
+    assert shards_main([f'imagefolder:{broken}', str(out), '--shard-size', '4', '--format', 'parquet']) == 2
     assert "cannot read the image in row 9 of split 'train'" in capsys.readouterr().err
     # complete shards stay, the one that failed is not there under any name, and no metadata marks the run complete
     assert sorted(p.name for p in out.iterdir()) == ['train-00000-of-00003.parquet', 'train-00001-of-00003.parquet']
@@ -157,7 +158,7 @@ def test_decoded_pixels_are_written_as_png(fmt, tmp_path):
     source = datasets.Dataset.from_dict({'img': pixels, 'target': [0, 3, 1, 2, 3, 0, 1]}, features=features)
     datasets.DatasetDict(train=source).save_to_disk(tmp_path / 'src')
     out = tmp_path / 'shards'
-    assert shards.main([str(tmp_path / 'src'), str(out), '--shard-size', '3', '--format', fmt]) == 0
+    assert shards_main([str(tmp_path / 'src'), str(out), '--shard-size', '3', '--format', fmt]) == 0
     meta = json.loads((out / shards.META_FILE).read_text())
     assert meta['label_names'] is None and meta['num_classes'] == 4
     assert meta['splits']['train']['shard_rows'] == [3, 2, 2]

@@ -231,5 +231,5 @@ def test_feature_task_is_timms_feature_distillation_loss_exactly():
     a, b = ours(x, y), timms(x, y)
     torch.testing.assert_close(a['loss'], b['loss'])
     torch.testing.assert_close(a['loss_kd'], b['kd_loss'].detach())
-    assert ours.method == 'feature' and ours.teacher.num_classes == 7 and ours.student is ours.trainable_module.student
+    assert ours.method == 'feature' and ours.teacher_classes == 7 and ours.student is ours.trainable_module.student
     assert ours.teacher_logits(x).shape == (6, 7)

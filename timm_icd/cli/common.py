@@ -5,17 +5,17 @@
     3    a peer process died (the watchdog's line; ``run/watchdog.py``)
     130  interrupted (Ctrl-C)
 
-Rank policy, for commands that run under ``accelerate launch``: checks before training fail the same way on every
-process, so only the main process (``RANK`` 0, or no ``RANK``) prints them; an error raised after training started on
-another process may be that process's alone (a bad image in its shard), so that process prints it, naming its rank
-(``[rank 1] error: ...``).
+Rank policy, for commands that run under ``accelerate launch``: every process ends with one line. A user error that
+every process meets alike (a flag, a missing file) is printed by rank 0 alone; one that a single process meets (a bad
+image in its shard) is printed by that process, naming its rank (``[rank 1] error: ...``), and every other process
+stops with ``error: rank 1 stopped: ...`` (``run.watchdog.report_user_error``).
 """
 import os
 import sys
 from typing import Callable
 
 from ..base import UserError, error_line
-from ..run import explain_failure
+from ..run import explain_failure, report_user_error
 
 
 def _rank() -> int:
@@ -37,10 +37,9 @@ def run_command(body: Callable[[], int], interrupted: str = 'interrupted') -> in
     try:
         return body()
     except UserError as e:
-        if e.rank is not None:
-            print(f'[rank {e.rank}] error: {error_line(e)}', file=sys.stderr)
-        elif is_main_process():
-            print(f'error: {error_line(e)}', file=sys.stderr)
+        line = error_line(e)
+        if report_user_error(line, own=e.rank is not None):
+            print(f'[rank {_rank()}] error: {line}' if _rank() else f'error: {line}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)

@@ -213,6 +213,7 @@ def create_stream_pipeline(
         grad_accum_steps: int = 1,
         rank: int = 0,
         world: int = 1,
+        skip_bad_images: bool = False,
 ) -> Pipeline:
     """Streamed train and eval batches (``streaming.StreamLoader``) for process ``rank`` of ``world``."""
     steps = data.train_rows // (world * batch_size)
@@ -223,10 +224,10 @@ def create_stream_pipeline(
     mean, std = data_config['mean'], data_config['std']
     columns = (data.image_column, data.label_column, data.num_classes)
     train = StreamLoader(data.train, *columns, _train_transform(data_config, augment), batch_size, steps,
-                         seed, rank, world, shuffle_buffer, workers, data.train_split)
+                         seed, rank, world, shuffle_buffer, workers, data.train_split, skip_bad_images)
     eval_loader = StreamLoader(data.eval, *columns, create_transform(**data_config, is_training=False,
                                use_prefetcher=True), eval_batch_size or batch_size, None,
-                               seed, rank, world, None, workers, data.eval_split)
+                               seed, rank, world, None, workers, data.eval_split, skip_bad_images)
     return Pipeline('stream', train, eval_loader, InputStage(mean, std, erasing=_erasing(augment), seed=seed),
                     InputStage(mean, std), f'stream ({steps} steps of {batch_size} per process and epoch from '
                     f'{data.train_rows} rows; shuffled in blocks of {shuffle_buffer}; {workers} decoding '
@@ -247,6 +248,7 @@ def create_pipeline(
         grad_accum_steps: int = 1,
         rank: int = 0,
         world: int = 1,
+        skip_bad_images: bool = False,
 ) -> Pipeline:
     """Train and eval loaders and their device stages.
 
@@ -267,10 +269,12 @@ def create_pipeline(
         with_index: Loader batches also carry each sample's row (what a teacher cache keys on).
         shuffle_buffer, grad_accum_steps: For a stream (rows permuted together; whole accumulation cycles).
         rank, world: This process and the number of processes (streams split by process).
+        skip_bad_images: A stream skips images it cannot decode (a map-style split is cleaned before:
+            ``sources.find_bad_images``).
     """
     if data.streaming:
         return create_stream_pipeline(data, data_config, augment, batch_size, eval_batch_size, workers, seed,
-                                      shuffle_buffer, grad_accum_steps, rank, world)
+                                      shuffle_buffer, grad_accum_steps, rank, world, skip_bad_images)
     if len(data.train) < batch_size:
         raise UserError(f"--batch-size {batch_size} is larger than the {len(data.train)} rows of split "
                         f"'{data.train_split}': lower it.")

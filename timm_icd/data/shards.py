@@ -21,7 +21,9 @@ written last (a folder without it is incomplete), holds what streaming readers n
     {"format": "webdataset", "source": SRC, "image_column": "png", "label_column": "cls",
      "label_names": ["0", ..., "9"] (null without a ClassLabel), "num_classes": 10,
      "splits": {"train": {"source_split": "train", "rows": 256, "shard_rows": [86, 85, 85],
-                          "files": ["train-00000-of-00003.tar", ...]}, ...}}
+                          "files": ["train-00000-of-00003.tar", ...], "shard_bytes": [...]}, ...}}
+
+Readers compare each file's size with ``shard_bytes`` before reading (``integrity.py``).
 """
 import io
 import itertools
@@ -42,11 +44,11 @@ from huggingface_hub import DatasetCardData
 from PIL import Image
 
 from ..base import UserError, atomic_path, first_line
+from .integrity import META_FILE
 from .sources import IMAGE_COLUMNS, LABEL_COLUMNS, _detect_column, load_dataset_dict
 
 _logger = logging.getLogger(__name__)
 
-META_FILE = 'timm_icd_shards.json'
 SUFFIX = {'webdataset': 'tar', 'parquet': 'parquet'}
 EXT = {'JPEG': 'jpg', 'PNG': 'png', 'WEBP': 'webp', 'GIF': 'gif', 'BMP': 'bmp', 'TIFF': 'tiff'}  # PIL format -> ext
 PNG_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'P', 'RGB', 'RGBA')
@@ -174,7 +176,8 @@ def _write_split(out: Path, name: str, ds: datasets.Dataset, shard_size: int, fm
         offset += len(shard)
         rows.append(len(shard))
     _logger.info(f"Split '{name}': {len(ds)} rows in {num_shards} {fmt} shards of at most {shard_size} rows.")
-    return {'rows': len(ds), 'shard_rows': rows, 'files': files}
+    return {'rows': len(ds), 'shard_rows': rows, 'files': files,
+            'shard_bytes': [(out / name).stat().st_size for name in files]}
 
 
 def _write_metadata(out: Path, meta: dict, features: datasets.Features) -> None:

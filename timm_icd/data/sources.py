@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..base import UserError, first_line
+from .integrity import SHARD_SUFFIXES, check_shards
 
 _logger = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ def load_dataset_dict(spec: Union[str, datasets.DatasetDict], streaming: bool = 
     builder, _, path = spec.partition(':')
     if builder in SHARD_BUILDERS and path:
         kwargs = _builder_kwargs(builder, path)
+        if builder in SHARD_SUFFIXES:
+            check_shards(builder, path)
         try:
             return datasets.load_dataset(builder, **kwargs, streaming=streaming)
         except Exception as e:

@@ -20,7 +20,6 @@ whose part of the stream is shorter starts it again (next pass), one with a long
 epochs. With parts of equal size (equal shards, or ``datasets``' example-wise split) every sample is used exactly
 once per epoch across the processes.
 """
-import json
 import logging
 import os
 import tarfile
@@ -34,8 +33,8 @@ import pyarrow.parquet as pq
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from ..base import UserError
-from .shards import META_FILE
+from ..base import UserError, first_line
+from .integrity import shards_metadata
 from .sources import (
     EVAL_SPLITS, IMAGE_COLUMNS, LABEL_COLUMNS, ImageClassificationDataset, ImageData, _builder_kwargs, _detect_column,
     load_dataset_dict)
@@ -47,27 +46,43 @@ _logger = logging.getLogger(__name__)
 logging.getLogger('datasets.iterable_dataset').addFilter(lambda record: 'shuffle buffer' not in record.getMessage())
 
 
+def _where(row: dict) -> str:
+    """' (shard FILE, sample KEY)' for a webdataset row, else ''."""
+    url, key = row.get('__url__'), row.get('__key__')
+    return f' (shard {url}, sample {key})' if url or key else ''
+
+
 def _decode_batch(rows: List[dict], seeds: Optional[List[int]], transform: Callable, image_column: str,
-                  label_column: str, num_classes: int, split: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Decode, transform and stack one batch of undecoded rows (runs in a pool worker, or inline with -j 0)."""
+                  label_column: str, num_classes: int, split: str,
+                  skip_bad: bool = False) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    """Decode, transform and stack one batch of undecoded rows (runs in a pool worker, or inline with -j 0).
+
+    Returns the images, the labels, and where each image skipped as unreadable came from (``skip_bad``).
+    """
     feature = datasets.Image()
     samples = ImageClassificationDataset(rows, image_column, label_column, transform, split_name=split)
-    images, labels = [], []
+    images, labels, skipped = [], [], []
     for i, row in enumerate(rows):
         label = row[label_column]
         if not isinstance(label, (int, np.integer)) or not 0 <= label < num_classes:
-            raise UserError(f"split '{split}' holds label {label!r}, outside 0..{num_classes - 1}; fix the labels, "
-                            f"the label column or --num-classes.")
+            raise UserError(f"split '{split}' holds label {label!r}{_where(row)}, outside 0..{num_classes - 1}; fix "
+                            f"the labels, the label column or --num-classes.")
         try:
             image = feature.decode_example(row[image_column]) if isinstance(row[image_column], dict) \
                 else row[image_column]
             image = image if image.mode == 'RGB' else image.convert('RGB')
         except Exception as e:
-            raise UserError(f"cannot decode an image of split '{split}' ({str(e).splitlines()[0][:200]}); "
-                            f"fix or remove it in the shards.") from e
+            if skip_bad:
+                skipped.append(_where(row).strip(' ()') or f'a row of split {split!r}')
+                continue
+            raise UserError(f"cannot decode an image of split '{split}'{_where(row)} ({first_line(e, 200)}); fix or "
+                            f"remove it in the shards, or pass --skip-bad-images to skip such images.") from e
         images.append(transform(image) if seeds is None else samples._seeded_transform(image, seeds[i]))
         labels.append(int(label))
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+    if not images:
+        raise UserError(f"every image of a batch of split '{split}' is unreadable (from {skipped[0]}): the shards are "
+                        f"damaged beyond skipping; write them again.")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), skipped
 
 
 class _InlinePool:
@@ -113,15 +128,17 @@ class StreamLoader:
         shuffle_buffer: Rows per permuted block (0 or 1: stream order); None for eval.
         workers: Decoding processes (0 decodes in this process).
         split: Split name for messages.
+        skip_bad: Skip images that cannot be decoded (each named in a warning, counted in ``skipped``); the batch
+            that held them is that much smaller, the number of batches unchanged.
     """
 
     def __init__(self, source: datasets.IterableDataset, image_column: str, label_column: str, num_classes: int,
                  transform: Callable, batch_size: int, steps: Optional[int], seed: int, rank: int, world: int,
-                 shuffle_buffer: Optional[int], workers: int, split: str):
+                 shuffle_buffer: Optional[int], workers: int, split: str, skip_bad: bool = False):
         self.source, self.image_column, self.label_column = source, image_column, label_column
         self.num_classes, self.transform, self.batch_size, self.steps = num_classes, transform, batch_size, steps
         self.seed, self.rank, self.world, self.workers, self.split = seed, rank, world, workers, split
-        self.train = steps is not None
+        self.train, self.skip_bad, self.skipped = steps is not None, skip_bad, 0
         self.block = max(shuffle_buffer or 1, 1)
         self.epoch = 0
         self.position = None  # where the next batch starts, after the last one yielded; None: the epoch's start
@@ -156,7 +173,12 @@ class StreamLoader:
             iterator, read_any = iter(ds), False
             while True:
                 block_state = ds.state_dict()
-                rows = list(islice(iterator, self.block))
+                try:
+                    rows = list(islice(iterator, self.block))
+                except Exception as e:  # datasets reading a damaged file (pyarrow, tarfile): name where it stopped
+                    raise UserError(f"cannot read split '{self.split}' after {ordinal} rows of process {self.rank}'s "
+                                    f"part ({first_line(e, 200)}): a damaged shard; write the shards again "
+                                    f"(python -m timm_icd.shards).") from e
                 if not rows:
                     break
                 read_any = True
@@ -191,11 +213,12 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         pool = _pool(self.workers)
+        self.skipped = 0  # per pass: an epoch, or an evaluation
         start, self._resume = self._resume, None
         self.position = start
         pending = deque()
         batches = self._batches(self.epoch, start)
-        args = (self.transform, self.image_column, self.label_column, self.num_classes, self.split)
+        args = (self.transform, self.image_column, self.label_column, self.num_classes, self.split, self.skip_bad)
         for rows, seeds, position in batches:
             pending.append((pool.apply_async(_decode_batch, (rows, seeds, *args)), position))
             if len(pending) > 2 * max(self.workers, 1):
@@ -205,9 +228,12 @@ class StreamLoader:
 
     def _take(self, pending: deque) -> Tuple[torch.Tensor, torch.Tensor]:
         result, position = pending.popleft()
-        batch = result.get()
+        images, labels, skipped = result.get()
+        for where in skipped:
+            _logger.warning(f"Skipped an unreadable image of split '{self.split}': {where}.")
+        self.skipped += len(skipped)
         self.position = position
-        return batch
+        return images, labels
 
 
 def count_local_rows(files: List[str]) -> Optional[int]:
@@ -244,8 +270,7 @@ def _split_rows(spec: str, dd: datasets.IterableDatasetDict, split: str) -> Opti
 def _shards_metadata(spec: str) -> Optional[dict]:
     """What ``python -m timm_icd.shards`` wrote next to the shards (row counts, label names), if anything."""
     _, _, path = spec.partition(':')
-    meta = os.path.join(path, META_FILE)
-    return json.loads(open(meta).read()) if path and os.path.isfile(meta) else None
+    return shards_metadata(path) if path and os.path.isdir(path) else None
 
 
 def load_stream_data(spec: str, train_split: str = 'train', val_split: Optional[str] = None,
@@ -292,7 +317,8 @@ def load_stream_data(spec: str, train_split: str = 'train', val_split: Optional[
     for ds in (train, eval_ds):
         if image_column not in (ds.features or {}) or label_column not in (ds.features or {}):
             raise UserError(f"a split of '{spec}' lacks column '{image_column}' or '{label_column}'.")
-        ds = ds.select_columns([image_column, label_column])
+        where = [c for c in ('__url__', '__key__') if c in ds.features]  # webdataset: which shard and sample
+        ds = ds.select_columns([image_column, label_column, *where])
         if isinstance(ds.features[image_column], datasets.Image):  # decoded by the workers, not while reading
             ds = ds.cast_column(image_column, datasets.Image(decode=False))
         splits.append(ds)

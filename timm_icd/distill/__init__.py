@@ -1,6 +1,6 @@
 from .feature_task import FeatureTask
 from .gather import BATCHES, gather_with_grad
-from .hooks import FeatureHook, pool_features, probe_feature_dim
+from .hooks import FeatureHook, check_input_size, pool_features, probe_feature_dim
 from .icd_loss import ICD_NEGATIVES, ICDLoss, icd_terms
 from .logit_losses import LS_TEMPERATURE, dist_loss, dkd_loss, kd_loss, standardize_logits
 from .methods import LOGIT_LOSSES, METHOD_WEIGHTS, METHODS, Method, logit_loss_of, resolve_method

@@ -216,6 +216,41 @@ def pre_logits_reference(model: nn.Module, x: torch.Tensor) -> Optional[torch.Te
     return reference.flatten(1) if isinstance(reference, torch.Tensor) and reference.ndim >= 2 else None
 
 
+INPUT_SIZE_FLAGS = {'student': '--input-size', 'teacher': '--teacher-input-size'}
+
+
+def _input_size_error(model: nn.Module, input_size: Sequence[int], role: str, error: BaseException) -> UserError:
+    """The one line for a model that refuses ``input_size``: what it needs, and the flag and size to use."""
+    flag = INPUT_SIZE_FLAGS.get(role, '--input-size')
+    name = getattr(model, 'default_cfg', {}).get('architecture') or type(model).__name__
+    size = 'x'.join(map(str, input_size))
+    patch = getattr(getattr(model, 'patch_embed', None), 'patch_size', None)
+    if patch is not None:
+        patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+        if input_size[-2] % patch[0] or input_size[-1] % patch[1]:
+            fixed = [input_size[0]] + [-(-s // p) * p for s, p in zip(input_size[-2:], patch)]
+            return UserError(f"{role} {name} needs an input size divisible by its patch size "
+                             f"{'x'.join(map(str, patch))}, not {size}: use {flag} {' '.join(map(str, fixed))}.")
+    return UserError(f'{role} {name} cannot run on {size} inputs ({first_line(error, 160)}): choose another {flag}.')
+
+
+@torch.no_grad()
+def check_input_size(model: nn.Module, input_size: Sequence[int], role: str = 'student') -> None:
+    """Run one image of ``input_size`` through ``model`` (eval mode, restored after), so that a size the model
+    refuses (a ViT's patch size, too many downsamplings) is one line before training, not a traceback in it."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device('cpu')
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, *input_size, device=device, dtype=dtype))
+    except Exception as e:  # timm asserts, and raises RuntimeError for shapes, depending on the model
+        raise _input_size_error(model, input_size, role, e) from e
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def probe_feature_dim(
         model: nn.Module,
@@ -245,7 +280,10 @@ def probe_feature_dim(
     model.eval()
     try:
         with FeatureHook(model, layer) as hook:
-            model(x)
+            try:
+                model(x)
+            except Exception as e:  # a size the model refuses: one line, as check_input_size gives it
+                raise _input_size_error(model, input_size, role, e) from e
             try:
                 features = hook.pop()
             except RuntimeError:

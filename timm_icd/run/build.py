@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import torch.nn as nn
 from accelerate import Accelerator
@@ -19,8 +19,8 @@ from timm.data import Mixup, resolve_data_config
 from ..base import UserError
 from ..data import ImageData, Pipeline, create_pipeline, find_bad_images, load_image_data, load_stream_data
 from ..distill import (
-    DistillationTask, FeatureTask, ICDDistillationTask, ICDTeacher, check_model_name, create_student, create_teacher,
-    fixed_size_kwargs, is_hub_or_local, resolve_method)
+    DistillationTask, FeatureTask, ICDDistillationTask, ICDTeacher, check_input_size, check_model_name, create_student,
+    create_teacher, fixed_size_kwargs, is_hub_or_local, resolve_method)
 from ..teacher_cache import CachedTeacher, TeacherCache, open_for_run
 from .checkpoint import check_output_dir, read_run_state, resolve_resume
 from .flags import augment_config, data_seed, teacher_dtype
@@ -48,7 +48,7 @@ class Run:
     train_loader: Any
     eval_loader: Any
     mixup_fn: Optional[Mixup]
-    resume_from: Optional[Path] = None
+    resume_from: List[Path] = field(default_factory=list)  # checkpoints to try, newest first
     cache: Optional[TeacherCache] = None
     model_ema: Any = None
     optimizer: Any = None
@@ -82,7 +82,7 @@ def _load_data(args: argparse.Namespace, accelerator: Accelerator) -> ImageData:
         else:
             data = load_image_data(args.dataset, args.train_split, args.val_split, args.image_column,
                                    args.label_column, args.val_fraction)
-    if args.skip_bad_images:
+    if args.skip_bad_images and not args.streaming:  # a stream skips them as it reads (StreamLoader)
         for split in ('train', 'eval'):
             ds = getattr(data, split)
             bad = [find_bad_images(ds, data.image_column, args.workers) if accelerator.is_main_process else None]
@@ -107,6 +107,8 @@ def _create_task(args: argparse.Namespace, accelerator: Accelerator, data: Image
             teacher_input_size = data_config['input_size']  # weights without a config: assume the student's size
         teacher = create_teacher(args.teacher, data.num_classes, args.teacher_pretrained, args.teacher_checkpoint,
                                  **fixed_size_kwargs(args.teacher, teacher_input_size))
+        check_input_size(teacher, teacher_input_size or teacher.pretrained_cfg.get('input_size')
+                         or data_config['input_size'], 'teacher')
         if teacher.pretrained_cfg.get('interpolation') not in (None, data_config['interpolation']):
             _logger.info(f"The teacher sees the student's {data_config['interpolation']} resizing; its config "
                          f"says {teacher.pretrained_cfg['interpolation']} (set --interpolation to match it).")
@@ -156,6 +158,7 @@ def build(args: argparse.Namespace, accelerator: Accelerator) -> Run:
     data_config = resolve_data_config(
         {'input_size': args.input_size, 'mean': args.mean, 'std': args.std, 'interpolation': args.interpolation,
          'crop_pct': args.crop_pct}, model=student)
+    check_input_size(student, data_config['input_size'], 'student')
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     task = _create_task(args, accelerator, data, data_config, student, mixup_active)
     augment = augment_config(args)
@@ -163,7 +166,8 @@ def build(args: argparse.Namespace, accelerator: Accelerator) -> Run:
         data, data_config, augment, kind=args.input_pipeline, batch_size=args.batch_size,
         eval_batch_size=args.validation_batch_size, workers=args.workers, seed=data_seed(args),
         with_index=bool(args.teacher_cache), shuffle_buffer=args.shuffle_buffer,
-        grad_accum_steps=args.grad_accum_steps, rank=accelerator.process_index, world=accelerator.num_processes)
+        grad_accum_steps=args.grad_accum_steps, rank=accelerator.process_index, world=accelerator.num_processes,
+        skip_bad_images=args.skip_bad_images)
     _logger.info(f'Input pipeline: {pipeline.description}.')
     cache = None
     if args.teacher_cache and task.teacher is not None:
@@ -176,15 +180,15 @@ def build(args: argparse.Namespace, accelerator: Accelerator) -> Run:
         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
         num_classes=data.num_classes) if mixup_active else None
-    resume_from = resolve_resume(output, args.resume) if args.resume else None
-    if resume_from is not None:  # before any weights are read: a precise message for a mismatched run
+    resume_from = resolve_resume(output, args.resume)
+    if resume_from:  # before any weights are read: a precise message for a mismatched run
         expected = fingerprint(args, accelerator, task.method, pipeline.kind)
-        saved = read_run_state(resume_from)['fingerprint']
+        saved = read_run_state(resume_from[0])['fingerprint']
         saved = {'input_pipeline': 'loader', 'model_ema': False, 'streaming': False,  # what older runs used
                  'shuffle_buffer': args.shuffle_buffer, 'data_seed': saved['seed'], 'teacher_cache': None, **saved}
         changed = [k for k in FINGERPRINT if saved.get(k) != expected[k]]
         if changed:
-            raise UserError(f'cannot resume {resume_from}: it was written with different '
+            raise UserError(f'cannot resume {resume_from[0]}: it was written with different '
                             f'{", ".join(changed)}; resume with the original settings.')
     return Run(args, accelerator, output, data, data_config, task, pipeline, pipeline.train_loader,
                pipeline.eval_loader, mixup_fn, resume_from=resume_from, cache=cache)

@@ -11,7 +11,7 @@ import torch
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from ..base import UserError
-from ..teacher_cache import finish_epoch
+from ..teacher_cache import ensure_epoch, finish_epoch
 from .build import build
 from .loop import evaluate
 from .train import create_accelerator
@@ -34,7 +34,7 @@ def write_ahead(args: argparse.Namespace) -> dict:
                            r.pipeline.eval_stage)
     rows = 0
     for epoch in range(epochs):
-        if r.cache.complete(epoch):
+        if ensure_epoch(r.cache, epoch, accelerator):
             continue
         r.cache.prepare_epoch(epoch, accelerator.is_main_process)
         accelerator.wait_for_everyone()

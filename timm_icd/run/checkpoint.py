@@ -4,6 +4,10 @@ A checkpoint is ``accelerator.save_state`` (student + ICD heads, optimizer, grad
 states) plus the schedule's state and ``run_state.json`` (epoch, step, best metric, metric history). It is written
 to ``checkpoints/.tmp-NAME`` and renamed to ``checkpoints/NAME`` only when complete, so a kill while saving leaves
 the previous checkpoint intact; old ones are pruned only after that rename.
+
+A checkpoint damaged after it was written (a truncated or garbled file, one gone) is passed over by
+``--resume auto``: ``load_first`` tries the complete checkpoints newest first, every process agreeing, and warns
+naming each one that does not load.
 """
 import json
 import logging
@@ -11,7 +15,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -103,32 +107,56 @@ def checkpoint_step(path: Path) -> Optional[int]:
     return int(match.group(1)) if match and (path / RUN_STATE).is_file() else None
 
 
-def find_latest_checkpoint(output: Path) -> Optional[Path]:
-    """The newest complete checkpoint of a run folder, or None."""
+def find_checkpoints(output: Path) -> List[Path]:
+    """The complete checkpoints of a run folder, newest first."""
     root = output / CHECKPOINTS
     if not root.is_dir():
-        return None
+        return []
     complete = [(step, p) for p in root.iterdir() if (step := checkpoint_step(p)) is not None]
-    return max(complete)[1] if complete else None
+    return [p for _, p in sorted(complete, reverse=True)]
 
 
-def resolve_resume(output: Path, resume: str) -> Optional[Path]:
-    """The checkpoint ``--resume`` names: 'auto' (newest in the run folder, or None to start fresh) or a path."""
+def find_latest_checkpoint(output: Path) -> Optional[Path]:
+    """The newest complete checkpoint of a run folder, or None."""
+    found = find_checkpoints(output)
+    return found[0] if found else None
+
+
+def resolve_resume(output: Path, resume: str) -> List[Path]:
+    """The checkpoints ``--resume`` may continue from, to try in order: 'auto' gives the run folder's complete ones,
+    newest first (none: start fresh); a path gives that one alone. Each has a readable run state."""
     if not resume:
-        return None
-    if resume == 'auto':
-        latest = find_latest_checkpoint(output)
-        if latest is None:
-            results = [name for name in ('summary.csv', 'student', 'student_best') if (output / name).exists()]
-            if results:
-                raise UserError(f'--resume auto: {output} holds results ({", ".join(results)}) but no complete '
-                                f'checkpoint to continue from; pass --overwrite to start over.')
-            _logger.info(f'--resume auto: no complete checkpoint in {output}, starting from the beginning.')
-        return latest
-    path = Path(resume)
-    if not (path / RUN_STATE).is_file():
-        raise UserError(f'--resume {resume}: not a complete checkpoint folder (no {RUN_STATE}).')
-    return path
+        return []
+    if resume != 'auto':
+        path = Path(resume)
+        if not (path / RUN_STATE).is_file():
+            raise UserError(f'--resume {resume}: not a complete checkpoint folder (no {RUN_STATE}).')
+        _read_or_refuse(path)
+        return [path]
+    candidates = []
+    for path in find_checkpoints(output):
+        try:
+            read_run_state(path)
+            candidates.append(path)
+        except (OSError, ValueError) as e:
+            _logger.warning(f'Checkpoint {path.name} is damaged ({RUN_STATE}: {first_line(e, 120)}); passing over it.')
+    if not candidates:
+        results = [name for name in ('summary.csv', 'student', 'student_best') if (output / name).exists()]
+        if find_checkpoints(output):
+            raise UserError(f'--resume auto: no checkpoint in {output / CHECKPOINTS} has a readable {RUN_STATE}; pass '
+                            f'--overwrite to start over.')
+        if results:
+            raise UserError(f'--resume auto: {output} holds results ({", ".join(results)}) but no complete '
+                            f'checkpoint to continue from; pass --overwrite to start over.')
+        _logger.info(f'--resume auto: no complete checkpoint in {output}, starting from the beginning.')
+    return candidates
+
+
+def _read_or_refuse(path: Path) -> dict:
+    try:
+        return read_run_state(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f'--resume {path}: its {RUN_STATE} is unreadable ({first_line(e, 120)}).') from e
 
 
 def save_checkpoint(accelerator, output: Path, run_state: dict, scheduler, keep: int) -> Path:
@@ -177,15 +205,38 @@ def prune_checkpoints(root: Path, keep: int) -> None:
 
 def read_run_state(path: Path) -> dict:
     """The run state of a checkpoint (cheap: read before any weights, to check it fits the run)."""
-    return json.loads((path / RUN_STATE).read_text())
+    state = json.loads((path / RUN_STATE).read_text())
+    if not isinstance(state, dict) or not isinstance(state.get('fingerprint'), dict):
+        raise ValueError(f'{RUN_STATE} is not a run state')
+    return state
 
 
 def load_checkpoint(accelerator, path: Path, scheduler) -> dict:
     """Restore model, optimizer, RNG and schedule from ``path`` and return its run state."""
-    try:
-        accelerator.load_state(str(path))
-    except Exception as e:
-        raise UserError(f'cannot resume from {path}: {first_line(e)} (was it written by a run with the same '
-                        f'models and method?).') from e
+    accelerator.load_state(str(path))
     scheduler.load_state_dict(torch.load(path / SCHEDULER_STATE, map_location='cpu', weights_only=True))
     return read_run_state(path)
+
+
+def load_first(accelerator, candidates: List[Path], scheduler) -> Tuple[Path, dict]:
+    """Load the first of ``candidates`` that loads on every process; warn naming each one passed over.
+
+    A checkpoint counts as loaded only if every process loaded its part (a process's own RNG file can be the damaged
+    one), so all continue from the same one; a later one that loads overwrites whatever a failed one left behind.
+    """
+    reasons = []
+    for path in candidates:
+        try:
+            state, error = load_checkpoint(accelerator, path, scheduler), ''
+        except Exception as e:  # safetensors, torch.load and pickle each fail on damage in their own way
+            state, error = None, first_line(e, 160)
+        failed = torch.tensor(float(state is None), device=accelerator.device)
+        if accelerator.num_processes > 1:
+            failed = accelerator.reduce(failed, reduction='sum')
+        if failed.item() == 0:
+            return path, state
+        reasons.append(f'{path.name}: {error or "damaged on another process"}')
+        _logger.warning(f'Checkpoint {path} does not load ({error or "on another process"}); '
+                        + ('trying the one before it.' if path != candidates[-1] else 'none older is left.'))
+    raise UserError(f'cannot resume: no checkpoint loads ({"; ".join(reasons)}); pass --overwrite to start over '
+                    f'(the damaged checkpoints are left as they are).')

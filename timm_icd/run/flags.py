@@ -373,8 +373,10 @@ def validate_args(args: argparse.Namespace) -> None:
         _check(args.shuffle_buffer >= 0, f'--shuffle-buffer must be >= 0, got {args.shuffle_buffer}.')
         _check(args.input_pipeline != 'memory', '--input-pipeline memory holds the whole dataset in memory, which '
                                                 '--streaming is for avoiding: drop one of them.')
-        _check(not args.skip_bad_images, '--skip-bad-images scans the dataset before training, which a stream '
-                                         'cannot do: fix the shards, or drop --streaming.')
+        mixed = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+        _check(not (args.skip_bad_images and mixed), '--skip-bad-images with --streaming leaves a batch smaller by '
+                                                     'the images it skips, and Mixup/CutMix need even batches: drop '
+                                                     'one of them.')
     for flag in ('train_num_samples', 'val_num_samples', 'num_classes'):
         value = getattr(args, flag)
         _check(value is None or value >= 1, f"--{flag.replace('_', '-')} must be >= 1, got {value}.")

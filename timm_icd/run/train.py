@@ -7,11 +7,13 @@ import argparse
 import csv
 import io
 import logging
+import os
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -21,9 +23,10 @@ from timm.utils import distribute_bn
 from ..base import UserError, write_text_atomic
 from ..distill import create_student_ema
 from ..publish import CURVES, plot_run, push_student, save_student
+from ..teacher_cache import ensure_epoch
 from ..teacher_cache import finish_epoch as finish_cache_epoch
 from .build import Run, build, fingerprint
-from .checkpoint import claim_output_dir, load_checkpoint, save_checkpoint, settle_overwrite
+from .checkpoint import claim_output_dir, load_first, save_checkpoint, settle_overwrite
 from .flags import args_to_yaml, data_seed, loop_config, tracker_config
 from .loop import evaluate, train_one_epoch
 from .record import run_record
@@ -77,11 +80,12 @@ def start(r: Run) -> None:
         r.optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
 
     r.state = RunState(fingerprint=fingerprint(args, accelerator, task.method, r.pipeline.kind))
-    if r.resume_from is not None:
-        r.state = RunState.from_json(load_checkpoint(accelerator, r.resume_from, r.scheduler))
+    if r.resume_from:
+        path, saved = load_first(accelerator, r.resume_from, r.scheduler)
+        r.state = RunState.from_json(saved)
         if accelerator.process_index > 0:  # the saved loss sums are all processes' (see checkpoint): count them once
             r.state.epoch_sums = [0.0] * len(r.state.epoch_sums)
-        _logger.info(f'Resumed from {r.resume_from}: epoch {r.state.epoch}, step {r.state.step_in_epoch}.')
+        _logger.info(f'Resumed from {path}: epoch {r.state.epoch}, step {r.state.step_in_epoch}.')
     elif r.cache is not None and r.cache.manifest.get('teacher_metrics'):  # measured by the run that wrote it
         r.state.teacher = r.cache.manifest['teacher_metrics']
     elif task.teacher is not None and task.teacher_classes == r.data.num_classes:
@@ -133,7 +137,7 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
             loader.resume_from(state.stream[accelerator.process_index])
         elif state.step_in_epoch:
             loader = accelerator.skip_first_batches(r.train_loader, state.step_in_epoch)
-        recording = r.cache is not None and not r.cache.complete(epoch)
+        recording = r.cache is not None and not ensure_epoch(r.cache, epoch, accelerator)
         if recording:  # this epoch runs the teacher and records it
             r.cache.prepare_epoch(epoch, accelerator.is_main_process)
             accelerator.wait_for_everyone()
@@ -181,6 +185,10 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
                 write_text_atomic(r.output / 'summary.csv', _summary_csv(state.history))
             plot_run(state.history, r.output / CURVES, f'{args.student} ({task.method})')
 
+    if r.pipeline.kind == 'stream' and args.skip_bad_images:  # what the streams skipped in the last epoch and eval
+        counts = torch.tensor([r.train_loader.skipped, r.eval_loader.skipped], device=accelerator.device)
+        counts = (accelerator.reduce(counts, reduction='sum') if accelerator.num_processes > 1 else counts).tolist()
+        r.data.skipped_images = {'train': int(counts[0]), 'eval': int(counts[1])}
     result = {'output': str(r.output), 'student': str(r.output / 'student'), 'method': task.method,
               'teacher': state.teacher, 'top1': last.get('eval_top1'), 'top5': last.get('eval_top5'),
               'best_top1': state.best_top1, 'best_epoch': state.best_epoch, 'epochs': r.num_epochs,
@@ -199,8 +207,27 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
     return result
 
 
+def join_restarted_group() -> None:
+    """After an elastic restart, create the process group under a store prefix of its own attempt.
+
+    The launcher's agent keeps its store across restarts and torch adds no per-attempt prefix to the keys its
+    process group exchanges addresses through, so a restarted worker can read the dead attempt's addresses (seen
+    here: one 2-process CPU restart in three failed in gloo's connectFullMesh, "Connection refused"). Accelerate
+    keeps a group that already exists.
+    """
+    restart = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if restart == 0 or world < 2 or dist.is_initialized() or os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
+        return
+    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), is_master=False)
+    cpu = os.environ.get('ACCELERATE_USE_CPU', '').lower() in ('1', 'true', 'yes') or not torch.cuda.is_available()
+    dist.init_process_group('gloo' if cpu else 'nccl', store=dist.PrefixStore(f'timm_icd/attempt-{restart}', store),
+                            rank=int(os.environ['RANK']), world_size=world)
+
+
 def create_accelerator(args: argparse.Namespace) -> Accelerator:
     """The run's Accelerator, logging set up on every process, the watchdog started and the seed set."""
+    join_restarted_group()
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum_steps, log_with=args.log_with,
         # trackers write into the run folder, which is settled later (start() sets the final logging_dir)

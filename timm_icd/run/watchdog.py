@@ -1,4 +1,5 @@
-"""Peer watchdog: when a process of a distributed run dies, the others stop at once with one line that names it.
+"""Peer watchdog: when a process of a distributed run dies, or stops on a user error, the others stop at once with
+one line that names it.
 
 Each rank publishes its pid and a heartbeat counter in the c10d store; a daemon thread checks the peers every second.
 A peer on this machine (same boot and pid namespace) is dead once its pid is gone, one elsewhere when its heartbeat
@@ -6,6 +7,10 @@ stalls for ``TIMM_ICD_PEER_TIMEOUT`` seconds (30). A process that ends normally 
 at exit and is never reported; a traceback, a signal or an OOM kill is a death. Then the lowest surviving rank prints
 the line and every survivor leaves with ``os._exit``: its main thread may be stuck in a collective for good. The
 SIGTERM a one-machine torchrun agent sends the survivors within 0.1 s of a death first lets the thread name the dead.
+
+A process that stops on a user error (``report_user_error``) publishes its line first; every other process prints
+``error: rank N stopped: LINE`` and leaves with exit code 2 (a check that fails the same on every process is printed
+by rank 0 alone). Under elastic restarts (``accelerate launch --max_restarts N``) the line says the launcher restarts.
 """
 import atexit
 import logging
@@ -23,6 +28,7 @@ _logger = logging.getLogger(__name__)
 
 INTERVAL = 1.0
 EXIT_CODE = 3
+USER_ERROR_CODE = 2
 _stopping = threading.Lock()  # taken by whichever thread ends the process: one line per process at most
 _watchdog: Optional['PeerWatchdog'] = None
 
@@ -47,8 +53,14 @@ def _started(pid: int) -> str:
 
 
 def resume_hint(argv: List[str]) -> str:
-    """How to continue: the same command plus ``--resume auto``, unless it has it (argparse keeps the last value)."""
-    if '--resume auto' in ' '.join(argv) or '--resume=auto' in argv:
+    """How to continue: the same command plus ``--resume auto``, unless it has it (argparse keeps the last value);
+    under elastic restarts with some left, the launcher restarts the run by itself."""
+    restart = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))
+    most = int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0'))
+    has_auto = '--resume auto' in ' '.join(argv) or '--resume=auto' in argv
+    if restart < most and has_auto:
+        return f'The launcher restarts the run from its newest checkpoint (restart {restart + 1} of {most}).'
+    if has_auto:
         return 'Resume with the same command (it has --resume auto).'
     return 'Resume with the same command plus --resume auto.'
 
@@ -85,11 +97,21 @@ class PeerWatchdog:
                 dead[r] = f'rank {r} (pid {pid} on host {host}) {what}'
         return dead
 
+    def peer_error(self) -> Optional[str]:
+        """The line of the lowest-ranked peer that stopped on a user error, as this process prints it, or None."""
+        for r in sorted(self.beats):
+            if self.store.check([f'error/{r}']):
+                return f'rank {r} stopped: {self.store.get(f"error/{r}").decode()}'
+        return None
+
     def _run(self) -> None:
         reached = time.monotonic()
         while not self.closed:
             try:
                 self.store.add(f'beat/{self.rank}', 1)
+                failed = self.peer_error()
+                if failed:
+                    self.stop(failed, code=USER_ERROR_CODE, hint='')
                 dead = self.dead_peers()
                 reached = time.monotonic()
             except Exception as e:  # the store lives in node 0's launcher (or rank 0): gone or unreachable
@@ -101,13 +123,15 @@ class PeerWatchdog:
                           quiet=self.rank != min(set(range(self.world_size)) - set(dead)))
             self.wake.wait(INTERVAL)
 
-    def stop(self, reason: str, quiet: bool = False) -> None:
+    def stop(self, reason: str, quiet: bool = False, code: int = EXIT_CODE, hint: Optional[str] = None) -> None:
         """Print the line (unless ``quiet``) and end this process now; returns if another thread is already on it."""
         if _stopping.acquire(blocking=False):
             if not quiet:
-                sys.stderr.write(f'error: {reason}; stopping this process (rank {self.rank}). {self.hint}\n')
+                hint = self.hint if hint is None else hint
+                sys.stderr.write(f'error: {reason}; stopping this process (rank {self.rank}).'
+                                 f'{" " + hint if hint else ""}\n')
             sys.stderr.flush()
-            os._exit(EXIT_CODE)
+            os._exit(code)
 
     def close(self, goodbye: bool = True) -> None:
         """Stop checking and, with ``goodbye``, tell the peers not to report this process when it ends."""
@@ -158,14 +182,42 @@ def start_watchdog(accelerator: Any = None, hint: Optional[str] = None) -> Optio
 
 
 def explain_failure(error: BaseException) -> None:
-    """Let the watchdog replace an exception that ends a run by its line, if a dead peer caused it.
+    """Let the watchdog replace an exception that ends a run by its line, if a dead or failed peer caused it.
 
     Waits up to the peer timeout after a distributed error (gloo: a reset connection), briefly after any other;
-    returns when no peer died, or at once without a watchdog.
+    returns when no peer died or failed, or at once without a watchdog.
     """
     if _watchdog is not None:
         distributed = isinstance(error, dist.DistError) or any(w in str(error) for w in ('gloo', 'NCCL', 'onnection'))
         _wait(_watchdog.timeout + 2 * INTERVAL if distributed else 2 * INTERVAL)
+        failed = _watchdog.peer_error() if _watchdog.left else None
+        if failed:  # a peer stopped on a user error, which broke the collective this process was in
+            _watchdog.stop(failed, code=USER_ERROR_CODE, hint='')
+
+
+def report_user_error(line: str, own: bool = False) -> bool:
+    """Publish this process's user error for its peers (which then stop with one line naming it), and say whether
+    this process prints it: rank 0 does; another rank does unless rank 0 reports the very same line within a few
+    seconds (a check that fails alike everywhere is printed once). Without a watchdog (one process, or no c10d
+    store): rank 0, or another rank when ``own`` says the error may be its alone (raised once training started)."""
+    rank = int(os.environ.get('RANK', '0'))
+    if _watchdog is None:
+        return rank == 0 or own
+    if not _stopping.acquire(blocking=False):  # the watchdog thread is ending this process with a peer's line
+        threading.Event().wait()
+    _watchdog.closed = True  # this process reports its own error: no peer's line on top of it
+    try:
+        _watchdog.store.set(f'error/{_watchdog.rank}', line)
+        if _watchdog.rank == 0:
+            return True
+        deadline = time.monotonic() + 3 * INTERVAL
+        while time.monotonic() < deadline:
+            if _watchdog.store.check(['error/0']):
+                return _watchdog.store.get('error/0').decode() != line
+            time.sleep(0.1)
+    except Exception:  # the store is gone with rank 0's launcher: say it here
+        pass
+    return True
 
 
 def _wait(seconds: float) -> None:

@@ -11,10 +11,12 @@ from typing import Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from ..base import UserError
 from ..data import AugmentConfig, ImageData, Pipeline
 from ..distill import ICDTeacher, probe_feature_dim
+from .integrity import check_epoch, drop_epoch, read_manifest
 from .storage import MANIFEST, CachedTeacher, TeacherCache, dataset_fingerprint, sample_indices, weights_hash
 
 _logger = logging.getLogger(__name__)
@@ -73,9 +75,14 @@ def open_for_run(
                         f'{teacher.num_classes} logits would take {2 * teacher.num_classes}: leave it out.')
     feature_dim = probe_feature_dim(teacher.model, teacher.input_size or data_config['input_size'], teacher.layer,
                                     role='teacher')
-    with accelerator.main_process_first():
+    with accelerator.main_process_first():  # the main process mends the manifest before the others read it
         cache = TeacherCache.create_or_open(Path(root), valid_for, storage, data.train_rows, feature_dim,
                                             teacher.num_classes, accelerator.is_main_process)
+        if accelerator.is_main_process:
+            for epoch in [e for e in cache.manifest['epochs'] if e < epochs]:
+                reason = check_epoch(cache, epoch)
+                if reason:
+                    drop_epoch(cache, epoch, reason)
     cache.manifest.setdefault('teacher_name', teacher_name)
     done = len([e for e in range(epochs) if cache.complete(e)])
     _logger.info(f'Teacher cache {root}: {done} of the run\'s {epochs} epochs cached'
@@ -83,6 +90,37 @@ def open_for_run(
                     else '; the teacher never runs') + f' ({cache.bytes_per_row()} bytes per row, '
                  f'{cache.bytes_per_row() * cache.rows / 2 ** 20:.2f} MiB per epoch).')
     return cache
+
+
+def ensure_epoch(cache: TeacherCache, epoch: int, accelerator: Accelerator) -> bool:
+    """Whether the run can replay ``epoch`` from the cache: it is complete and, the first time this run uses it,
+    its checksums match (else the main process drops it, and the epoch is recorded again like a new one)."""
+    if cache.complete(epoch) and epoch not in cache.verified:
+        damaged = [check_epoch(cache, epoch, checksum=True) if accelerator.is_main_process else None]
+        if damaged[0]:
+            drop_epoch(cache, epoch, damaged[0])
+        if accelerator.num_processes > 1:
+            broadcast_object_list(damaged)  # after the main process wrote the manifest
+            if damaged[0] and not accelerator.is_main_process:
+                cache.reload()
+        if not damaged[0]:
+            cache.verified.add(epoch)
+    return cache.complete(epoch)
+
+
+def verify(root: str) -> dict:
+    """Check a whole cache folder without changing it: every complete epoch's arrays and checksums, and what a run
+    would compute again. Returns {'epochs': complete epochs, 'damaged': {epoch: why}, 'incomplete': [epochs]}."""
+    manifest = read_manifest(Path(root))
+    if manifest is None:
+        raise UserError(f'{root} holds no teacher cache ({MANIFEST} is missing).')
+    cache = TeacherCache(Path(root), manifest)
+    damaged = {epoch: reason for epoch in manifest['epochs']
+               if (reason := check_epoch(cache, epoch, checksum=True))}
+    folders = sorted(int(p.name.split('-')[1]) for p in Path(root).glob('epoch-*') if p.name.split('-')[1].isdigit())
+    return {'epochs': manifest['epochs'], 'damaged': damaged,
+            'incomplete': [e for e in folders if e not in manifest['epochs']], 'rows': cache.rows,
+            'bytes_per_row': cache.bytes_per_row()}
 
 
 @torch.no_grad()

@@ -35,10 +35,10 @@ import torch
 import torch.nn as nn
 
 from ..base import UserError, write_text_atomic
+from .integrity import MANIFEST, epoch_checksums, read_manifest
 
 _logger = logging.getLogger(__name__)
 
-MANIFEST = 'manifest.json'
 VERSION = 1
 FEATURE_DTYPES = ('fp16', 'int8')
 
@@ -79,6 +79,7 @@ class TeacherCache:
         self.rows, self.dim, self.classes = manifest['rows'], manifest['feature_dim'], manifest['num_classes']
         self.features, self.topk = manifest['storage']['features'], manifest['storage']['topk']
         self._open: Dict[int, Dict[str, np.ndarray]] = {}
+        self.verified = set()  # complete epochs whose checksums this process has checked (``runtime.ensure_epoch``)
 
     @classmethod
     def create_or_open(cls, root: Path, valid_for: dict, storage: dict, rows: int, feature_dim: int,
@@ -90,8 +91,8 @@ class TeacherCache:
         root = Path(root)
         path = root / MANIFEST
         shape = {'rows': rows, 'feature_dim': feature_dim, 'num_classes': num_classes}
-        if path.exists():
-            manifest = json.loads(path.read_text())
+        manifest = read_manifest(root)
+        if manifest is not None:
             if manifest.get('version') != VERSION:
                 raise UserError(f'--teacher-cache {root} has format version {manifest.get("version")}, this tool '
                                 f'writes {VERSION}: use another folder.')
@@ -110,7 +111,7 @@ class TeacherCache:
         if root.exists() and any(root.iterdir()):
             raise UserError(f'--teacher-cache {root} is a folder without a cache manifest; name a new or empty one.')
         manifest = {'version': VERSION, 'valid_for': valid_for, **shape, 'storage': storage, 'epochs': [],
-                    'teacher_metrics': None}
+                    'checksums': {}, 'teacher_metrics': None}
         if is_main:
             root.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, json.dumps(manifest, indent=1))
@@ -119,7 +120,8 @@ class TeacherCache:
     def complete(self, epoch: int) -> bool:
         return epoch in self.manifest['epochs']
 
-    def _arrays(self, epoch: int) -> Dict[str, Tuple[tuple, np.dtype]]:
+    def array_specs(self) -> Dict[str, Tuple[tuple, np.dtype]]:
+        """Name -> (shape, dtype) of the arrays every epoch holds."""
         arrays = {'written': ((self.rows,), np.uint8),
                   'features': ((self.rows, self.dim), np.int8 if self.features == 'int8' else np.float16)}
         if self.features == 'int8':
@@ -140,7 +142,7 @@ class TeacherCache:
         if is_main and not self.complete(epoch):
             folder = self.epoch_dir(epoch)
             folder.mkdir(parents=True, exist_ok=True)
-            for name, (shape, dtype) in self._arrays(epoch).items():
+            for name, (shape, dtype) in self.array_specs().items():
                 path = folder / f'{name}.npy'
                 if not path.exists():
                     tmp = folder / f'.tmp-{name}.npy'
@@ -150,7 +152,7 @@ class TeacherCache:
     def _maps(self, epoch: int, mode: str) -> Dict[str, np.ndarray]:
         if epoch not in self._open or (mode == 'r+' and self._open[epoch]['written'].mode == 'r'):
             self._open = {epoch: {name: np.load(self.epoch_dir(epoch) / f'{name}.npy', mmap_mode=mode)
-                                  for name in self._arrays(epoch)}}
+                                  for name in self.array_specs()}}
         return self._open[epoch]
 
     def write(self, epoch: int, index: torch.Tensor, logits: torch.Tensor, features: Optional[torch.Tensor]) -> None:
@@ -210,18 +212,25 @@ class TeacherCache:
         if len(missing):
             raise RuntimeError(f'teacher cache epoch {epoch} lacks {len(missing)} rows (first {missing[:5]})')
         self.manifest['epochs'] = sorted(set(self.manifest['epochs']) | {epoch})
+        self.manifest.setdefault('checksums', {})[str(epoch)] = epoch_checksums(self, epoch)
+        self.verified.add(epoch)
         if teacher_metrics and not self.manifest.get('teacher_metrics'):
             self.manifest['teacher_metrics'] = teacher_metrics
         write_text_atomic(self.root / MANIFEST, json.dumps(self.manifest, indent=1))
 
     def reload(self) -> None:
         """Read the manifest again (on processes other than the one that wrote it)."""
-        self.manifest = json.loads((self.root / MANIFEST).read_text())
+        self.manifest = read_manifest(self.root)
         self._open = {}
+
+    def forget(self, epoch: int) -> None:
+        """Let go of the memory maps of ``epoch`` (its files are about to be replaced)."""
+        self._open.pop(epoch, None)
+        self.verified.discard(epoch)
 
     def bytes_per_row(self) -> int:
         return sum(int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-                   for shape, dtype in self._arrays(0).values())
+                   for shape, dtype in self.array_specs().values())
 
 
 def _short(value) -> str:
