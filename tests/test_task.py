@@ -47,9 +47,12 @@ def test_loss_is_the_weighted_sum_of_independently_computed_parts():
     ce = F.cross_entropy(s_logits, y)
     kd = kd_loss(s_logits, t_logits, 3.0)
     assert out['loss_ce'].item() == pytest.approx(ce.item(), rel=1e-5)
-    assert out['loss_kd'].item() == pytest.approx(kd.item(), rel=1e-5)
+    # the task re-normalises for the teacher with one fused affine map: float32 rounding apart from the formula
+    # above, which a KD this small (about 4e-3) shows at 1e-4 relative, depending on the thread count
+    assert out['loss_kd'].item() == pytest.approx(kd.item(), rel=1e-5, abs=1e-6)
     assert out['loss_icd'].item() == pytest.approx(icd.item(), rel=1e-5)
-    assert out['loss'].item() == pytest.approx(0.7 * ce.item() + 0.4 * kd.item() + 1.3 * icd.item(), rel=1e-5)
+    assert out['loss'].item() == pytest.approx(0.7 * ce.item() + 0.4 * kd.item() + 1.3 * icd.item(), rel=1e-5,
+                                               abs=1e-6)
 
 
 def test_kd_standardize_gives_the_standardised_kd_loss():
@@ -111,8 +114,9 @@ def test_batch_is_renormalised_and_resized_for_the_teacher():
 
 
 def test_method_weights_and_auto_choice():
-    assert METHOD_WEIGHTS == {'vanilla': (1.0, 0.0, 0.0), 'kd': (0.1, 0.9, 0.0), 'icd': (1.0, 0.0, 1.0),
-                              'icd+kd': (1.0, 1.0, 1.0)}
+    assert METHOD_WEIGHTS == {'vanilla': (1.0, 0.0, 0.0), 'kd': (0.1, 0.9, 0.0), 'dkd': (1.0, 1.0, 0.0),
+                              'dist': (1.0, 1.0, 0.0), 'icd': (1.0, 0.0, 1.0), 'icd+kd': (1.0, 1.0, 1.0),
+                              'icd+dkd': (1.0, 1.0, 1.0), 'icd+dist': (1.0, 1.0, 1.0)}
     student, teacher = _pair(10, 10)
     assert ICDDistillationTask(student, teacher, method='auto', student_input_size=(3, 32, 32)).method == 'icd+kd'
     student, teacher = _pair(10, 1000)
