@@ -2,7 +2,10 @@
 
 A difference between two methods is paired by seed (same seed: same student initialisation, data order and
 augmentation), so seed-to-seed variation that both methods share cancels. For n seeds the 95% interval is
-mean +- t(0.975, n - 1) * sd / sqrt(n); a difference is called significant when its interval excludes 0.
+mean +- t(0.975, n - 1) * sd / sqrt(n), with the two-sided t-test's p. This benchmark was not pre-registered, so
+every difference it reports belongs to one family: Holm's step-down adjusts the p-values over all of them, and a
+difference is called established only when its adjusted p is below 0.05 (the pre-registered study,
+``study.py``, is where questions are settled).
 """
 import csv
 import json
@@ -24,7 +27,7 @@ COMPARISONS = [
 
 
 def paired(rows, a: str, b: str):
-    """(mean, low, high, n) of the per-seed difference a - b in test top-1, or None with fewer than 2 seeds."""
+    """(mean, low, high, n, p) of the per-seed difference a - b in test top-1, or None with fewer than 2 seeds."""
     by_seed = {}
     for r in rows:
         by_seed.setdefault(int(r['seed']), {})[r['method']] = float(r['test_top1'])
@@ -33,20 +36,48 @@ def paired(rows, a: str, b: str):
         return None
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
     half = scipy_stats.t.ppf(0.975, len(diffs) - 1) * sd / len(diffs) ** 0.5
-    return mean, mean - half, mean + half, len(diffs)
+    p = float(scipy_stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else 1.0
+    return mean, mean - half, mean + half, len(diffs), p
 
 
-def _cell(result) -> str:
+def holm(pvalues):
+    """Holm's step-down adjusted p-values, in the input order."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+class Family:
+    """Every difference the report shows, so that Holm's correction runs over all of them before any is rendered."""
+
+    def __init__(self):
+        self.results = {}
+
+    def add(self, key, result):
+        if result is not None:
+            self.results[key] = result
+
+    def adjusted(self):
+        keys = list(self.results)
+        return dict(zip(keys, holm([self.results[k][4] for k in keys])))
+
+
+def _cell(result, adjusted=None) -> str:
     if result is None:
         return '-'
-    mean, low, high, n = result
-    mark = ' **\\***' if low > 0 or high < 0 else ''
-    return f'{mean:+.2f} [{low:+.2f}, {high:+.2f}]{mark}'
+    mean, low, high, n, p = result
+    mark = ' **established**' if adjusted is not None and adjusted < 0.05 else ''
+    holm_p = f', Holm {adjusted:.2f}' if adjusted is not None else ''
+    return f'{mean:+.2f} [{low:+.2f}, {high:+.2f}], p {p:.3f}{holm_p}{mark}'
 
 
 def _mean_std(values) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f'{statistics.mean(values):.2f} +- {std:.2f}'
+    if len(values) == 1:
+        return f'{values[0]:.2f}'
+    return f'{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}'
 
 
 def _table(rows, methods):
@@ -62,19 +93,30 @@ def _table(rows, methods):
     return lines
 
 
-def _comparisons(rows, comparisons):
-    """Markdown rows: one comparison a - b per row, one column per pair."""
+def _comparisons(rows, comparisons, family: Family, adjusted=None):
+    """Markdown rows: one comparison a - b per row, one column per pair. Without ``adjusted`` only collects the
+    differences into ``family`` (the first pass); with it, renders them with their Holm-adjusted p."""
     pairs = list(dict.fromkeys(r['pair'] for r in rows))
     present = {r['method'] for r in rows}
     comparisons = [(a, b) for a, b in comparisons if a in present and b in present]
     lines = ['| difference | ' + ' | '.join(pairs) + ' |', '|' + '---|' * (len(pairs) + 1)]
     for a, b in comparisons:
-        cells = [_cell(paired([r for r in rows if r['pair'] == pair], a, b)) for pair in pairs]
+        cells = []
+        for pair in pairs:
+            result = paired([r for r in rows if r['pair'] == pair], a, b)
+            family.add((pair, a, b), result)
+            cells.append(_cell(result, None if adjusted is None else adjusted.get((pair, a, b))))
         lines.append(f'| {a} - {b} | ' + ' | '.join(cells) + ' |')
     return lines
 
 
 def write_report(out: Path, cfg) -> None:
+    family = Family()
+    _write(out, cfg, family, None)  # first pass: every difference the report shows, for Holm's correction
+    _write(out, cfg, Family(), family.adjusted())
+
+
+def _write(out: Path, cfg, family: Family, adjusted) -> None:
     with open(out / f'{cfg.name}_runs.csv') as f:
         rows = list(csv.DictReader(f))
     teachers = json.loads((out / f'{cfg.name}_teachers.json').read_text())
@@ -97,11 +139,14 @@ def write_report(out: Path, cfg) -> None:
         lines.append(f'| {name} | {t["name"]} | {len(t["classes"])} | {t["train_size"]} | {t["epochs"]} | '
                      f'{t["top1"]:.2f} |')
     if main:
-        lines += ['', f'## Same label space ({main[0]["epochs"]} epochs)', '', 'Mean +- std over seeds (n seeds).',
+        lines += ['', f'## Same label space ({main[0]["epochs"]} epochs)', '', 'Mean +- std over seeds (n seeds; a '
+                  'single seed: its value).',
                   ''] + _table(main, methods)
         lines += ['', '### Paired differences', '',
-                  'Percentage points, mean over seeds [95% confidence interval, t-distribution, paired by seed]; '
-                  '**\\*** marks an interval that excludes 0.', ''] + _comparisons(main, COMPARISONS)
+                  'Percentage points, mean over seeds [95% confidence interval, t-distribution, paired by seed], '
+                  'the t-test\'s p and its Holm-adjusted p over every difference in this report '
+                  f'({len(adjusted or {})}); **established** only when that adjusted p is below 0.05.', '']
+        lines += _comparisons(main, COMPARISONS, family, adjusted)
     transfer = [r for r in rows if r['study'] == 'transfer']
     if transfer:
         lines += ['', '## Across label spaces (logit KD impossible)', '',
@@ -110,7 +155,7 @@ def write_report(out: Path, cfg) -> None:
                   f'scored on the {transfer[0]["test_size"]} test images of those classes. `icd` is what '
                   f'`--method auto` picks here.', ''] + _table(transfer, ['vanilla', 'timm_feature', 'icd'])
         lines += [''] + _comparisons(transfer, [('icd', 'vanilla'), ('timm_feature', 'vanilla'),
-                                                ('icd', 'timm_feature')])
+                                                ('icd', 'timm_feature')], family, adjusted)
     length = [r for r in rows if r['study'] == 'length']
     if length:
         seeds = {r['seed'] for r in length}
@@ -122,12 +167,14 @@ def write_report(out: Path, cfg) -> None:
         methods_l = [m for m in methods if any(r['method'] == m for r in length)]
         lines += ['', '## Training length', '', f'The same seeds ({", ".join(sorted(seeds))}) at both lengths.', '']
         lines += _table(both, methods_l) + [''] + _comparisons(both, [
-            (a, b) for a, b in COMPARISONS if a in methods_l and b in methods_l])
+            (a, b) for a, b in COMPARISONS if a in methods_l and b in methods_l], family, adjusted)
     lines += ['', f'Every run: `{cfg.name}_runs.csv`; test top-1 per epoch for seed 0: `{cfg.name}_curves.csv`; '
               f'plot: `{cfg.name}.png`.']
     findings = out / f'{cfg.name}_findings.md'
     if findings.exists():
         lines += ['', f'Findings and investigation: [{findings.name}]({findings.name}).']
+    if adjusted is None:
+        return
     (out / f'{cfg.name}.md').write_text('\n'.join(lines) + '\n')
     if main:
         plot(out, cfg.name, main, methods)
