@@ -1,5 +1,6 @@
 """Shared fixtures: real image data written by the tests, and a runner for train_icd.py subprocesses."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,24 @@ def offline_env(**extra) -> dict:
     env.pop('RANK', None)
     env.update(extra)
     return env
+
+
+def hub_env(hub, tmp_path, token=True, endpoint=None) -> dict:
+    """The environment of a process that talks to the loopback Hub ``hub`` (``tests/hub_server.py``) with the real
+    huggingface_hub client: its endpoint, a fresh cache under ``tmp_path``, and the token unless ``token`` is False."""
+    env = offline_env(HF_HUB_OFFLINE='0', HF_ENDPOINT=endpoint or hub.endpoint, HF_HOME=str(tmp_path / 'hf_home'),
+                      HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_DISABLE_IMPLICIT_TOKEN='0')
+    env.pop('HF_TOKEN', None)
+    if token:
+        env['HF_TOKEN'] = hub.token
+    return env
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (connections to it are refused)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def run_cli(*args, env=None, timeout=600, script='train_icd.py', module=None) -> subprocess.CompletedProcess:

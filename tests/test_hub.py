@@ -2,7 +2,6 @@
 import csv
 import json
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from conftest import FAST, offline_env, run_cli
+from conftest import FAST, closed_port, hub_env, run_cli
 from hub_server import FakeHub
 from timm_icd.publish import render_card
 
@@ -25,15 +24,6 @@ def hub():
     server = FakeHub().start()
     yield server
     server.stop()
-
-
-def hub_env(hub, tmp_path, token=True, endpoint=None):
-    env = offline_env(HF_HUB_OFFLINE='0', HF_ENDPOINT=endpoint or hub.endpoint, HF_HOME=str(tmp_path / 'hf_home'),
-                      HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_DISABLE_IMPLICIT_TOKEN='0')
-    env.pop('HF_TOKEN', None)
-    if token:
-        env['HF_TOKEN'] = hub.token
-    return env
 
 
 def snapshot(folder):
@@ -158,12 +148,6 @@ def test_the_token_is_never_printed_or_written(hub, pushed):
             assert hub.token.encode() not in path.read_bytes(), path
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize('case,expected', [
     ('no-token', r'error: no Hugging Face token: set HF_TOKEN or run `hf auth login`'),
     ('bad-repo-id', r"error: bad Hub repo id 'not a repo!!'"),
@@ -176,7 +160,7 @@ def _closed_port() -> int:
 def test_push_failures_are_one_line_and_leave_the_run_unchanged(case, expected, hub, pushed, tmp_path):
     out, _, _ = pushed
     before = snapshot(out)
-    endpoint = f'http://127.0.0.1:{_closed_port()}' if case == 'refused' else None
+    endpoint = f'http://127.0.0.1:{closed_port()}' if case == 'refused' else None
     env = hub_env(hub, tmp_path, token=case != 'no-token', endpoint=endpoint)
     repo_id = 'not a repo!!' if case == 'bad-repo-id' else REPO_ID
     if case == 'bad-token':

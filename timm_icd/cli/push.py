@@ -1,6 +1,7 @@
 """Push a finished run's student folder to the Hugging Face Hub (for runs made offline, or to push again).
 
     python -m timm_icd.push OUT/student ORG/NAME [--private] [--revision BRANCH] [--baseline VANILLA/student]
+                            [--hub-collection NAMESPACE/TITLE-ID]
 """
 import sys
 from typing import List, Optional
@@ -19,12 +20,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--license', default='apache-2.0', help="the card's license (default: apache-2.0)")
     parser.add_argument('--baseline', default=None, metavar='FOLDER',
                         help='student folder of the same student trained --method vanilla, for the results table')
+    parser.add_argument('--hub-collection', '--collection', dest='collection', default=None, metavar='SLUG',
+                        help="then add the repository to this Hub collection (its URL's NAMESPACE/TITLE-ID)")
 
     def body() -> int:
         args = parser.parse_args(argv)
         url = push_student(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                           license=args.license, baseline=args.baseline)
-        print(f'pushed {args.folder} to {url}')
+                           license=args.license, baseline=args.baseline, collection=args.collection)
+        print(f'pushed {args.folder} to {url}' + (f' and added it to collection {args.collection}'
+                                                   if args.collection else ''))
         return 0
 
     return run_command(body)

@@ -10,6 +10,7 @@ folder instead (``HfApi.upload_folder``), which also lets finished offline runs 
 """
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -29,7 +30,8 @@ _logger = logging.getLogger(__name__)
 
 CARD_NAME = 'model_card.md'
 STUDENT_FILES = ('model.safetensors', 'config.json', DISTILLATION_JSON)
-TAGS = ['image-classification', 'timm', 'knowledge-distillation', 'icd']
+SEARCH_TAG = 'timm_icd'  # every push carries it: `python -m timm_icd.hub search` lists the models with it
+TAGS = ['image-classification', 'timm', 'knowledge-distillation', 'icd', SEARCH_TAG]
 METHOD_NAMES = {
     'icd+kd': 'Invariant Consistency Distillation plus Hinton KD (ICD+KD)',
     'icd+dkd': 'Invariant Consistency Distillation plus Decoupled KD (ICD+DKD)',
@@ -42,6 +44,13 @@ METHOD_NAMES = {
     'vanilla': 'plain cross-entropy training (no distillation)',
 }
 LOCAL_DATASETS = ('digits', 'imagefolder:', '/', '.', '~')
+# a collection's slug as in its URL: NAMESPACE/TITLE-ID, the ID being the Hub's 24 hex digits
+COLLECTION_SLUG = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+-[0-9a-f]{24}')
+
+
+def method_tag(method: str) -> str:
+    """The tag a push carries for its method (``method:icd+kd``), which search filters on."""
+    return f'method:{method}'
 
 
 def check_push_target(repo_id: str) -> str:
@@ -56,6 +65,14 @@ def check_push_target(repo_id: str) -> str:
     if not token:
         raise UserError('no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again.')
     return token
+
+
+def check_collection_slug(slug: str) -> str:
+    """Fail before any training or upload when ``slug`` cannot be a Hub collection's slug; return it."""
+    if not COLLECTION_SLUG.fullmatch(slug):
+        raise UserError(f"bad Hub collection slug '{slug}': use the slug from the collection's URL, "
+                        f"NAMESPACE/TITLE-ID (e.g. my-org/students-0123456789abcdef01234567).")
+    return slug
 
 
 def card_template() -> Path:
@@ -106,7 +123,8 @@ def render_card(record: dict, config: dict, repo_id: str, license: str = 'apache
                 dataset_name=public_name, dataset_split=dataset['eval_split'], metric_type='accuracy',
                 metric_name=name, metric_value=round(record[metric], 4)))
     card_data = ModelCardData(
-        model_name=repo_id.split('/')[-1], library_name='timm', license=license, tags=list(TAGS),
+        model_name=repo_id.split('/')[-1], library_name='timm', license=license,
+        tags=[*TAGS, method_tag(record['method'])],
         pipeline_tag='image-classification', datasets=[dataset_id] if dataset_id else None,
         base_model=teacher_hub_id(record), eval_results=eval_results or None)
     return ModelCard.from_template(
@@ -115,7 +133,8 @@ def render_card(record: dict, config: dict, repo_id: str, license: str = 'apache
         timm_icd_version=__version__)
 
 
-def _describe_error(e: Exception, endpoint: str) -> str:
+def describe_error(e: Exception, endpoint: str) -> str:
+    """What went wrong talking to the Hub at ``endpoint``, for a one-line error (never the token)."""
     if isinstance(e, HfHubHTTPError):
         status = e.response.status_code if e.response is not None else None
         reason = first_line(e, 200)
@@ -128,16 +147,20 @@ def _describe_error(e: Exception, endpoint: str) -> str:
 
 
 def push_student(folder, repo_id: str, private: bool = False, revision: Optional[str] = None,
-                 license: str = 'apache-2.0', baseline=None, commit_message: Optional[str] = None) -> str:
+                 license: str = 'apache-2.0', baseline=None, commit_message: Optional[str] = None,
+                 collection: Optional[str] = None) -> str:
     """Push a student folder to ``repo_id`` (created if needed; a second push updates it). Returns the commit URL.
 
     The token comes from HF_TOKEN or the huggingface_hub login and is never printed or written. On any failure the
-    local folder is left exactly as it was, and the error says how to retry.
+    local folder is left exactly as it was, and the error says how to retry. With ``collection`` (a collection's
+    slug), the repository is then added to that collection (nothing happens when it is in it already).
     """
     folder = Path(folder)
     missing = [name for name in STUDENT_FILES if not (folder / name).is_file()]
     if missing:
         raise UserError(f'{folder} is not a finished student folder (missing {", ".join(missing)}).')
+    if collection:
+        check_collection_slug(collection)
     token = check_push_target(repo_id)
     record = read_record(folder)
     config = json.loads((folder / 'config.json').read_text())
@@ -160,10 +183,22 @@ def push_student(folder, repo_id: str, private: bool = False, revision: Optional
                 commit_message=commit_message or f"Distilled {record['student']} ({record['method']})")
         except Exception as e:
             retry = f'python -m timm_icd.push {folder} {repo_id}'
-            raise UserError(f'push to {repo_id} failed: {_describe_error(e, endpoint)}. The run folder is '
+            raise UserError(f'push to {repo_id} failed: {describe_error(e, endpoint)}. The run folder is '
                             f'unchanged; retry with `{retry}`.') from e
     _logger.info(f'Pushed {folder} to {commit.commit_url}')
+    if collection:
+        add_to_collection(api, repo_id, collection)
     return commit.commit_url
+
+
+def add_to_collection(api: HfApi, repo_id: str, slug: str) -> None:
+    """Add the model repository ``repo_id`` to the collection ``slug`` (already there: nothing to do)."""
+    try:
+        api.add_collection_item(slug, item_id=repo_id, item_type='model', exists_ok=True)
+    except Exception as e:
+        raise UserError(f'pushed {repo_id}, but adding it to collection {slug} failed: '
+                        f'{describe_error(e, api.endpoint)}; add it on the Hub, or push again.') from e
+    _logger.info(f'Added {repo_id} to collection {slug}')
 
 
 def load_student(name: str, **kwargs) -> nn.Module:

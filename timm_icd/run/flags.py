@@ -19,7 +19,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from ..base import UserError
 from ..data import PIPELINES, AugmentConfig
 from ..distill import BATCHES, ICD_NEGATIVES, LS_TEMPERATURE, METHODS, logit_loss_of
-from ..publish import check_push_target
+from ..publish import check_collection_slug, check_push_target
 from .loop import LoopConfig
 
 _logger = logging.getLogger(__name__)
@@ -261,6 +261,8 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--push-to-hub', default=None, metavar='ORG/NAME', help='push the student after training')
     group.add_argument('--hub-private', action='store_true', help='create the Hub repository as private')
     group.add_argument('--hub-revision', default=None, metavar='BRANCH', help='branch to push to')
+    group.add_argument('--hub-collection', default=None, metavar='SLUG',
+                       help="after the push, add the repository to this Hub collection (its URL's NAMESPACE/TITLE-ID)")
     group.add_argument('--push-ema', action='store_true', help='push the EMA student (needs --model-ema)')
     return parser
 
@@ -433,6 +435,10 @@ def validate_args(args: argparse.Namespace) -> None:
                                   f"features only); use --method icd.")
         _check(args.teacher_dtype in ('float32', 'fp32'), '--teacher-dtype applies to the ICD teacher, not to '
                                                           "--method feature (timm's task).")
+    _check(not args.hub_collection or bool(args.push_to_hub),
+           '--hub-collection adds the pushed student to a collection: it needs --push-to-hub ORG/NAME.')
+    if args.hub_collection:
+        check_collection_slug(args.hub_collection)
     if args.push_to_hub:  # repo id and token now, not after hours of training
         check_push_target(args.push_to_hub)
 

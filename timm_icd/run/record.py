@@ -26,12 +26,15 @@ def run_record(r, argv: Optional[List[str]], metrics: dict, ema: bool = False) -
         teacher = {
             'name': args.teacher, 'source': teacher_source(args.teacher, args.teacher_pretrained,
                                                            args.teacher_checkpoint),
+            'architecture': task.teacher.model.pretrained_cfg.get('architecture'),
             'hf_hub_id': hub_id, 'num_classes': task.teacher_classes,
             'top1': (state.teacher or {}).get('top1'), 'top5': (state.teacher or {}).get('top5'),
             'measured_with': "the student's eval preprocessing" if state.teacher else None,
         }
     return {
         'student': args.student,
+        'architecture': task.student.pretrained_cfg.get('architecture'),
+        'parameters': sum(p.numel() for p in task.student.parameters()),  # the bare student's, no ICD heads
         'teacher': teacher,
         **task.loss_record(),
         'dataset': {'name': data.name, 'train_split': data.train_split, 'eval_split': data.eval_split,
