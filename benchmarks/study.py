@@ -12,7 +12,8 @@ for once with ``python -m timm_icd.cache`` (``timm_icd.run.write_ahead``) and re
     python benchmarks/study.py report      # study.md from study_runs.csv (Holm-adjusted p for P1-P4)
     python benchmarks/study.py all         # the four in order (~7 h on 2 CPU cores)
     python benchmarks/study.py all --quick # tiny data, 1-2 epochs, for the tests (about a minute)
-    python benchmarks/study.py all --preset gpu   # 60,000 training images on one GPU, runs side by side
+    python benchmarks/study.py all --preset gpu   # every training image on one GPU: primary runs only, side by side,
+                                                  # with the CPU study's tuned settings (results/study_runs.csv)
 
 An interrupted stage resumes: finished runs are kept (one row each in ``study_runs.csv``), a killed run continues
 from its last checkpoint (``--resume auto``). Tuning rows never carry a test number: the test split is evaluated
@@ -59,9 +60,9 @@ def settings(cfg) -> dict:
     """Sizes and lengths of the preset (cpu, gpu) or of --quick."""
     s = dict(train_per_class=600, val_per_class=100, foot_train_per_class=300, epochs=24, teacher_epochs=10,
              seeds=list(range(10)), tune_seeds=[100, 101], teachers=3, batch=64, lr_scale=1, jobs=2, threads=1,
-             test_per_class=0, dkd_warmup=2)
+             test_per_class=0, dkd_warmup=2, explore=True)
     if cfg.preset == 'gpu':  # every training image but the validation ones; runs side by side on the one device
-        s.update(train_per_class=0, foot_train_per_class=0, jobs=8, threads=2, batch=256, lr_scale=4)
+        s.update(train_per_class=0, foot_train_per_class=0, jobs=8, threads=2, batch=256, lr_scale=4, explore=False)
     if cfg.quick:
         s.update(train_per_class=16, val_per_class=8, foot_train_per_class=16, epochs=2, teacher_epochs=1,
                  seeds=[0, 1], tune_seeds=[100], teachers=2, test_per_class=16, dkd_warmup=1, batch=16)
@@ -286,6 +287,9 @@ def main(argv=None) -> int:
     parser.add_argument('--out', default=str(HERE / 'results'), help='results folder')
     parser.add_argument('--data-dir', default=str(HERE / 'data'), help='datasets, teachers, caches and run folders')
     parser.add_argument('--jobs', type=int, default=None, help='runs at a time (default: the preset\'s)')
+    parser.add_argument('--tuned-from', default=None, metavar='CSV',
+                        help='take the tuning selection from this runs CSV instead of tuning (default for --preset '
+                             'gpu: the CPU study\'s results/study_runs.csv)')
     cfg = parser.parse_args(argv)
     cfg.name = 'study' + ('_gpu' if cfg.preset == 'gpu' else '') + ('_quick' if cfg.quick else '')
     s = settings(cfg)
@@ -295,7 +299,12 @@ def main(argv=None) -> int:
     os.environ.update(HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
     data = build_data(cfg, s)
     runs_csv = Path(cfg.out) / f'{cfg.name}_runs.csv'
+    tuned_from = cfg.tuned_from or (str(HERE / 'results' / 'study_runs.csv') if cfg.preset == 'gpu' and not cfg.quick
+                                    else None)
+    tuning = read_rows(Path(tuned_from)) if tuned_from else None
     stages = ['teachers', 'tune', 'confirm', 'report'] if cfg.stage == 'all' else [cfg.stage]
+    if tuning is not None:  # the selection is taken, not tuned again; the device's minutes go to the primary runs
+        stages = [stage for stage in stages if stage != 'tune']
     for stage in stages:
         if stage == 'teachers':
             execute(cfg, s, data, teacher_jobs(cfg, s, data))
@@ -303,11 +312,13 @@ def main(argv=None) -> int:
             execute(cfg, s, data, [cache_job(cfg, s, data, seed) for seed in s['tune_seeds']])
             execute(cfg, s, data, tune_jobs(cfg, s, data))
         elif stage == 'confirm':
-            choice = selected(read_rows(runs_csv))
+            choice = selected(tuning or read_rows(runs_csv))
             print(f'selected by the tuning rule: {choice}', flush=True)
-            execute(cfg, s, data, confirm_jobs(cfg, s, data, choice))
+            jobs = confirm_jobs(cfg, s, data, choice)
+            execute(cfg, s, data, jobs if s['explore'] else [j for j in jobs if j['stage'] != 'explore'])
         else:
-            write_report(cfg, s, read_rows(runs_csv), selected(read_rows(runs_csv)), GRID, MARGIN)
+            write_report(cfg, s, read_rows(runs_csv) + [r for r in tuning or [] if r['stage'] == 'tune'],
+                         selected(tuning or read_rows(runs_csv)), GRID, MARGIN)
     return 0
 
 
