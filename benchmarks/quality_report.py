@@ -16,6 +16,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from common import machine
+from study_stats import holm
 
 # (a, b): report a - b
 COMPARISONS = [
@@ -38,16 +39,6 @@ def paired(rows, a: str, b: str):
     half = scipy_stats.t.ppf(0.975, len(diffs) - 1) * sd / len(diffs) ** 0.5
     p = float(scipy_stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else 1.0
     return mean, mean - half, mean + half, len(diffs), p
-
-
-def holm(pvalues):
-    """Holm's step-down adjusted p-values, in the input order."""
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    adjusted, running = [0.0] * len(pvalues), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
 
 
 class Family:

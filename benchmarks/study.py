@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_lib import LABELS, fashion_mnist  # noqa: E402
+from quality_lib import LABELS, append_csv, fashion_mnist  # noqa: E402
 from study_stats import write_report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -256,7 +256,7 @@ def execute(cfg, s, data, jobs: List[dict]) -> None:
         futures = {pool.submit(run_job, j, out_dir, s['threads'], data): j for j in todo}
         for future in as_completed(futures):
             job, row = futures[future], future.result()
-            append_row(runs_csv, row)
+            append_csv(runs_csv, FIELDS, row)
             shown = f"test {float(row['test_top1']):.2f}" if row.get('test_top1') not in ('', None) else \
                 f"val {float(row['val_top1']):.2f}" if row.get('val_top1') not in ('', None) else 'done'
             print(f"{row['stage']:8s} {job['key']}: {shown} ({row['seconds']:.0f}s; {time.time() - started:.0f}s "
@@ -268,15 +268,6 @@ def read_rows(path: Path) -> List[dict]:
         return []
     with open(path) as f:
         return list(csv.DictReader(f))
-
-
-def append_row(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, 'a', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
 
 
 def main(argv=None) -> int:

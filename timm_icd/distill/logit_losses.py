@@ -32,6 +32,14 @@ def standardize_logits(logits: torch.Tensor, eps: float = LS_EPS) -> torch.Tenso
     return (logits - mean) / (std + eps)
 
 
+def _as_float32(student_logits: torch.Tensor, teacher_logits: torch.Tensor, standardize: bool):
+    """Both logits in float32, Z-scored per sample when ``standardize`` (every logit term starts here)."""
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
+    if standardize:
+        return standardize_logits(student_logits), standardize_logits(teacher_logits)
+    return student_logits, teacher_logits
+
+
 def kd_loss(
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor,
@@ -56,9 +64,7 @@ def kd_loss(
     Returns:
         The scalar loss, float32.
     """
-    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
-    if standardize:
-        student_logits, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits)
+    student_logits, teacher_logits = _as_float32(student_logits, teacher_logits, standardize)
     log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
     return F.kl_div(log_p_s, log_p_t, reduction='batchmean', log_target=True) * (temperature ** 2)
@@ -93,9 +99,7 @@ def dkd_loss(
     Returns:
         The scalar loss, float32.
     """
-    s, t = student_logits.float(), teacher_logits.float()
-    if standardize:
-        s, t = standardize_logits(s), standardize_logits(t)
+    s, t = _as_float32(student_logits, teacher_logits, standardize)
     s, t = s / temperature, t / temperature
     target = target.long()
     others = torch.ones_like(s, dtype=torch.bool).scatter_(1, target[:, None], False)  # B x C, False at the target
@@ -145,9 +149,7 @@ def dist_loss(
     Returns:
         The scalar loss, float32.
     """
-    s, t = student_logits.float(), teacher_logits.float()
-    if standardize:
-        s, t = standardize_logits(s), standardize_logits(t)
+    s, t = _as_float32(student_logits, teacher_logits, standardize)
     ys, yt = F.softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1)
     inter = 1 - _pearson(ys, yt).mean()
     intra = 1 - _pearson(ys.T, yt.T).mean()
