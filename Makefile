@@ -25,8 +25,10 @@ $(FASHION_MNIST):
 demo: $(STAMP)
 	$(PY) -m timm_icd.demo
 
+# two workers on the 2-core machine, one torch thread each (tests/conftest.py): a test that trains two processes
+# runs beside another test, never beside a multi-threaded one
 test: $(STAMP) $(FASHION_MNIST)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 bench-quality: $(STAMP) $(FASHION_MNIST)
 	$(PY) benchmarks/quality.py

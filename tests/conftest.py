@@ -7,8 +7,11 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+if os.environ.get('PYTEST_XDIST_WORKER'):  # two workers share the 2 cores: one torch thread each, as subprocesses get
+    torch.set_num_threads(1)
 # tiny, fast settings for digits-sized runs; augmentation kept mild so a couple of epochs learn something
 FAST = ['--input-size', '3', '16', '16', '-j', '0', '--hflip', '0', '--scale', '0.7', '1', '--color-jitter', '0',
         '--log-interval', '5']

@@ -105,7 +105,7 @@ def test_an_error_on_one_rank_is_one_line_on_every_rank(damaged_shards, tmp_path
     and no frame of this package's code is printed (the launcher's own ChildFailedError report stays)."""
     from test_distributed import accelerate_launch
     shards, key = damaged_shards
-    result = accelerate_launch(29561, 'train_icd.py', '--dataset', f'webdataset:{shards}', '--output',
+    result = accelerate_launch(29571, 'train_icd.py', '--dataset', f'webdataset:{shards}', '--output',
                                tmp_path / 'run', *STREAM, timeout=300)
     assert result.returncode != 0
     lines = _error_lines(result.stderr)
@@ -124,7 +124,7 @@ def test_streaming_skips_unreadable_images_and_keeps_the_steps(damaged_shards, t
     from test_distributed import accelerate_launch
     shards, key = damaged_shards
     out = tmp_path / 'run'
-    result = accelerate_launch(29562, 'train_icd.py', '--dataset', f'webdataset:{shards}', '--output', out, *STREAM,
+    result = accelerate_launch(29572, 'train_icd.py', '--dataset', f'webdataset:{shards}', '--output', out, *STREAM,
                                '--skip-bad-images', timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     skipped = [line for line in result.stderr.splitlines() if 'Skipped an unreadable image' in line]
@@ -142,10 +142,10 @@ def test_elastic_restart_after_a_dead_rank_ends_with_an_uninterrupted_runs_weigh
     from test_distributed import accelerate_launch
     run = ['--dataset', digits_small, '--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student',
            'test_efficientnet', '--epochs', '2', '-b', '16', '--checkpoint-steps', '3', '--seed', '3', *FAST]
-    reference = accelerate_launch(29563, 'train_icd.py', *run, '--output', tmp_path / 'reference')
+    reference = accelerate_launch(29573, 'train_icd.py', *run, '--output', tmp_path / 'reference')
     assert reference.returncode == 0, reference.stderr[-3000:]
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
-           '--num_machines', '1', '--main_process_port', '29564', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           '--num_machines', '1', '--main_process_port', '29574', '--mixed_precision', 'no', '--dynamo_backend', 'no',
            '--max_restarts', '1', '--monitor_interval', '1', str(REPO / 'tests' / 'train_crash.py'), *map(str, run),
            '--output', str(tmp_path / 'healed'), '--resume', 'auto']
     log = tmp_path / 'healed.log'
