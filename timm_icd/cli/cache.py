@@ -43,7 +43,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv = ['--teacher', *argv]
 
     def body() -> int:
-        args = parse_and_validate(argv)
+        args = parse_and_validate(argv, prog='python -m timm_icd.cache',
+                                  description='Write a teacher cache ahead of the runs that read it, for every epoch '
+                                              'they train, with their flags (or check one: --verify DIR).')
         if not args.teacher_cache:
             raise UserError('name the cache folder with --teacher-cache DIR.')
         cache = write_ahead(args)['cache']

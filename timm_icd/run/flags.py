@@ -50,10 +50,13 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f'{message} (see --help)')
 
 
-def create_parser() -> argparse.ArgumentParser:
-    """The train_icd.py parser. Flag names follow timm's train.py wherever timm has the same setting."""
-    parser = ArgumentParser(
-        prog='train_icd.py', description='Distill any timm teacher into any timm student with ICD.')
+DESCRIPTION = 'Distill any timm teacher into any timm student with ICD.'
+
+
+def create_parser(prog: str = 'train_icd.py', description: str = DESCRIPTION) -> argparse.ArgumentParser:
+    """The train_icd.py parser (also ``timm_icd.cache``'s, under its own name). Flag names follow timm's train.py
+    wherever timm has the same setting."""
+    parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument('-c', '--config', default='', metavar='FILE',
                         help='YAML file whose keys are these flags (dest names, e.g. batch_size); flags win')
 
@@ -305,9 +308,10 @@ def load_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
     return out
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = 'train_icd.py',
+               description: str = DESCRIPTION) -> argparse.Namespace:
     """Parse flags, with ``--config`` values as defaults that explicit flags override (as timm's train.py)."""
-    parser = create_parser()
+    parser = create_parser(prog, description)
     config_parser = ArgumentParser(add_help=False)
     config_parser.add_argument('-c', '--config', default='')
     config_args, _ = config_parser.parse_known_args(argv)
@@ -484,8 +488,9 @@ def teacher_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
     return TEACHER_DTYPES[args.teacher_dtype]
 
 
-def parse_and_validate(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    args = parse_args(argv)
+def parse_and_validate(argv: Optional[List[str]] = None, prog: str = 'train_icd.py',
+                       description: str = DESCRIPTION) -> argparse.Namespace:
+    args = parse_args(argv, prog, description)
     validate_args(args)
     return args
 
