@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks in one go, for a session that is lent a device (one H100: about 6 minutes; with QUALITY=1 the
-# quality benchmark's GPU preset adds about 5). Writes benchmarks/results/gpu.md and the files it links.
+# The GPU checks in one go, for a session that is lent a device (one H100: about 6 minutes, plus the decoding check's
+# realistic JPEG set, written once (about a minute on 16 cores) and timed in about 2; with QUALITY=1 the quality
+# benchmark's GPU preset adds about 5). Writes benchmarks/results/gpu.md and the files it links.
 #
 #   bash benchmarks/gpu_check.sh                  # on the device machine, from the repository root
 #   QUALITY=1 bash benchmarks/gpu_check.sh        # also python benchmarks/quality.py --preset gpu
@@ -14,15 +15,20 @@ RES=${RES:-benchmarks/results}
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1
 if [ -n "${GPU_CHECK_QUICK:-}" ]; then
-  step=(--quick) throughput=(--quick) epoch=(--quick) quality=(--quick)
+  step=(--quick) throughput=(--quick) epoch=(--quick) quality=(--quick) decode=(--quick)
 else
   step=(--pairs 'resnet50->mobilenetv3_small_100' --sizes 224 --batch-size 128 --rounds 20)
   throughput=(--images 2000 --workers 8 --batch-size 128)
   epoch=(--preset gpu) quality=(--preset gpu)
+  decode=(--realistic-images 1000 --workers 8 --batch-size 128 --rounds 1)
 fi
 started=$(date +%s)
 "$PY" benchmarks/step_time.py "${step[@]}" --out "$RES/gpu_step_time.md"
-"$PY" benchmarks/data_throughput.py "${throughput[@]}" --out "$RES/gpu_data_throughput.md"
+"$PY" benchmarks/data_throughput.py "${throughput[@]}" --sets 500x375 --out "$RES/gpu_data_throughput.md"
+# --decode-device cuda (JPEG batches decoded with nvjpeg, cropped on the GPU) against the workers' PIL decoding and
+# timm, on the realistic mix of sizes; in the dry run the same path runs on the CPU
+"$PY" benchmarks/data_throughput.py "${decode[@]}" --sets realistic \
+  --only 'timm create_loader,(stream),(stream, --decode-device' --out "$RES/gpu_decode.md"
 "$PY" benchmarks/epoch_time.py "${epoch[@]}" --out "$RES/gpu_epoch_time.md"
 sync_bn="skipped (dry run: --sync-bn needs a GPU)"
 if [ -z "${GPU_CHECK_QUICK:-}" ]; then  # a 1-GPU smoke run of --sync-bn: 300 steps, bf16
@@ -47,5 +53,8 @@ fi
     echo
     sed -e 's/^# /## /' "$RES/$part.md"
   done
+  echo
+  echo "## Decoding on the GPU: --decode-device cuda on the realistic mix of sizes"
+  sed -e '1d' -e 's/^## /### /' "$RES/gpu_decode.md"
 } > "$RES/gpu.md"
 echo "wrote $RES/gpu.md"
