@@ -101,23 +101,60 @@ def test_data_throughput_quick_measures_every_path(tmp_path):
     import torch
     out = tmp_path / 'data_throughput.md'
     result = run_cli('--quick', '--threads', '1', '--data-dir', tmp_path / 'data', '--out', out,
-                     script='benchmarks/data_throughput.py', timeout=600)
+                     script='benchmarks/data_throughput.py', timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     text = out.read_text()
-    rows = {cells[1].strip(): [c.strip() for c in cells[2:-1]] for cells in
-            (line.split('|') for line in text.splitlines() if line.startswith('| ') and 'images/s' not in line)}
-    assert set(rows) == {'timm_icd imagefolder (loader)', 'timm_icd save_to_disk (loader)', 'timm_icd memory',
-                         'timm_icd webdataset shards (stream)', 'timm create_loader', 'timm create_loader (prefetcher)'}
-    for name, (rate, per_worker, vs_best, cpu_ms, decode) in rows.items():
+    throughput, fidelity = _md_tables(text)
+    rows = {(cells[0], cells[1]): cells[2:] for cells in throughput}
+    gpu = torch.cuda.is_available()
+    other_jitter = 'jitter in workers' if gpu else 'jitter on the device'
+    bulk = {'timm create_loader', 'timm create_loader (prefetcher)', 'timm_icd imagefolder (loader)',
+            f'timm_icd imagefolder (loader, {other_jitter})', 'timm_icd save_to_disk (loader)', 'timm_icd memory',
+            'timm_icd webdataset shards (stream)'}
+    realistic = {'timm create_loader', 'timm create_loader (prefetcher)', 'timm_icd imagefolder (loader)',
+                 'timm_icd imagefolder (loader, --decode-scale off)', f'timm_icd imagefolder (loader, {other_jitter})',
+                 'timm_icd webdataset shards (stream)', 'timm_icd webdataset shards --max-size 512 (stream)',
+                 'timm_icd webdataset shards (stream, --decode-device '
+                 f'{"cuda" if gpu else "cpu: the --decode-device path on the CPU"})'}
+    assert set(rows) == {('500x375', p) for p in bulk} | {('realistic mix', p) for p in realistic}
+    for (set_name, name), (rate, per_worker, vs_best, cpu_ms, decode) in rows.items():
         assert float(rate) > 0 and float(cpu_ms) > 0, name
-        assert float(vs_best.rstrip('x')) == pytest.approx(
-            float(rate) / max(float(rows[t][0]) for t in rows if t.startswith('timm ')), abs=0.01), name
+        best = max(float(r[0]) for (s, p), r in rows.items() if s == set_name and p.startswith('timm '))
+        assert float(vs_best.rstrip('x')) == pytest.approx(float(rate) / best, abs=0.01), name
         if name == 'timm_icd memory':  # no workers; its one-off decode is reported apart
             assert per_worker.startswith('n/a') and float(decode) > 0
         else:
             assert float(per_worker) == pytest.approx(float(rate)) and decode == '-', name  # quick: 1 worker
-    assert re.search(r"Every timm_icd path reaches >= 1\.0x timm's best: (yes|no) \(lowest: timm_icd", text)
-    assert 'quick mode: 96 JPEGs' in text and f'torch {torch.__version__}' in text  # the machine line
+    loader = float(rows[('500x375', 'timm_icd imagefolder (loader)')][2].rstrip('x'))
+    assert f"Loader path on the 500x375 set against timm's best: {loader:.2f}x (target >= 1.0x: " in text
+    assert re.search(r"Shards written with --max-size 512 on the realistic mix against timm's best on the original "
+                     r"JPEGs: [\d.]+x \(target >= 2\.0x: (met|not met)\)", text)
+    assert [r[0] for r in fidelity] == ['500x375', 'realistic mix'] and [r[1] for r in fidelity] == ['96', '48']
+    for _, images, applied, median, p5, lowest in fidelity:  # at 64 px most crops are shrunk 2x or more
+        count, share = re.fullmatch(r'(\d+) \(([\d.]+)%\)', applied).groups()
+        assert 0 < int(count) <= int(images) and float(share) == pytest.approx(100 * int(count) / int(images), abs=0.1)
+        assert 30 < float(lowest) <= float(p5) <= float(median)
+    bounded = re.search(r'--quality 90`\) on the realistic mix: (\d+) of 48 images resized; PSNR .* median ([\d.]+) dB',
+                        text)
+    assert bounded and int(bounded.group(1)) > 0 and float(bounded.group(2)) > 30
+    assert 'Top-1 of training on the bounded images is not measured' in text
+    assert 'quick mode: JPEGs from real photographs (500x375: 96 JPEGs, mean 500x375 px' in text
+    assert f'torch {torch.__version__}' in text  # the machine line
+
+
+def test_realistic_jpegs_mix_sizes_with_a_tail_of_large_photographs(tmp_path):
+    import sys
+    from pathlib import Path
+    from PIL import Image
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    from common import BULK_SIZES, realistic_jpegs
+    folder = realistic_jpegs(tmp_path / 'mix', 30, classes=3, seed=1)
+    sizes = [Image.open(f).size for f in sorted(folder.glob('class_*/img_*.jpg'))]
+    assert len(sizes) == 30
+    bulk = {(w, h) for w, h, _ in BULK_SIZES}
+    tail = [s for s in sizes if s not in bulk]
+    assert 1 <= len(tail) <= 9 and all(1000 <= max(s) <= 3000 for s in tail)  # 10% expected: 3 of 30
+    assert len({s for s in sizes if s in bulk}) >= 3  # several of the bulk shapes
 
 
 def test_imagenet_like_jpegs_writes_distinct_imagenet_sized_files(tmp_path):
@@ -156,8 +193,11 @@ def test_gpu_check_script_dry_run_writes_every_section(tmp_path):
                             text=True, timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     report = (tmp_path / 'gpu.md').read_text()
-    for section in ('## Step time', '## Train-loader throughput', '## Epoch time'):
+    for section in ('## Step time', '## Train-loader throughput', '## Epoch time', '## Decoding on the GPU'):
         assert section in report, section
+    import torch
+    label = 'cuda' if torch.cuda.is_available() else 'cpu: the --decode-device path on the CPU'
+    assert f'| timm_icd webdataset shards (stream, --decode-device {label}) |' in report.split('## Decoding on')[1]
     rows = [line for line in (tmp_path / 'gpu_epoch_time.md').read_text().splitlines() if line.startswith('| 28 px')]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip('|').split('|')]

@@ -88,6 +88,8 @@ BASE = ['--student', 'test_efficientnet', '--teacher', 'test_resnet', '--teacher
 CASES = [
     ('unknown-student', ['--student', 'resnet5O'], r"unknown student model 'resnet5O'\. Did you mean: resnet50"),
     ('sync-bn-on-cpu', ['--sync-bn'], r'--sync-bn synchronises BatchNorm statistics across GPUs and needs one'),
+    ('decode-device-cuda-on-cpu', ['--decode-device', 'cuda', '--streaming'],
+     r'--decode-device cuda decodes JPEGs on the GPU and needs one'),
     ('unknown-teacher', ['--teacher', 'convnext_tinyy'],
      r"unknown teacher model 'convnext_tinyy'\. Did you mean: convnext_tiny"),
     ('no-pretrained-weights', ['--teacher', 'resnet18', '--teacher-pretrained', 'true'],

@@ -78,20 +78,24 @@ def test_jitter_changes_colour_within_range_and_is_deterministic():
     assert (a - images.float() / 255).abs().amax(dim=(1, 2, 3)).min() > 0.01
 
 
-def _pipeline(data, config, input_pipeline='loader', aa=None):
-    augment = AugmentConfig(scale=(0.3, 1.0), ratio=(0.75, 1.333), hflip=0.5, vflip=0.0, color_jitter=0.4, aa=aa,
-                            train_interpolation='random')
-    return create_pipeline(data, config, augment, kind=input_pipeline, batch_size=4, workers=0, seed=5)
+def _pipeline(data, config, input_pipeline='loader', aa=None, color_jitter=0.4, jitter_on_device=True):
+    augment = AugmentConfig(scale=(0.3, 1.0), ratio=(0.75, 1.333), hflip=0.5, vflip=0.0, color_jitter=color_jitter,
+                            aa=aa, train_interpolation='random')
+    return create_pipeline(data, config, augment, kind=input_pipeline, batch_size=4, workers=0, seed=5,
+                           jitter_on_device=jitter_on_device)
 
 
-def test_loader_path_gives_the_old_normalised_numbers_exactly():
-    """uint8 from the workers + normalisation on the device == timm's float transform in the workers."""
+@pytest.mark.parametrize('color_jitter, jitter_on_device', [(0.0, True), (0.4, False)])
+def test_loader_path_gives_the_old_normalised_numbers_exactly(color_jitter, jitter_on_device):
+    """uint8 from the workers + normalisation on the device == timm's float transform in the workers, where nothing
+    moved to the device: no colour jitter, or the jitter kept in the workers."""
     data = load_image_data('digits')
     config = {'input_size': (3, 32, 32), 'mean': (0.5, 0.4, 0.3), 'std': (0.2, 0.25, 0.3), 'interpolation': 'bilinear',
               'crop_pct': 0.875, 'crop_mode': 'center'}
-    pipeline = _pipeline(data, config)
+    pipeline = _pipeline(data, config, color_jitter=color_jitter, jitter_on_device=jitter_on_device)
+    assert pipeline.train_stage.jitter is None
     old_tf = create_transform(**{**config, 'interpolation': 'random'}, is_training=True, scale=(0.3, 1.0),
-                              ratio=(0.75, 1.333), hflip=0.5, color_jitter=0.4)
+                              ratio=(0.75, 1.333), hflip=0.5, color_jitter=color_jitter)
     old = ImageClassificationDataset(data.train, data.image_column, data.label_column, old_tf, seed=5)
     for epoch in (0, 3):
         pipeline.train_loader.dataset.set_epoch(epoch)
@@ -105,6 +109,38 @@ def test_loader_path_gives_the_old_normalised_numbers_exactly():
     eval_old = create_transform(**config, is_training=False)
     x, _ = pipeline.eval_stage(torch.utils.data.default_collate([pipeline.eval_loader.dataset[i] for i in (0, 9)]))
     assert torch.equal(x, torch.stack([eval_old(data.eval[i]['image'].convert('RGB')) for i in (0, 9)]))
+
+
+def test_loader_path_jitters_on_the_device_per_sample_with_timms_ranges():
+    """Workers return the unjittered crops; the device applies brightness, contrast and saturation factors drawn in
+    [1 - cj, 1 + cj] from (seed, epoch, row), in one of the six orders, as torchvision's ColorJitter does."""
+    import itertools
+    import torchvision.transforms.functional as TF
+    data = load_image_data('digits')
+    config = {'input_size': (3, 16, 16), 'mean': (0.5,) * 3, 'std': (0.25,) * 3, 'interpolation': 'bilinear',
+              'crop_pct': 0.9, 'crop_mode': 'center'}
+    jittered, plain = _pipeline(data, config, color_jitter=0.4), _pipeline(data, config, color_jitter=0.0)
+    default = _pipeline(data, config, color_jitter=0.4, jitter_on_device=None)  # on the device on a GPU only
+    assert default.views.get('color_jitter_on', 'workers') == ('device' if torch.cuda.is_available() else 'workers')
+    assert jittered.views['color_jitter_on'] == 'device' and 'colour jitter on the device' in jittered.description
+    rows = [3, 700, 12, 1200]
+    batch = torch.utils.data.default_collate([jittered.train_loader.dataset[i] for i in rows])
+    assert torch.equal(batch[0], torch.stack([plain.train_loader.dataset[i][0] for i in rows]))  # no jitter there
+    assert batch[2].tolist() == rows
+    x, _ = jittered.train_stage(batch, epoch=2)
+    u = sample_uniforms(epoch_key(5, 2), torch.tensor(rows), 32)
+    orders = list(itertools.permutations(range(3)))
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for k, image in enumerate(batch[0].float() / 255):
+        factors = 0.6 + 0.8 * u[k, 25:28]
+        assert factors.min() >= 0.6 and factors.max() <= 1.4
+        for op in orders[min(int(u[k, 28] * 6), 5)]:
+            image = ops[op](image, factors[op].item())
+        torch.testing.assert_close(x[k] * 0.25 + 0.5, image, rtol=0, atol=1e-5)
+    again, _ = jittered.train_stage((batch[0][1:], batch[1][1:], batch[2][1:]), epoch=2)
+    torch.testing.assert_close(again, x[1:], rtol=0, atol=0)  # a sample's jitter does not depend on its batch
+    other, _ = jittered.train_stage(batch, epoch=3)
+    assert not torch.allclose(other, x)
 
 
 def test_memory_path_eval_equals_the_loader_path_and_train_is_seeded_per_sample():

@@ -1,4 +1,5 @@
 """``python -m timm_icd.shards``: real images written as webdataset/parquet shards and read back with ``datasets``."""
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -166,3 +167,67 @@ def test_decoded_pixels_are_written_as_png(fmt, tmp_path):
     loaded = _load(fmt, out, tmp_path)['train']
     assert loaded.features[label_column] == datasets.Value('int64')
     assert list(loaded[label_column]) == [0, 3, 1, 2, 3, 0, 1] and _pixels_equal(loaded[image_column], pixels)
+
+
+@pytest.mark.parametrize('fmt', ['webdataset', 'parquet'])
+def test_max_size_bounds_large_images_and_keeps_small_ones_bytes(fmt, tmp_path, caplog):
+    """Above --max-size: resized (longer side S), JPEG at --quality or PNG as lossless PNG; at or below: the bytes."""
+    rng = np.random.RandomState(2)
+    root, sizes = tmp_path / 'src', {'0.jpg': (150, 100), '1.jpg': (64, 40), '2.jpg': (60, 90), '3.jpg': (30, 200)}
+    if fmt == 'parquet':  # parquet keeps every format as stored: PNGs too
+        sizes.update({'4.png': (100, 80), '5.png': (20, 20)})
+    for i, (name, (w, h)) in enumerate(sizes.items()):
+        (root / 'train' / 'ab'[i % 2]).mkdir(parents=True, exist_ok=True)
+        image = Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8))
+        image.save(root / 'train' / 'ab'[i % 2] / name, **({'quality': 95} if name.endswith('jpg') else {}))
+    out = tmp_path / 'shards'
+    caplog.set_level('INFO')
+    assert shards_main([f'imagefolder:{root}', str(out), '--shard-size', '2', '--format', fmt, '--max-size', '64',
+                        '--quality', '70']) == 0
+    resized = sum(max(size) > 64 for size in sizes.values())
+    assert resized == (4 if fmt == 'parquet' else 3) and f'{resized} images above 64 px resized' in caplog.text
+    meta = json.loads((out / shards.META_FILE).read_text())
+    assert (meta['max_size'], meta['quality'], meta['splits']['train']['resized']) == (64, 70, resized)
+    split = meta['splits']['train']
+    assert split['shard_bytes'] == [(out / f).stat().st_size for f in split['files']]
+    source = datasets.load_dataset('imagefolder', data_dir=str(root), split='train')
+    originals = source.cast_column('image', datasets.Image(decode=False))['image']
+    column = 'jpg' if fmt == 'webdataset' else 'image'
+    loaded = _load(fmt, out, tmp_path)['train'].cast_column(column, datasets.Image(decode=False))[column]
+    for original, stored in zip(originals, loaded, strict=True):
+        before = Image.open(original['path'])
+        after = Image.open(io.BytesIO(stored['bytes']))
+        if max(before.size) <= 64:
+            assert stored['bytes'] == Path(original['path']).read_bytes()
+            continue
+        scale = 64 / max(before.size)
+        assert after.size == (round(before.width * scale), round(before.height * scale)) and max(after.size) == 64
+        assert after.format == before.format  # JPEG stays JPEG (re-encoded at --quality), PNG stays PNG
+        if after.format == 'PNG':  # lossless: exactly PIL's resize of the original
+            want = before.resize(after.size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            assert np.array_equal(np.asarray(after), np.asarray(want))
+        else:  # encoded again at --quality 70: its quantisation tables are PIL's for quality 70
+            buffer = io.BytesIO()
+            after.save(buffer, 'JPEG', quality=70)
+            assert after.quantization == Image.open(buffer).quantization != before.quantization
+    assert shards_main([f'imagefolder:{root}', str(tmp_path / 'bad'), '--shard-size', '2', '--max-size', '0']) == 2
+    assert shards_main([f'imagefolder:{root}', str(tmp_path / 'bad'), '--shard-size', '2', '--quality', '101']) == 2
+
+
+def test_max_size_turns_images_upright_as_readers_see_them(tmp_path):
+    image = Image.fromarray(np.tile(np.arange(120, dtype=np.uint8)[None, :, None], (40, 1, 3)))  # a left-right ramp
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: readers (datasets) turn it 90 degrees clockwise, to 40x120
+    for label in 'ab':
+        (tmp_path / 'src' / 'train' / label).mkdir(parents=True)
+        image.save(tmp_path / 'src' / 'train' / label / '0.jpg', quality=95, exif=exif)
+    out = tmp_path / 'shards'
+    assert shards_main([f'imagefolder:{tmp_path / "src"}', str(out), '--shard-size', '1', '--max-size', '60']) == 0
+    before = datasets.load_dataset('imagefolder', data_dir=str(tmp_path / 'src'), split='train')[0]['image']
+    after = _load('webdataset', out, tmp_path)['train'][0]['jpg']
+    assert before.size == (40, 120) and after.size == (20, 60)
+    assert np.abs(np.asarray(after, np.float64) - np.asarray(before.resize((20, 60)), np.float64)).mean() < 4
+    alone = tmp_path / 'alone'
+    assert shards_main([f'imagefolder:{tmp_path / "src"}', str(alone), '--shard-size', '1', '--max-size']) == 0
+    meta = json.loads((alone / shards.META_FILE).read_text())
+    assert (meta['max_size'], meta['quality'], meta['splits']['train']['resized']) == (shards.DEFAULT_MAX_SIZE, 90, 0)

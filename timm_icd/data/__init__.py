@@ -1,4 +1,5 @@
 from .augment import AUGMENT_FLAGS, AugmentConfig, BatchAugment
+from .decode import DECODE_SCALES, ReducedDecodeCrop, decode_factor, device_decode_reason
 from .pipeline import PIPELINES, InputStage, Pipeline, batch_seed, create_pipeline, seeded_rng
 from .shards import META_FILE, write_shards
 from .sources import (

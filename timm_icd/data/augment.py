@@ -160,6 +160,12 @@ class BatchAugment:
             out = self._jitter(out, u[:, 25:28], u[:, 28])
         return out
 
+    def jitter(self, x: torch.Tensor, index: torch.Tensor, key: int) -> torch.Tensor:
+        """Colour jitter alone, for float images in [0, 1] (B x 3 x H x W) of samples ``index`` in stream ``key``:
+        the factors and order ``__call__`` draws for them (the per-sample paths' jitter on the device)."""
+        u = sample_uniforms(key, index.to(x.device), DRAWS)
+        return self._jitter(x, u[:, 25:28], u[:, 28])
+
     @staticmethod
     def _sample(x: torch.Tensor, grid: torch.Tensor, mode: str) -> torch.Tensor:
         out = F.grid_sample(x, grid, mode=mode, padding_mode='border', align_corners=False)
@@ -204,6 +210,13 @@ class AugmentConfig:
     reprob: float = 0.0
     remode: str = 'pixel'
     recount: int = 1
+
+    def applied_color_jitter(self) -> float:
+        """The colour jitter timm's train transform applies: none with ``no_aug``, nor with an AutoAugment policy
+        (timm turns it off there, except for its '3a' policies)."""
+        if self.no_aug or (self.aa and '3a' not in self.aa):
+            return 0.0
+        return max(self.color_jitter, 0.0)
 
     def per_sample(self) -> dict:
         """The settings that decide what each sample looks like (``AUGMENT_FLAGS``), by name."""

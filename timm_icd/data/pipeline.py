@@ -1,13 +1,19 @@
 """The input pipeline: uint8 images to normalised batches on the device, by one of two paths.
 
-* ``loader``: DataLoader workers decode and augment each sample with timm's transforms (seeded per sample, see
-  ``ImageClassificationDataset``) and return uint8 tensors; the batch goes to the device as uint8 (a quarter of the
-  float32 bytes; pinned memory and a non-blocking copy on GPU) and is normalised there. On CPU this gives exactly the
-  numbers of normalising in the workers: the same ``x / 255``, ``- mean``, ``/ std`` in the same order.
+* ``loader``: DataLoader workers decode, crop, resize and flip each sample with timm's transforms (seeded per sample,
+  see ``ImageClassificationDataset``; a JPEG decoded at a reduced DCT scale where the crop allows, ``decode.py``) and
+  return uint8 tensors; the batch goes to the device as uint8 (a quarter of the float32 bytes; pinned memory and a
+  non-blocking copy on GPU). On a GPU it gets timm's colour jitter there, batched (``BatchAugment.jitter``,
+  per-sample draws hashed from (seed, epoch, row), the memory path's); on a CPU the workers keep timm's jitter,
+  cheaper on uint8 PIL images than on float batches. Then the batch is normalised. Where nothing moved to the device
+  this gives exactly the numbers of normalising in the workers: the same ``x / 255``, ``- mean``, ``/ std``.
 * ``memory``: a dataset that fits in memory is decoded once into one uint8 tensor on the device; the loader yields
   only row indices and ``BatchAugment`` augments whole batches there. Per-sample Python work disappears, which is
   what decides epoch time at 28-32 px. The eval split is decoded once with timm's eval transform itself, so eval
   images are the loader path's to the bit.
+
+A stream (``streaming.StreamLoader``) is the loader path's work on a pool of processes, its jitter drawn from each
+sample's seed; with ``decode_device`` its JPEGs are decoded in batches on the device.
 
 Either way the student normalisation happens once on the device; the teacher's normalisation is one fused affine
 map from it (``ICDTeacher.prepare_input``). Random erasing runs on the normalised device batch (timm's
@@ -20,7 +26,7 @@ the end of the loader one batch early for ``gather_for_metrics``, and its erasin
 import contextlib
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,6 +37,7 @@ from timm.data.random_erasing import RandomErasing
 
 from ..base import UserError
 from .augment import AugmentConfig, BatchAugment, epoch_key, unsupported_reason
+from .decode import DECODE_SCALES, create_train_transform, device_decode_reason
 from .sources import ImageClassificationDataset, ImageData
 from .streaming import StreamLoader
 
@@ -88,6 +95,8 @@ class InputStage:
         augment: Batched augmentation for in-memory training images.
         erasing: timm ``RandomErasing`` for the normalised batch.
         seed: Run seed (augmentation stream and erasing draws).
+        jitter: Colour jitter for uint8 batches from workers (``BatchAugment.jitter``); they then are (images, labels,
+            sample ids): dataset rows, or a stream's sample seeds.
     """
 
     def __init__(
@@ -98,11 +107,17 @@ class InputStage:
             augment: Optional[BatchAugment] = None,
             erasing: Optional[RandomErasing] = None,
             seed: int = 0,
+            jitter: Optional[BatchAugment] = None,
     ):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.images, self.augment, self.erasing, self.seed = images, augment, erasing, seed
+        self.images, self.augment, self.erasing, self.seed, self.jitter = images, augment, erasing, seed, jitter
         self._key = (None, None)
+
+    def _epoch_key(self, epoch: int) -> int:
+        if self._key[0] != epoch:  # one host-side hash per epoch
+            self._key = (epoch, epoch_key(self.seed, epoch))
+        return self._key[1]
 
     def to(self, device: torch.device) -> 'InputStage':
         self.mean, self.std = self.mean.to(device), self.std.to(device)
@@ -117,13 +132,13 @@ class InputStage:
         if self.images is None:  # a prepared loader has moved the batch already; a stream has not
             x = data.to(self.mean.device, non_blocking=True).float().div_(255)
             target = target.to(self.mean.device, non_blocking=True) if torch.is_tensor(target) else target
+            if self.jitter is not None:
+                x = self.jitter.jitter(x, batch[2], self._epoch_key(epoch))
         else:
             index = data.to(self.images.device)
             x = self.images[index]
             if self.augment is not None:
-                if self._key[0] != epoch:  # one host-side hash per epoch
-                    self._key = (epoch, epoch_key(self.seed, epoch))
-                x = self.augment(x, index, self._key[1])
+                x = self.augment(x, index, self._epoch_key(epoch))
             else:
                 x = x.float().div_(255)
         x = x.sub_(self.mean).div_(self.std) if x.is_contiguous() else (x - self.mean) / self.std
@@ -142,6 +157,7 @@ class Pipeline:
     train_stage: InputStage
     eval_stage: InputStage
     description: str
+    views: dict = field(default_factory=dict)  # settings beyond the augmentation flags that decide each sample's view
 
     def to(self, device: torch.device) -> 'Pipeline':
         self.train_stage.to(device)
@@ -187,18 +203,36 @@ def _decode(ds, image_column: str, transform: Optional[Callable], split: str, wo
     return out
 
 
-def _train_transform(data_config: dict, augment: AugmentConfig):
-    """timm's train transform for the loader path, ending in uint8 (``use_prefetcher``)."""
-    return create_transform(
-        **{**data_config, 'interpolation': augment.train_interpolation}, is_training=True, no_aug=augment.no_aug,
-        scale=tuple(augment.scale), ratio=tuple(augment.ratio), hflip=augment.hflip, vflip=augment.vflip,
-        color_jitter=augment.color_jitter, auto_augment=augment.aa, use_prefetcher=True)
-
-
 def _erasing(augment: AugmentConfig) -> Optional[RandomErasing]:
     if augment.reprob <= 0:
         return None
     return RandomErasing(augment.reprob, mode=augment.remode, max_count=augment.recount, device='cpu')
+
+
+def _per_sample(data_config: dict, augment: AugmentConfig, decode_scale: str, jitter_on_device: Optional[bool],
+                decode_device: Optional[str] = None):
+    """The per-sample paths' train transform, their device jitter (or None), what decides the views, and the log's
+    words for the decoding and the jitter."""
+    if decode_scale not in DECODE_SCALES:
+        raise UserError(f"decode scale {decode_scale!r} is not one of {', '.join(DECODE_SCALES)}.")
+    if decode_device is not None:  # the device decodes, crops and flips: the jitter follows it there
+        jitter_on_device = True
+    jitter_on_device = torch.cuda.is_available() if jitter_on_device is None else jitter_on_device
+    cj = augment.applied_color_jitter() if jitter_on_device else 0.0
+    transform = create_train_transform(data_config, augment, decode_scale, jitter_in_workers=not jitter_on_device)
+    jitter = BatchAugment(data_config['input_size'][1:], color_jitter=cj) if cj > 0 else None
+    # named only where the views differ from what earlier versions made (full decoding, jitter in the workers), so
+    # a teacher cache they wrote stays valid for runs that ask for the same (--decode-scale off on a CPU)
+    views = {**({'decode_scale': 'auto'} if decode_scale == 'auto' else {}),
+             **({'color_jitter_on': 'device'} if jitter is not None else {})}
+    words = 'decode: ' + ('JPEGs at 1/2, 1/4 or 1/8 scale where the crop is shrunk 2x or more, else in full'
+                          if decode_scale == 'auto' else 'in full')
+    if decode_device is not None:
+        views['decode_device'] = decode_device
+        words = f'decode: RGB JPEGs in batches on {decode_device} (torchvision), other images by the workers'
+    if augment.applied_color_jitter() > 0:
+        words += f"; colour jitter {'on the device' if jitter is not None else 'in the workers'}"
+    return transform, jitter, views, words
 
 
 def create_stream_pipeline(
@@ -214,24 +248,34 @@ def create_stream_pipeline(
         rank: int = 0,
         world: int = 1,
         skip_bad_images: bool = False,
+        decode_scale: str = 'auto',
+        decode_device: Optional[str] = None,
+        jitter_on_device: Optional[bool] = None,
 ) -> Pipeline:
-    """Streamed train and eval batches (``streaming.StreamLoader``) for process ``rank`` of ``world``."""
+    """Streamed train and eval batches (``streaming.StreamLoader``) for process ``rank`` of ``world``; the keywords
+    are ``create_pipeline``'s."""
     steps = data.train_rows // (world * batch_size)
     steps -= steps % grad_accum_steps  # whole accumulation cycles: the stream loader does not end them early
     if steps < 1:
         raise UserError(f"split '{data.train_split}' streams {data.train_rows} rows: too few for one step of "
                         f"--batch-size {batch_size} on {world} processes; lower it.")
+    reason = device_decode_reason(augment) if decode_device is not None else None
+    if reason:
+        raise UserError(f'--decode-device {decode_device} crops and flips on the device and cannot apply {reason}.')
     mean, std = data_config['mean'], data_config['std']
     columns = (data.image_column, data.label_column, data.num_classes)
-    train = StreamLoader(data.train, *columns, _train_transform(data_config, augment), batch_size, steps,
-                         seed, rank, world, shuffle_buffer, workers, data.train_split, skip_bad_images)
+    transform, jitter, views, words = _per_sample(data_config, augment, decode_scale, jitter_on_device,
+                                                  decode_device)
+    train = StreamLoader(data.train, *columns, transform, batch_size, steps, seed, rank, world, shuffle_buffer,
+                         workers, data.train_split, skip_bad_images, decode_device, with_ids=jitter is not None)
     eval_loader = StreamLoader(data.eval, *columns, create_transform(**data_config, is_training=False,
                                use_prefetcher=True), eval_batch_size or batch_size, None,
                                seed, rank, world, None, workers, data.eval_split, skip_bad_images)
-    return Pipeline('stream', train, eval_loader, InputStage(mean, std, erasing=_erasing(augment), seed=seed),
+    return Pipeline('stream', train, eval_loader, InputStage(mean, std, erasing=_erasing(augment), seed=seed,
+                                                             jitter=jitter),
                     InputStage(mean, std), f'stream ({steps} steps of {batch_size} per process and epoch from '
                     f'{data.train_rows} rows; shuffled in blocks of {shuffle_buffer}; {workers} decoding '
-                    f'workers per process)')
+                    f'workers per process; {words})', views)
 
 
 def create_pipeline(
@@ -249,6 +293,9 @@ def create_pipeline(
         rank: int = 0,
         world: int = 1,
         skip_bad_images: bool = False,
+        decode_scale: str = 'auto',
+        decode_device: Optional[str] = None,
+        jitter_on_device: Optional[bool] = None,
 ) -> Pipeline:
     """Train and eval loaders and their device stages.
 
@@ -271,10 +318,24 @@ def create_pipeline(
         rank, world: This process and the number of processes (streams split by process).
         skip_bad_images: A stream skips images it cannot decode (a map-style split is cleaned before:
             ``sources.find_bad_images``).
+        decode_scale: Per-sample paths: 'auto' decodes a JPEG at 1/2, 1/4 or 1/8 scale when its random crop is
+            shrunk by that much or more (``decode.ReducedDecodeCrop``); 'off' decodes every image in full.
+        decode_device: A stream's train JPEGs are decoded in batches on this device ('cuda'; 'cpu' runs the same
+            logic on the CPU); None: by the workers (``decode.decode_on_device``).
+        jitter_on_device: Per-sample paths: timm's colour jitter runs on the device batch (``BatchAugment.jitter``),
+            not in the workers (PIL's, as timm). None: on the device when it is a GPU (``torch.cuda.is_available``)
+            or when it decodes the JPEGs (``decode_device``). On a CPU the "device" is the main process, where the
+            float jitter of whole 224 px batches costs more CPU time than PIL's uint8 jitter in the workers, and
+            runs in one process (``benchmarks/data_throughput.py`` measures both).
     """
     if data.streaming:
-        return create_stream_pipeline(data, data_config, augment, batch_size, eval_batch_size, workers, seed,
-                                      shuffle_buffer, grad_accum_steps, rank, world, skip_bad_images)
+        return create_stream_pipeline(
+            data, data_config, augment, batch_size, eval_batch_size, workers, seed, shuffle_buffer, grad_accum_steps,
+            rank, world, skip_bad_images, decode_scale=decode_scale, decode_device=decode_device,
+            jitter_on_device=jitter_on_device)
+    if decode_device is not None:
+        raise UserError(f'--decode-device {decode_device} decodes streamed batches: add --streaming (the loader '
+                        f'path decodes in its workers).')
     if len(data.train) < batch_size:
         raise UserError(f"--batch-size {batch_size} is larger than the {len(data.train)} rows of split "
                         f"'{data.train_split}': lower it.")
@@ -317,9 +378,9 @@ def create_pipeline(
                 f'memory ({len(train_images)} train and {len(eval_images)} eval images decoded once, {size:.1f} MiB; '
                 f'augmented in batches on the device)')
 
-    train_set = ImageClassificationDataset(data.train, data.image_column, data.label_column,
-                                           _train_transform(data_config, augment), seed=seed,
-                                           split_name=data.train_split, with_index=with_index)
+    transform, jitter, views, words = _per_sample(data_config, augment, decode_scale, jitter_on_device)
+    train_set = ImageClassificationDataset(data.train, data.image_column, data.label_column, transform, seed=seed,
+                                           split_name=data.train_split, with_index=with_index or jitter is not None)
     eval_set = ImageClassificationDataset(data.eval, data.image_column, data.label_column, eval_tf,
                                           split_name=data.eval_split)
     train_loader = torch.utils.data.DataLoader(
@@ -327,6 +388,7 @@ def create_pipeline(
         generator=torch.Generator().manual_seed(seed), **common)
     eval_loader = torch.utils.data.DataLoader(
         eval_set, batch_size=eval_batch, shuffle=False, generator=torch.Generator().manual_seed(seed), **common)
-    return Pipeline('loader', train_loader, eval_loader, InputStage(mean, std, erasing=erasing, seed=seed),
-                    InputStage(mean, std), f'loader ({workers} workers per process; uint8 batches normalised '
-                                           f'on the device)')
+    return Pipeline('loader', train_loader, eval_loader, InputStage(mean, std, erasing=erasing, seed=seed,
+                                                                    jitter=jitter),
+                    InputStage(mean, std), f'loader ({workers} workers per process; {words}; uint8 batches '
+                                           f'normalised on the device)', views)

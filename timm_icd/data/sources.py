@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..base import UserError, first_line
+from .decode import open_image
 from .integrity import SHARD_SUFFIXES, check_shards
 
 _logger = logging.getLogger(__name__)
@@ -221,9 +222,33 @@ def load_image_data(
 
 
 def _to_rgb(image) -> Image.Image:
+    """The image in RGB; an RGB JPEG opened by ``decode.open_image`` stays undecoded (its crop may decode less)."""
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image))
     return image if image.mode == 'RGB' else image.convert('RGB')
+
+
+def seeded_transform(transform: Callable, image: Image.Image, sample_seed: int):
+    """Run ``transform`` on ``image`` with the CPU torch, Python and numpy RNGs seeded for this sample.
+
+    timm's transforms draw from all three (RandAugment and AugMix use numpy). Only the CPU torch generator is seeded
+    (``torch.manual_seed`` would also seed every device, ~100x slower). In a DataLoader or pool worker nothing else
+    uses these RNGs; in the main process their states are restored afterwards, so dropout and the rest of training
+    draw exactly what they would without augmentation.
+    """
+    in_worker = torch.utils.data.get_worker_info() is not None
+    if not in_worker:
+        states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.default_generator.manual_seed(sample_seed)
+    random.seed(sample_seed)
+    np.random.seed(sample_seed & 0xFFFF_FFFF)
+    try:
+        return transform(image)
+    finally:
+        if not in_worker:
+            torch.set_rng_state(states[0])
+            random.setstate(states[1])
+            np.random.set_state(states[2])
 
 
 def find_bad_images(ds: datasets.Dataset, image_column: str, num_workers: int = 0) -> List[int]:
@@ -236,6 +261,9 @@ def find_bad_images(ds: datasets.Dataset, image_column: str, num_workers: int = 
 class ImageClassificationDataset(torch.utils.data.Dataset):
     """A ``datasets.Dataset`` split as (image tensor, label) samples, with optionally seeded augmentation.
 
+    Images are opened with ``decode.open_image``: the pixels of a JPEG are decoded by the transform, which may decode
+    only what its crop needs (``decode.ReducedDecodeCrop``); a decoding error there is reported like one on opening.
+
     Args:
         ds: The split.
         image_column, label_column: Its columns.
@@ -243,8 +271,9 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         seed: When set, each sample's transform runs with RNG seeded from (seed, epoch, index); see ``set_epoch``.
         split_name: For error messages.
         check_only: Return (index, decodable) instead of the sample (see ``find_bad_images``).
-        rgb: Convert every image to RGB (False keeps the decoded PIL image as it is).
-        with_index: Return (image, label, row index) (what a teacher cache keys rows on).
+        rgb: Convert every image to RGB (False keeps the PIL image as it is).
+        with_index: Return (image, label, row index) (what a teacher cache keys rows on, and the device's colour
+            jitter draws from).
     """
 
     def __init__(
@@ -259,6 +288,10 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
             rgb: bool = True,
             with_index: bool = False,
     ):
+        feature = ds.features[image_column]
+        self.mode = feature.mode if isinstance(feature, datasets.Image) else None
+        if isinstance(feature, datasets.Image) and feature.decode:  # rows give the encoded bytes: opened here
+            ds = ds.cast_column(image_column, datasets.Image(mode=feature.mode, decode=False))
         self.ds = ds
         self.image_column = image_column
         self.label_column = label_column
@@ -278,57 +311,46 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         return len(self.ds)
 
     def _row(self, index: int):
-        """(RGB image, label) of one row, decoded once."""
+        """(image, label) of one row: the image opened (RGB unless ``rgb`` is False), its pixels perhaps not yet
+        decoded."""
         try:
             row = self.ds[index]
-            image = _to_rgb(row[self.image_column]) if self.rgb else row[self.image_column]
+            image = open_image(row[self.image_column], self.mode)
+            image = _to_rgb(image) if self.rgb else image
             return image, (row[self.label_column] if self.label_column else None)
         except Exception as e:
             if self.check_only:
                 raise
-            raise UserError(
-                f"cannot decode the image in row {index}{self._file(index)} of split '{self.split_name}' "
-                f"({first_line(e)}); fix or remove it, or pass --skip-bad-images to skip such rows.") from e
+            raise self._error(index, e) from e
+
+    def _error(self, index: int, e: Exception) -> UserError:
+        return UserError(f"cannot decode the image in row {index}{self._file(index)} of split '{self.split_name}' "
+                         f"({first_line(e)}); fix or remove it, or pass --skip-bad-images to skip such rows.")
 
     def _file(self, index: int) -> str:
         """' (file PATH)' for an image stored as a file, else ''."""
         try:
-            raw = self.ds.cast_column(self.image_column, datasets.Image(decode=False))[index][self.image_column]
-            return f" (file {raw['path']})" if raw.get('path') else ''
+            raw = self.ds[index][self.image_column]
+            return f" (file {raw['path']})" if isinstance(raw, dict) and raw.get('path') else ''
         except Exception:
             return ''
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         if self.check_only:
             try:
-                self._row(index)[0].load()
+                image = self._row(index)[0]
+                if isinstance(image, Image.Image):
+                    image.load()
                 return index, True
             except Exception:
                 return index, False
         image, label = self._row(index)
-        if self.transform is not None:
-            image = self.transform(image) if self.seed is None else \
-                self._seeded_transform(image, hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        try:  # PIL decodes the pixels here, in the transform (or for the caller): a damaged file fails here
+            if self.transform is None and isinstance(image, Image.Image):
+                image.load()
+            elif self.transform is not None:
+                image = self.transform(image) if self.seed is None else seeded_transform(
+                    self.transform, image, hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF_FFFF)
+        except OSError as e:
+            raise self._error(index, e) from e
         return (image, label, index) if self.with_index else (image, label)
-
-    def _seeded_transform(self, image: Image.Image, sample_seed: int) -> torch.Tensor:
-        """Run the transform with the CPU torch, Python and numpy RNGs seeded for this sample.
-
-        timm's transforms draw from all three (RandAugment and AugMix use numpy). Only the CPU torch generator is
-        seeded (``torch.manual_seed`` would also seed every device, ~100x slower). In a DataLoader worker nothing
-        else uses these RNGs; in the main process their states are restored afterwards, so dropout and the rest
-        of training draw exactly what they would without augmentation.
-        """
-        in_worker = torch.utils.data.get_worker_info() is not None
-        if not in_worker:
-            states = torch.get_rng_state(), random.getstate(), np.random.get_state()
-        torch.default_generator.manual_seed(sample_seed)
-        random.seed(sample_seed)
-        np.random.seed(sample_seed & 0xFFFF_FFFF)
-        try:
-            return self.transform(image)
-        finally:
-            if not in_worker:
-                torch.set_rng_state(states[0])
-                random.setstate(states[1])
-                np.random.set_state(states[2])

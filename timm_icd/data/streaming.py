@@ -13,7 +13,9 @@ would have used.
 
 Rows are read undecoded in the main process (cheap: bytes) and decoded and augmented in a pool of worker processes,
 one batch per task, results taken in submission order. Every sample's augmentation is seeded by (seed, epoch, rank,
-its position in the process's epoch stream), so the batches do not depend on the number of workers.
+its position in the process's epoch stream), so the batches do not depend on the number of workers. With
+``decode_device`` (``--decode-device cuda``) the workers only read each JPEG's header and draw its crop and flips;
+the main process decodes the batch on the device (``decode.py``).
 
 Each process trains the same number of steps per epoch, ``train_num_samples // (processes * batch_size)``; a process
 whose part of the stream is shorter starts it again (next pass), one with a longer part leaves the rest for later
@@ -25,7 +27,8 @@ import os
 import tarfile
 from collections import deque
 from itertools import islice
-from typing import Callable, Iterator, List, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import datasets
 import numpy as np
@@ -34,10 +37,11 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from ..base import UserError, first_line
+from .decode import DeviceJpeg, decode_on_device, draw_crop, open_image, read_bytes, reducible
 from .integrity import shards_metadata
 from .sources import (
-    EVAL_SPLITS, IMAGE_COLUMNS, LABEL_COLUMNS, ImageClassificationDataset, ImageData, _builder_kwargs, _detect_column,
-    load_dataset_dict)
+    EVAL_SPLITS, IMAGE_COLUMNS, LABEL_COLUMNS, ImageData, _builder_kwargs, _detect_column, _to_rgb, load_dataset_dict,
+    seeded_transform)
 
 _logger = logging.getLogger(__name__)
 
@@ -52,37 +56,58 @@ def _where(row: dict) -> str:
     return f' (shard {url}, sample {key})' if url or key else ''
 
 
+def _sample(value: Any, seed: Optional[int], transform: Callable, device_decode: bool, where: str):
+    """One sample: timm's transform of the image (seeded by ``seed``), or for the device an RGB JPEG's bytes and
+    draws (``decode.DeviceJpeg``). Raises ``_Unreadable`` for an image that cannot be opened or decoded."""
+    try:
+        data = read_bytes(value) if isinstance(value, dict) else None
+        image = _to_rgb(open_image({'bytes': data, 'path': None} if data is not None else value))
+    except Exception as e:
+        raise _Unreadable(first_line(e, 200)) from e
+    try:
+        if device_decode and reducible(image):
+            draw = partial(draw_crop, transform)
+            return DeviceJpeg(data, draw(image) if seed is None else seeded_transform(draw, image, seed), where)
+        return transform(image) if seed is None else seeded_transform(transform, image, seed)
+    except OSError as e:  # PIL decodes the pixels in the transform: a damaged file fails there
+        raise _Unreadable(first_line(e, 200)) from e
+
+
+class _Unreadable(Exception):
+    """An image that cannot be opened or decoded."""
+
+
 def _decode_batch(rows: List[dict], seeds: Optional[List[int]], transform: Callable, image_column: str,
-                  label_column: str, num_classes: int, split: str,
-                  skip_bad: bool = False) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+                  label_column: str, num_classes: int, split: str, skip_bad: bool = False,
+                  device_decode: bool = False) -> Tuple[Any, torch.Tensor, Optional[torch.Tensor], List[str]]:
     """Decode, transform and stack one batch of undecoded rows (runs in a pool worker, or inline with -j 0).
 
-    Returns the images, the labels, and where each image skipped as unreadable came from (``skip_bad``).
+    Returns the images (with ``device_decode`` a list in which RGB JPEGs are left undecoded, ``decode.DeviceJpeg``),
+    the labels, the seeds of the samples kept (train), and where each image skipped as unreadable came from
+    (``skip_bad``).
     """
-    feature = datasets.Image()
-    samples = ImageClassificationDataset(rows, image_column, label_column, transform, split_name=split)
-    images, labels, skipped = [], [], []
+    images, labels, kept, skipped = [], [], [], []
     for i, row in enumerate(rows):
         label = row[label_column]
         if not isinstance(label, (int, np.integer)) or not 0 <= label < num_classes:
             raise UserError(f"split '{split}' holds label {label!r}{_where(row)}, outside 0..{num_classes - 1}; fix "
                             f"the labels, the label column or --num-classes.")
+        seed = None if seeds is None else seeds[i]
         try:
-            image = feature.decode_example(row[image_column]) if isinstance(row[image_column], dict) \
-                else row[image_column]
-            image = image if image.mode == 'RGB' else image.convert('RGB')
-        except Exception as e:
+            images.append(_sample(row[image_column], seed, transform, device_decode, _where(row)))
+        except _Unreadable as e:
             if skip_bad:
                 skipped.append(_where(row).strip(' ()') or f'a row of split {split!r}')
                 continue
-            raise UserError(f"cannot decode an image of split '{split}'{_where(row)} ({first_line(e, 200)}); fix or "
-                            f"remove it in the shards, or pass --skip-bad-images to skip such images.") from e
-        images.append(transform(image) if seeds is None else samples._seeded_transform(image, seeds[i]))
+            raise UserError(f"cannot decode an image of split '{split}'{_where(row)} ({e}); fix or remove it in the "
+                            f"shards, or pass --skip-bad-images to skip such images.") from e
         labels.append(int(label))
+        kept.append(seed)
     if not images:
         raise UserError(f"every image of a batch of split '{split}' is unreadable (from {skipped[0]}): the shards are "
                         f"damaged beyond skipping; write them again.")
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64), skipped
+    return (images if device_decode else torch.stack(images), torch.tensor(labels, dtype=torch.int64),
+            None if seeds is None else torch.tensor(kept, dtype=torch.int64), skipped)
 
 
 class _InlinePool:
@@ -130,12 +155,17 @@ class StreamLoader:
         split: Split name for messages.
         skip_bad: Skip images that cannot be decoded (each named in a warning, counted in ``skipped``); the batch
             that held them is that much smaller, the number of batches unchanged.
+        decode_device: Decode RGB JPEGs in batches on this device (``decode.decode_on_device``; the transform must
+            be crop and flips, ``decode.device_decode_reason``); None: the workers decode every image with PIL.
+        with_ids: Batches are (images, labels, sample seeds): the seeds the device's colour jitter draws from.
     """
 
     def __init__(self, source: datasets.IterableDataset, image_column: str, label_column: str, num_classes: int,
                  transform: Callable, batch_size: int, steps: Optional[int], seed: int, rank: int, world: int,
-                 shuffle_buffer: Optional[int], workers: int, split: str, skip_bad: bool = False):
+                 shuffle_buffer: Optional[int], workers: int, split: str, skip_bad: bool = False,
+                 decode_device: Optional[str] = None, with_ids: bool = False):
         self.source, self.image_column, self.label_column = source, image_column, label_column
+        self.decode_device, self.with_ids = decode_device, with_ids
         self.num_classes, self.transform, self.batch_size, self.steps = num_classes, transform, batch_size, steps
         self.seed, self.rank, self.world, self.workers, self.split = seed, rank, world, workers, split
         self.train, self.skip_bad, self.skipped = steps is not None, skip_bad, 0
@@ -211,14 +241,15 @@ class StreamLoader:
             yield [row for row, _ in batch], seeds, position
             done += 1
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, ...]]:
         pool = _pool(self.workers)
         self.skipped = 0  # per pass: an epoch, or an evaluation
         start, self._resume = self._resume, None
         self.position = start
         pending = deque()
         batches = self._batches(self.epoch, start)
-        args = (self.transform, self.image_column, self.label_column, self.num_classes, self.split, self.skip_bad)
+        args = (self.transform, self.image_column, self.label_column, self.num_classes, self.split, self.skip_bad,
+                self.decode_device is not None)
         for rows, seeds, position in batches:
             pending.append((pool.apply_async(_decode_batch, (rows, seeds, *args)), position))
             if len(pending) > 2 * max(self.workers, 1):
@@ -226,14 +257,25 @@ class StreamLoader:
         while pending:
             yield self._take(pending)
 
-    def _take(self, pending: deque) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _take(self, pending: deque) -> Tuple[torch.Tensor, ...]:
         result, position = pending.popleft()
-        images, labels, skipped = result.get()
+        images, labels, ids, skipped = result.get()
+        if self.decode_device is not None:
+            try:
+                images, kept, bad = decode_on_device(images, self.transform.transforms[0].size,
+                                                     torch.device(self.decode_device), self.skip_bad)
+            except ValueError as e:
+                raise UserError(f"{first_line(e, 300)} (split '{self.split}'); fix or remove it in the shards, or pass "
+                                f"--skip-bad-images to skip such images.") from e
+            if not kept:
+                raise UserError(f"every image of a batch of split '{self.split}' is unreadable (from {bad[0]}): the "
+                                f"shards are damaged beyond skipping; write them again.")
+            labels, ids, skipped = labels[kept], None if ids is None else ids[kept], skipped + bad
         for where in skipped:
             _logger.warning(f"Skipped an unreadable image of split '{self.split}': {where}.")
         self.skipped += len(skipped)
         self.position = position
-        return images, labels
+        return (images, labels, ids) if self.with_ids else (images, labels)
 
 
 def count_local_rows(files: List[str]) -> Optional[int]:

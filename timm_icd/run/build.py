@@ -32,7 +32,7 @@ _logger = logging.getLogger(__name__)
 FINGERPRINT = ('student', 'teacher', 'teacher_checkpoint', 'teacher_pretrained', 'method', 'dataset', 'input_size',
                'batch_size', 'grad_accum_steps', 'seed', 'data_seed', 'icd_feat_dim', 'icd_negatives',
                'student_layer', 'teacher_layer', 'num_processes', 'input_pipeline', 'model_ema', 'streaming',
-               'shuffle_buffer', 'teacher_cache')
+               'shuffle_buffer', 'teacher_cache', 'decode_scale', 'decode_device', 'color_jitter_on')
 
 
 @dataclass
@@ -67,10 +67,15 @@ def default_output(args: argparse.Namespace, accelerator: Accelerator) -> Path:
     return Path('output') / 'train' / name
 
 
-def fingerprint(args: argparse.Namespace, accelerator: Accelerator, method: str, pipeline: str) -> dict:
-    """The FINGERPRINT settings of this run; ``method`` and ``pipeline`` are the resolved ones (not ``auto``)."""
-    settings = {**vars(args), 'num_processes': accelerator.num_processes, 'method': method, 'input_pipeline': pipeline,
-                'data_seed': data_seed(args)}
+def fingerprint(args: argparse.Namespace, accelerator: Accelerator, method: str, pipeline: Pipeline) -> dict:
+    """The FINGERPRINT settings of this run; ``method`` and ``pipeline`` are the resolved ones (not ``auto``). The
+    decoding and the colour jitter's place are the pipeline's (``Pipeline.views``: what changes the samples; the
+    jitter's place follows the device)."""
+    views = pipeline.views
+    settings = {**vars(args), 'num_processes': accelerator.num_processes, 'method': method,
+                'input_pipeline': pipeline.kind, 'data_seed': data_seed(args),
+                'decode_scale': views.get('decode_scale', 'off'), 'decode_device': views.get('decode_device', 'cpu'),
+                'color_jitter_on': views.get('color_jitter_on', 'device' if pipeline.kind == 'memory' else 'workers')}
     return {k: settings[k] for k in FINGERPRINT}
 
 
@@ -167,14 +172,17 @@ def build(args: argparse.Namespace, accelerator: Accelerator) -> Run:
         eval_batch_size=args.validation_batch_size, workers=args.workers, seed=data_seed(args),
         with_index=bool(args.teacher_cache), shuffle_buffer=args.shuffle_buffer,
         grad_accum_steps=args.grad_accum_steps, rank=accelerator.process_index, world=accelerator.num_processes,
-        skip_bad_images=args.skip_bad_images)
+        skip_bad_images=args.skip_bad_images, decode_scale=args.decode_scale,
+        decode_device=None if args.decode_device == 'cpu' else args.decode_device,
+        jitter_on_device=accelerator.device.type != 'cpu')
     _logger.info(f'Input pipeline: {pipeline.description}.')
     cache = None
     if args.teacher_cache and task.teacher is not None:
         cache = open_for_run(
             args.teacher_cache, task.teacher, data, data_config, accelerator, augment, pipeline.kind,
             data_seed(args), args.epochs, args.teacher, teacher_dtype=args.teacher_dtype,
-            mixed_precision=args.mixed_precision, features=args.cache_features, topk=args.cache_topk)
+            mixed_precision=args.mixed_precision, features=args.cache_features, topk=args.cache_topk,
+            views=pipeline.views)
         task.teacher = CachedTeacher(task.teacher, cache)
     mixup_fn = Mixup(
         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
@@ -182,10 +190,11 @@ def build(args: argparse.Namespace, accelerator: Accelerator) -> Run:
         num_classes=data.num_classes) if mixup_active else None
     resume_from = resolve_resume(output, args.resume)
     if resume_from:  # before any weights are read: a precise message for a mismatched run
-        expected = fingerprint(args, accelerator, task.method, pipeline.kind)
+        expected = fingerprint(args, accelerator, task.method, pipeline)
         saved = read_run_state(resume_from[0])['fingerprint']
         saved = {'input_pipeline': 'loader', 'model_ema': False, 'streaming': False,  # what older runs used
-                 'shuffle_buffer': args.shuffle_buffer, 'data_seed': saved['seed'], 'teacher_cache': None, **saved}
+                 'shuffle_buffer': args.shuffle_buffer, 'data_seed': saved['seed'], 'teacher_cache': None,
+                 **{k: expected[k] for k in ('decode_scale', 'decode_device', 'color_jitter_on')}, **saved}
         changed = [k for k in FINGERPRINT if saved.get(k) != expected[k]]
         if changed:
             raise UserError(f'cannot resume {resume_from[0]}: it was written with different '

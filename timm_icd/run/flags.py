@@ -17,7 +17,7 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from ..base import UserError
-from ..data import PIPELINES, AugmentConfig
+from ..data import DECODE_SCALES, PIPELINES, AugmentConfig, device_decode_reason
 from ..distill import BATCHES, ICD_NEGATIVES, LS_TEMPERATURE, METHODS, logit_loss_of
 from ..publish import check_collection_slug, check_push_target
 from .loop import LoopConfig
@@ -157,6 +157,12 @@ def create_parser(prog: str = 'train_icd.py', description: str = DESCRIPTION) ->
     group.add_argument('--input-pipeline', default='auto', choices=PIPELINES,
                        help='memory: decode once, augment batches on the device; loader: per-sample workers; '
                             'auto (default): memory when the data fits and the augmentation allows')
+    group.add_argument('--decode-scale', default='auto', choices=DECODE_SCALES,
+                       help='auto (default): a JPEG whose random crop is shrunk 2x or more is decoded at 1/2, 1/4 or '
+                            '1/8 scale (never fewer pixels than the output); off: every image in full')
+    group.add_argument('--decode-device', default='cpu', choices=('cpu', 'cuda'),
+                       help='--streaming: cuda decodes the train JPEGs in batches on the GPU (torchvision, nvjpeg) and '
+                            'crops and flips them there; cpu (default): the workers decode with PIL')
     group.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1),
                        help='data loading processes per training process')
     group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
@@ -406,6 +412,15 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.sync_bn and not torch.cuda.is_available():  # torch's SyncBatchNorm raises on CPU tensors across processes
         raise UserError('--sync-bn synchronises BatchNorm statistics across GPUs and needs one; on CPU, processes '
                         'average their BatchNorm statistics after each epoch (--dist-bn reduce, the default).')
+    if args.decode_device == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError('--decode-device cuda decodes JPEGs on the GPU and needs one; leave it out to decode in '
+                            'the workers (--decode-device cpu).')
+        _check(args.streaming, '--decode-device cuda decodes streamed batches: add --streaming (the loader path '
+                               'decodes in its workers).')
+        reason = device_decode_reason(augment_config(args))
+        _check(not reason, f'--decode-device cuda crops and flips on the device and cannot apply {reason}: drop one '
+                           f'of them.')
     if args.mixed_precision == 'fp16' and not torch.cuda.is_available():
         raise UserError('--mixed-precision fp16 needs a GPU (fp16 autocast does not run on CPU); use bf16.')
     _check(args.method == 'vanilla' or bool(args.teacher), f'--method {args.method} needs --teacher.')

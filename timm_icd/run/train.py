@@ -79,7 +79,7 @@ def start(r: Run) -> None:
     r.scheduler, r.num_epochs = create_scheduler_v2(
         r.optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
 
-    r.state = RunState(fingerprint=fingerprint(args, accelerator, task.method, r.pipeline.kind))
+    r.state = RunState(fingerprint=fingerprint(args, accelerator, task.method, r.pipeline))
     if r.resume_from:
         path, saved = load_first(accelerator, r.resume_from, r.scheduler)
         r.state = RunState.from_json(saved)

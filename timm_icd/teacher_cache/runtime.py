@@ -37,6 +37,7 @@ def open_for_run(
         mixed_precision: str = 'no',
         features: str = 'fp16',
         topk: int = 0,
+        views: Optional[dict] = None,
 ) -> TeacherCache:
     """The run's cache at ``root``, opened if valid for its settings (else refused in one line), or started.
 
@@ -50,6 +51,8 @@ def open_for_run(
         teacher_name: As given (``--teacher``), for the manifest.
         teacher_dtype, mixed_precision: How the teacher runs (``--teacher-dtype``, ``--mixed-precision``).
         features, topk: Storage (``--cache-features``, ``--cache-topk``).
+        views: The pipeline's other settings that decide each sample's view (``Pipeline.views``: the decode scale
+            and where the colour jitter runs); the cache is keyed on them too.
     """
     if accelerator.num_processes > int(os.environ.get('LOCAL_WORLD_SIZE', accelerator.num_processes)):
         manifest = Path(root) / MANIFEST
@@ -63,7 +66,7 @@ def open_for_run(
         'dataset': data.name, 'train_split': data.train_split,
         'dataset_fingerprint': dataset_fingerprint(data.train, data.image_column, data.label_column),
         'data_seed': data_seed, 'input_pipeline': pipeline_kind, 'input_size': list(data_config['input_size']),
-        **augment.per_sample(),
+        **augment.per_sample(), **(views or {}),
     }
     valid_for = json.loads(json.dumps(valid_for))  # tuples as lists, as the manifest stores them
     storage = {'features': features, 'topk': topk}
