@@ -43,6 +43,7 @@ resizes against the same crops of the originals. Top-1 is not measured (see the 
 import argparse
 import gc
 import itertools
+import math
 import os
 import resource
 import shutil
@@ -282,6 +283,11 @@ def _set_stats(folder: Path) -> str:
             f'{100 * (sizes.max(1) > MAX_SIZE).mean():.1f}% above {MAX_SIZE} px on the long side')
 
 
+def _db(value: float) -> str:
+    """A PSNR cell: one decimal, or '-' when no image qualified (nothing to compare)."""
+    return '-' if math.isnan(value) else f'{value:.1f}'
+
+
 def _fidelity(setup: Setup, size: int) -> List[str]:
     """The results' fidelity section: reduced decoding per set, and --max-size on the realistic set."""
     lines = ['## Fidelity', '', f'Reduced decoding (`--decode-scale auto`) at {size} px: how often a JPEG is decoded '
@@ -291,8 +297,8 @@ def _fidelity(setup: Setup, size: int) -> List[str]:
     for name, files in setup.sets.items():
         paths = sorted(files.jpegs.glob('class_*/img_*.jpg'))
         f = reduced_decoding_fidelity(paths, size, SCALE, RATIO, INTERPOLATION)
-        lines.append(f"| {name} | {f['images']} | {f['applied']} ({100 * f['applied'] / f['images']:.1f}%) | "
-                     f"{f['psnr_median']:.1f} | {f['psnr_p5']:.1f} | {f['psnr_min']:.1f} |")
+        psnr = ' | '.join(_db(f[k]) for k in ('psnr_median', 'psnr_p5', 'psnr_min'))
+        lines.append(f"| {name} | {f['images']} | {f['applied']} ({100 * f['applied'] / f['images']:.1f}%) | {psnr} |")
     if REALISTIC in setup.sets:
         paths = sorted(setup.sets[REALISTIC].jpegs.glob('class_*/img_*.jpg'))
         f = max_size_fidelity(paths, size, MAX_SIZE, QUALITY, SCALE, RATIO, INTERPOLATION)
