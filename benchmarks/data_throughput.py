@@ -230,6 +230,22 @@ def _children() -> Dict[int, float]:
     return out
 
 
+def _forked_children() -> List[int]:
+    """Child processes that are forks of this one (DataLoader workers), not the spawned ones that live as long as
+    their owner (the multiprocessing resource tracker, a stream's shard-reading pool)."""
+    with open('/proc/self/cmdline', 'rb') as f:
+        mine = f.read()
+    forks = []
+    for pid in _children():
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                if f.read() == mine:
+                    forks.append(pid)
+        except OSError:  # exited meanwhile
+            continue
+    return forks
+
+
 def cpu_reading() -> Tuple[float, Optional[Dict[int, float]]]:
     """(RUSAGE_SELF + RUSAGE_CHILDREN CPU seconds, {child pid: CPU seconds} or None without /proc)."""
     own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
@@ -261,8 +277,8 @@ def measure(built: Built, skip: int, batches: Optional[int], device: torch.devic
     elapsed, cpu1 = time.perf_counter() - t0, cpu_reading()
     del it  # frees the epoch generator and its DataLoader iterator, which joins (reaps) its workers
     gc.collect()
-    for _ in range(100):  # let any straggler exit before the next path runs
-        if not os.path.isdir('/proc') or not _children():
+    for _ in range(100):  # let the loader's forked workers exit before the next path runs
+        if not os.path.isdir('/proc') or not _forked_children():
             break
         time.sleep(0.1)
     return images / elapsed, cpu_seconds(cpu0, cpu1) / images

@@ -17,7 +17,7 @@ RES=${RES:-benchmarks/results}
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1
 if [ -n "${GPU_CHECK_QUICK:-}" ]; then
-  step=(--quick) throughput=(--quick) epoch=(--quick) quality=(--quick --preset gpu) decode=(--quick)
+  step=(--quick) throughput=(--quick --only 'timm create_loader,(loader)') epoch=(--quick) quality=(--quick --preset gpu) decode=(--quick)
 else
   step=(--pairs 'resnet50->mobilenetv3_small_100' --sizes 224 --batch-size 128 --rounds 20)
   throughput=(--images 2000 --workers 8 --batch-size 128)

@@ -48,10 +48,12 @@ def test_paired_confidence_interval_matches_a_hand_computed_t_interval():
     scores = [(71.0, 70.0), (72.5, 70.5), (70.0, 70.0)]
     rows = [{'seed': s, 'method': m, 'test_top1': v}
             for s, (a, b) in enumerate(scores) for m, v in (('a', a), ('b', b))]
-    mean, low, high, n = paired(rows, 'a', 'b')
+    mean, low, high, n, p = paired(rows, 'a', 'b')
     # differences 1, 2, 0: mean 1, sd 1, t(0.975, 2) = 4.302653, half-width 4.302653 / sqrt(3)
     assert n == 3 and mean == 1.0
     assert abs((high - low) / 2 - 4.302653 / 3 ** 0.5) < 1e-5
+    # t = 1 / (1 / sqrt(3)) with 2 degrees of freedom: two-sided p = 1 - t / sqrt(2 + t^2) = 1 - sqrt(3 / 5)
+    assert abs(p - (1 - (3 / 5) ** 0.5)) < 1e-9
 
 
 def test_step_time_quick_times_every_variant(tmp_path):
