@@ -10,7 +10,7 @@ for once with ``python -m timm_icd.cache`` (``timm_icd.run.write_ahead``) and re
     python benchmarks/study.py tune        # 3 configurations per family x 2 seeds, scored on the VALIDATION split
     python benchmarks/study.py confirm     # the confirmatory runs: primary first, then exploratory
     python benchmarks/study.py report      # study.md from study_runs.csv (Holm-adjusted p for P1-P4)
-    python benchmarks/study.py all         # the four in order (~7 h on 2 CPU cores)
+    python benchmarks/study.py all         # the four in order (~20 h on 2 CPU cores)
     python benchmarks/study.py all --quick # tiny data, 1-2 epochs, for the tests (about a minute)
     python benchmarks/study.py all --preset gpu   # every training image on one GPU: primary runs only, side by side,
                                                   # with the CPU study's tuned settings (results/study_runs.csv)
@@ -162,18 +162,21 @@ def tune_jobs(cfg, s, data) -> List[dict]:
             for config, extra in configs.items()]
 
 
-def selected(rows: List[dict]) -> Dict[str, str]:
-    """The protocol's rule: per family, the configuration with the highest mean validation top-1 over the tuning
-    seeds, if it beats the default's by more than MARGIN points; else the default. Plus 'X': dkd or dist."""
+def selected(rows: List[dict], seeds: int) -> Dict[str, str]:
+    """The protocol's rule: per family, the configuration with the highest mean validation top-1 over the ``seeds``
+    tuning seeds, if it beats the default's by more than MARGIN points; else the default. Plus 'X': dkd or dist.
+    Refused unless every configuration of every family has a row for each tuning seed."""
     means = {}
     for row in rows:
         if row['stage'] == 'tune':
             means.setdefault((row['family'], row['config']), []).append(float(row['val_top1']))
     choice, best = {}, {}
-    for family in GRID:
-        scores = {c: float(np.mean(v)) for (f, c), v in means.items() if f == family}
-        if 'default' not in scores:
-            raise SystemExit(f'tuning of {family} is not complete: run the tune stage first.')
+    for family, (_, configs) in GRID.items():
+        done = {c: len(means.get((family, c), [])) for c in configs}
+        if any(n < seeds for n in done.values()):
+            missing = ', '.join(f'{c} ({n} of {seeds} seeds)' for c, n in done.items() if n < seeds)
+            raise SystemExit(f'tuning of {family} is not complete: {missing}; run the tune stage first.')
+        scores = {c: float(np.mean(means[(family, c)])) for c in configs}
         top = max(scores, key=scores.get)
         choice[family] = top if scores[top] > scores['default'] + MARGIN else 'default'
         best[family] = scores[choice[family]]
@@ -303,13 +306,13 @@ def main(argv=None) -> int:
             execute(cfg, s, data, [cache_job(cfg, s, data, seed) for seed in s['tune_seeds']])
             execute(cfg, s, data, tune_jobs(cfg, s, data))
         elif stage == 'confirm':
-            choice = selected(tuning or read_rows(runs_csv))
+            choice = selected(tuning or read_rows(runs_csv), seeds=len(s['tune_seeds']))
             print(f'selected by the tuning rule: {choice}', flush=True)
             jobs = confirm_jobs(cfg, s, data, choice)
             execute(cfg, s, data, jobs if s['explore'] else [j for j in jobs if j['stage'] != 'explore'])
         else:
             write_report(cfg, s, read_rows(runs_csv) + [r for r in tuning or [] if r['stage'] == 'tune'],
-                         selected(tuning or read_rows(runs_csv)), GRID, MARGIN)
+                         selected(tuning or read_rows(runs_csv), seeds=len(s['tune_seeds'])), GRID, MARGIN)
     return 0
 
 

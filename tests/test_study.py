@@ -50,11 +50,14 @@ def test_selection_rule_needs_more_than_the_margin_to_replace_a_default():
             ('dkd', 'default'): [80.0, 80.0], ('dkd', 'beta2'): [81.0, 81.2], ('dkd', 'beta0.5'): [80.0, 80.0],
             ('dist', 'default'): [82.0, 82.0], ('dist', 'T2'): [81.0, 81.0], ('dist', 'T1'): [80.0, 80.0],
             ('icd', 'default'): [80.0, 80.0], ('icd', 'noclamp'): [80.6, 80.6], ('icd', 'w0.5'): [80.0, 80.0]}
-    choice = study.selected(_tune_rows(base))
+    choice = study.selected(_tune_rows(base), seeds=2)
     assert choice == {'kd': 'default', 'dkd': 'beta2', 'dist': 'default', 'icd': 'noclamp', 'X': 'dist'}
+    base[('icd', 'w0.5')] = [80.0]  # one of two seeds: the rule does not select on part of the budget
+    with pytest.raises(SystemExit, match=r'tuning of icd is not complete: w0.5 \(1 of 2 seeds\)'):
+        study.selected(_tune_rows(base), seeds=2)
     del base[('dkd', 'default')]
-    with pytest.raises(SystemExit, match='tuning of dkd is not complete'):
-        study.selected(_tune_rows(base))
+    with pytest.raises(SystemExit, match=r'tuning of dkd is not complete: default \(0 of 2 seeds\)'):
+        study.selected(_tune_rows(base), seeds=2)
 
 
 def test_quick_study_runs_the_protocol_end_to_end(tmp_path):

@@ -100,7 +100,9 @@ def resolve_method(
     same_space = teacher_classes == num_classes and not other_names
     if method == 'auto':
         if same_space:
-            method, reason = 'icd+kd', f"auto chose icd+kd: the teacher predicts the dataset's {num_classes} classes"
+            method, reason = 'icd+kd', (f"auto chose icd+kd: the teacher predicts the dataset's {num_classes} "
+                                        f"classes (v0.2's rule: the study that decides auto has not finished, see "
+                                        f"benchmarks/results/protocol.md)")
         elif other_names:
             method, reason = 'icd', (f"auto uses icd: the teacher's classes ({', '.join(theirs[:3])}, ...) are not "
                                      f"the dataset's ({', '.join(ours[:3])}, ...), so logit KD would be meaningless")
