@@ -10,7 +10,7 @@ for once with ``python -m timm_icd.cache`` (``timm_icd.run.write_ahead``) and re
     python benchmarks/study.py tune        # 3 configurations per family x 2 seeds, scored on the VALIDATION split
     python benchmarks/study.py confirm     # the confirmatory runs: primary first, then exploratory
     python benchmarks/study.py report      # study.md from study_runs.csv (Holm-adjusted p for P1-P4)
-    python benchmarks/study.py all         # the four in order (~20 h on 2 CPU cores)
+    python benchmarks/study.py all         # the four in order (~8 h on 2 CPU cores)
     python benchmarks/study.py all --quick # tiny data, 1-2 epochs, for the tests (about a minute)
     python benchmarks/study.py all --preset gpu   # every training image on one GPU: primary runs only, side by side,
                                                   # with the CPU study's tuned settings (results/study_runs.csv)
