@@ -225,6 +225,12 @@ def test_kd_standardize_needs_a_kd_term_and_defaults_the_temperature_to_2(tmp_pa
     from timm_icd.run import parse_and_validate
     from timm_icd.base import UserError
     assert parse_and_validate([]).kd_temperature == 4.0
+    # the study's tuning selected DIST's T 1 and DKD's beta 2 on validation (benchmarks/results/study_tuning.md)
+    assert parse_and_validate(['--method', 'dist']).kd_temperature == 1.0
+    assert parse_and_validate(['--method', 'icd+dist']).kd_temperature == 1.0
+    assert parse_and_validate(['--method', 'dist', '--kd-temperature', '4']).kd_temperature == 4.0
+    assert parse_and_validate(['--method', 'dkd']).kd_temperature == 4.0
+    assert parse_and_validate(['--method', 'dkd']).dkd_beta == 2.0
     assert parse_and_validate(['--kd-standardize']).kd_temperature == 2.0  # Sun et al.'s base temperature
     assert parse_and_validate(['--kd-standardize', '--kd-temperature', '4']).kd_temperature == 4.0
     (tmp_path / 'ls.yaml').write_text(yaml.safe_dump({'kd_standardize': True, 'kd_temperature': 3.0}))
