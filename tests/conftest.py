@@ -9,6 +9,8 @@ import datasets
 import pytest
 import torch
 
+from hub_server import FakeHub
+
 REPO = Path(__file__).resolve().parents[1]
 if os.environ.get('PYTEST_XDIST_WORKER'):  # two workers share the 2 cores: one torch thread each, as subprocesses get
     torch.set_num_threads(1)
@@ -23,6 +25,14 @@ def offline_env(**extra) -> dict:
     env.pop('RANK', None)
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope='module')
+def hub():
+    """The loopback Hub server (tests/hub_server.py), one per test module."""
+    server = FakeHub().start()
+    yield server
+    server.stop()
 
 
 def hub_env(hub, tmp_path, token=True, endpoint=None) -> dict:

@@ -13,17 +13,9 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from conftest import FAST, closed_port, hub_env, run_cli
-from hub_server import FakeHub
 from timm_icd.publish import render_card
 
 REPO_ID = 'icd-tests/digits-student'
-
-
-@pytest.fixture(scope='module')
-def hub():
-    server = FakeHub().start()
-    yield server
-    server.stop()
 
 
 def snapshot(folder):

@@ -17,7 +17,6 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import FAST, closed_port, hub_env, run_cli
-from hub_server import FakeHub
 from timm_icd.base import UserError
 from timm_icd.cli.hub import main as hub_main
 from timm_icd.cli.push import main as push_main
@@ -30,13 +29,6 @@ VANILLA = 'org-a/resnet-vanilla'  # the teacher_run fixture's student, pushed wi
 EFFNET = 'org-b/effnet-icd'  # distilled from hf-hub:VANILLA, pushed by train_icd.py into a collection
 FINETUNED = 'org-b/effnet-digits-new'  # hf-hub:EFFNET fine-tuned with KD on new data
 NO_MATCH = 'no published timm_icd student matches these filters.'
-
-
-@pytest.fixture(scope='module')
-def hub():
-    server = FakeHub().start()
-    yield server
-    server.stop()
 
 
 def client(hub, tmp_path, code: str) -> str:
