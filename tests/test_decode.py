@@ -12,7 +12,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from timm_icd.data import AugmentConfig, create_pipeline, decode_factor, load_stream_data, write_shards
 from timm_icd.data.decode import (
-    DeviceJpeg, ReducedDecodeCrop, create_train_transform, decode_on_device, open_image, reducible)
+    DeviceJpeg, ReducedDecodeCrop, create_train_transform, decode_on_device, open_image, reducible, stack_images)
 from timm_icd.data.sources import ImageClassificationDataset, load_image_data
 from timm_icd.data.streaming import _decode_batch
 
@@ -222,3 +222,16 @@ def test_decode_flags_are_checked_up_front_and_named_in_the_log(monkeypatch):
     assert 'decode: in full' in words['off']
     with pytest.raises(UserError, match='--decode-device cpu decodes streamed batches'):
         create_pipeline(data, CONFIG, kind='loader', batch_size=4, decode_device='cpu')
+
+
+def test_stack_images_copies_strided_uint8_views_into_one_contiguous_batch():
+    """timm's transforms end in C x H x W views of H x W x C pixels; the batch is their exact, contiguous stack
+    (from tensors or arrays), and anything that is not uint8 of one shape goes to torch.stack."""
+    rng = np.random.default_rng(0)
+    views = [torch.from_numpy(rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)).permute(2, 0, 1) for _ in range(4)]
+    for images in (views, [v.numpy() for v in views]):
+        batch = stack_images(images)
+        assert batch.dtype == torch.uint8 and batch.is_contiguous() and batch.shape == (4, 3, 7, 5)
+        assert torch.equal(batch, torch.stack([torch.as_tensor(v) for v in images]))
+    floats = [v.float() / 255 for v in views]
+    assert torch.equal(stack_images(floats), torch.stack(floats))

@@ -111,6 +111,31 @@ def test_loader_path_gives_the_old_normalised_numbers_exactly(color_jitter, jitt
     assert torch.equal(x, torch.stack([eval_old(data.eval[i]['image'].convert('RGB')) for i in (0, 9)]))
 
 
+def test_worker_batches_read_rows_together_and_equal_row_by_row_samples():
+    """A worker fetches a batch's rows in one Arrow query (``__getitems__``) and stacks the uint8 crops with numpy
+    (``collate_images``): the batches equal row-by-row samples stacked by torch, bit for bit, contiguous, and the
+    same for every worker count."""
+    data = load_image_data('digits')
+    config = {'input_size': (3, 32, 32), 'mean': (0.5,) * 3, 'std': (0.5,) * 3, 'interpolation': 'bilinear',
+              'crop_pct': 0.875, 'crop_mode': 'center'}
+    augment = AugmentConfig(scale=(0.3, 1.0), ratio=(0.75, 1.333), hflip=0.5, color_jitter=0.4,
+                            train_interpolation='random')
+    batches = {}
+    for workers in (0, 2):
+        pipeline = create_pipeline(data, config, augment, kind='loader', batch_size=16, workers=workers, seed=3,
+                                   with_index=True, jitter_on_device=False)
+        pipeline.train_loader.dataset.set_epoch(2)
+        batches[workers] = [batch for _, batch in zip(range(3), pipeline.train_loader)]
+    dataset = pipeline.train_loader.dataset
+    for (x0, y0, i0), (x2, y2, i2) in zip(batches[0], batches[2]):
+        assert torch.equal(i0, i2) and torch.equal(y0, y2) and torch.equal(x0, x2)
+        assert x2.dtype == torch.uint8 and x2.is_contiguous() and x2.shape == (16, 3, 32, 32)
+        samples = [dataset[int(i)] for i in i2]
+        assert torch.equal(x2, torch.stack([s[0] for s in samples]))
+        assert y2.tolist() == [s[1] for s in samples] == [data.train[int(i)]['label'] for i in i2]
+    assert [s[1] for s in dataset.__getitems__([5, 0, 5])] == [data.train[i]['label'] for i in (5, 0, 5)]
+
+
 def test_loader_path_jitters_on_the_device_per_sample_with_timms_ranges():
     """Workers return the unjittered crops; the device applies brightness, contrast and saturation factors drawn in
     [1 - cj, 1 + cj] from (seed, epoch, row), in one of the six orders, as torchvision's ColorJitter does."""

@@ -37,7 +37,7 @@ from timm.data.random_erasing import RandomErasing
 
 from ..base import UserError
 from .augment import AugmentConfig, BatchAugment, epoch_key, unsupported_reason
-from .decode import DECODE_SCALES, create_train_transform, device_decode_reason
+from .decode import DECODE_SCALES, collate_images, create_train_transform, device_decode_reason
 from .sources import ImageClassificationDataset, ImageData
 from .streaming import StreamLoader
 
@@ -342,7 +342,7 @@ def create_pipeline(
     mean, std = data_config['mean'], data_config['std']
     erasing = _erasing(augment)
     eval_tf = create_transform(**data_config, is_training=False, use_prefetcher=True)
-    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available())
+    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_images)
     eval_batch = eval_batch_size or batch_size
 
     if kind in ('auto', 'memory'):

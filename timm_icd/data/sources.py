@@ -310,11 +310,11 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ds)
 
-    def _row(self, index: int):
-        """(image, label) of one row: the image opened (RGB unless ``rgb`` is False), its pixels perhaps not yet
-        decoded."""
+    def _row(self, index: int, row: Optional[dict] = None):
+        """(image, label) of one row (``row``: its values, when read already): the image opened (RGB unless ``rgb``
+        is False), its pixels perhaps not yet decoded."""
         try:
-            row = self.ds[index]
+            row = self.ds[index] if row is None else row
             image = open_image(row[self.image_column], self.mode)
             image = _to_rgb(image) if self.rgb else image
             return image, (row[self.label_column] if self.label_column else None)
@@ -335,16 +335,16 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         except Exception:
             return ''
 
-    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int, row: Optional[dict] = None) -> Tuple[torch.Tensor, int]:
         if self.check_only:
             try:
-                image = self._row(index)[0]
+                image = self._row(index, row)[0]
                 if isinstance(image, Image.Image):
                     image.load()
                 return index, True
             except Exception:
                 return index, False
-        image, label = self._row(index)
+        image, label = self._row(index, row)
         try:  # PIL decodes the pixels here, in the transform (or for the caller): a damaged file fails here
             if self.transform is None and isinstance(image, Image.Image):
                 image.load()
@@ -354,3 +354,14 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         except OSError as e:
             raise self._error(index, e) from e
         return (image, label, index) if self.with_index else (image, label)
+
+    def __getitems__(self, indices: List[int]) -> list:
+        """The samples of a batch (torch's DataLoader fetches through this when it exists), their rows read from
+        the Arrow table in one query: reading rows one by one through ``datasets`` cost about 0.35 CPU-ms per image,
+        ~5% of the loader's (``benchmarks/results/loader_profile.md``)."""
+        try:
+            columns = self.ds[list(indices)]
+        except Exception:  # a row that cannot be read: one at a time, so the error names it
+            return [self[index] for index in indices]
+        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        return [self.__getitem__(index, row) for index, row in zip(indices, rows)]

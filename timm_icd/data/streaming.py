@@ -37,7 +37,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from ..base import UserError, first_line
-from .decode import DeviceJpeg, decode_on_device, draw_crop, open_image, read_bytes, reducible
+from .decode import DeviceJpeg, decode_on_device, draw_crop, open_image, read_bytes, reducible, stack_images
 from .integrity import shards_metadata
 from .sources import (
     EVAL_SPLITS, IMAGE_COLUMNS, LABEL_COLUMNS, ImageData, _builder_kwargs, _detect_column, _to_rgb, load_dataset_dict,
@@ -106,7 +106,7 @@ def _decode_batch(rows: List[dict], seeds: Optional[List[int]], transform: Calla
     if not images:
         raise UserError(f"every image of a batch of split '{split}' is unreadable (from {skipped[0]}): the shards are "
                         f"damaged beyond skipping; write them again.")
-    return (images if device_decode else torch.stack(images), torch.tensor(labels, dtype=torch.int64),
+    return (images if device_decode else stack_images(images), torch.tensor(labels, dtype=torch.int64),
             None if seeds is None else torch.tensor(kept, dtype=torch.int64), skipped)
 
 
