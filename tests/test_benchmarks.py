@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 METHODS = {'vanilla', 'kd', 'kd+ls', 'timm_logit', 'timm_feature', 'icd', 'icd+kd', 'icd+kd+ls'}
 
@@ -315,3 +315,60 @@ def test_teacher_cache_quick_writes_every_row_of_the_table(tmp_path):
     int8 = {r['metric']: float(r['value']) for r in raw if r['part'] == 'int8'}
     assert 0 < int8['relative_l2_median'] <= int8['relative_l2_max'] < 0.02 and 0.999 < int8['cosine_min'] <= 1
     assert f"relative L2 error median {int8['relative_l2_median']:.4f}" in text
+
+
+def test_loader_profile_sorts_samples_into_stages(tmp_path):
+    """py-spy's collapsed stacks: the innermost frame a stage claims decides (leaf-only stages look at that frame
+    alone), workers and the main process are told apart, and the set-up outside the timed epochs is set aside."""
+    import sys
+    sys.path.insert(0, str(REPO / 'benchmarks'))
+    import loader_profile as lp
+    proc = 'process 7:"python loader_profile.py --run x"'
+    worker = f'{proc};_worker_loop (torch/utils/data/_utils/worker.py:300);fetch (torch/utils/data/_utils/fetch.py:52)'
+    main = f'{proc};run_child (loader_profile.py:1);timm_icd_path.<locals>.epoch (data_throughput.py:126)'
+    raw = tmp_path / 'samples.txt'
+    raw.write_text('\n'.join([
+        f'{worker};__getitems__ (timm_icd/data/sources.py:370);seeded_transform (timm_icd/data/sources.py:246);'
+        f'Compose.__call__ (torchvision/transforms/transforms.py:95);load (PIL/ImageFile.py:300) 7',
+        f'{worker};seeded_transform (timm_icd/data/sources.py:244) 3',  # seeding: the innermost frame
+        f'{worker};seeded_transform (timm_icd/data/sources.py:246);Compose.__call__ (x.py:95) 2',  # dispatch
+        f'{worker};collate_images (timm_icd/data/decode.py:100);stack_images (timm_icd/data/decode.py:95) 5',
+        f'{main};__call__ (timm_icd/data/pipeline.py:133) 4',
+        f'{main};_next_data (torch/utils/data/dataloader.py:1400);_recv (multiprocessing/connection.py:1) 1',
+        f'{proc};<module> (loader_profile.py:1);_find_and_load (<frozen importlib._bootstrap>:1) 9',
+        f'{worker};mystery (somewhere.py:1) 2',
+        'a line broken by a newline in a command',
+    ]) + '\n')
+    stages, other = lp.parse(raw)
+    assert stages == {'JPEG decode': 7, 'per-sample RNG seeding': 3,
+                      'transform-call overhead (Compose, nn.Module dispatch)': 2, 'collate': 5,
+                      'normalise (main process)': 4, 'receive batch (unpickle, shared memory)': 1, lp.SETUP: 9,
+                      'loader bookkeeping': 2}  # an unclaimed frame passes the sample to its caller (fetch.py)
+    assert not other
+
+
+def test_loader_profile_quick_accounts_for_the_cpu_time(tmp_path):
+    import sys
+    sys.path.insert(0, str(REPO / 'benchmarks'))
+    import loader_profile as lp
+    if lp.py_spy() is None:
+        pytest.skip('py-spy is not installed (pip install py-spy)')
+    out = tmp_path / 'loader_profile.md'
+    result = run_cli('--quick', '--data-dir', tmp_path / 'data', '--out', out, '--keep', tmp_path / 'keep',
+                     script='benchmarks/loader_profile.py', timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {cells[0]: cells[1:] for cells in _md_tables(out.read_text())[0]}
+    total = next(v for k, v in rows.items() if k.startswith('**CPU-ms per image'))
+    stages = {k: v for k, v in rows.items() if not k.startswith(('**', 'sampled'))}
+    for column in (0, 1):  # the stages share out the measured CPU time
+        assert sum(float(v[column]) for v in stages.values()) == pytest.approx(float(total[column]), abs=0.02 * len(
+            stages))
+    for k, (a, b, diff) in rows.items():
+        assert float(diff) == pytest.approx(float(b) - float(a), abs=0.011), k
+    assert float(stages['JPEG decode'][0]) > 0 and float(stages['JPEG decode'][1]) > 0
+    assert float(stages['dataset rows (datasets / timm reader) and __getitem__'][1]) > 0
+    runs = json.loads((tmp_path / 'keep' / 'runs.json').read_text())
+    assert [r['path'] for r in runs] == ['timm create_loader (prefetcher)', 'timm_icd imagefolder (loader)']
+    again = run_cli('--quick', '--again', '--keep', tmp_path / 'keep', '--out', tmp_path / 'again.md',
+                    script='benchmarks/loader_profile.py', timeout=300)  # re-sorting the kept samples: the same table
+    assert again.returncode == 0 and _md_tables((tmp_path / 'again.md').read_text()) == _md_tables(out.read_text())
