@@ -93,7 +93,9 @@ def dkd_loss(
         student_logits, teacher_logits: B x C logits.
         target: B class indices (hard labels: the decoupling needs the target class).
         temperature: T (the authors' 4).
-        alpha, beta: Weights of TCKD and NCKD (the authors' CIFAR-100 settings: 1 and 8; ImageNet: 1 and 0.5).
+        alpha, beta: Weights of TCKD and NCKD (the authors' CIFAR-100 settings: 1 and 8; ImageNet: 1 and 0.5). The
+            function keeps the authors' 8; ``train_icd.py --dkd-beta`` defaults to 2, what the study's tuning
+            chose on validation data (``benchmarks/results/study_tuning.md``).
         standardize: Z-score both logits per sample first (``standardize_logits``).
 
     Returns:
