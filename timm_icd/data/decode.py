@@ -76,8 +76,8 @@ def stack_images(images: Sequence[Any]) -> torch.Tensor:
     """A batch of uint8 images (tensors or arrays, one shape, any strides) as one contiguous N x C x H x W tensor.
 
     timm's per-sample transforms end in C x H x W views of H x W x C pixels; numpy copies such strided views into a
-    contiguous batch about three times faster than ``torch.stack`` (0.07-0.13 against 0.24-0.31 CPU-ms per 224 px
-    image on one thread, this project's 2-core AMD EPYC), and collation was the largest cost the loader did not share
+    contiguous batch about three times faster than ``torch.stack`` or timm's ``fast_collate`` (0.07-0.13 against
+    0.24-0.31 and 0.31 CPU-ms per 224 px image on one thread, this project's 2-core AMD EPYC), and collation was the largest cost the loader did not share
     with timm's (``benchmarks/results/loader_profile.md``). In a DataLoader worker the batch is written into shared
     memory, as ``default_collate`` does, so it reaches the main process without another copy. Anything else (other
     dtypes or shapes) goes to ``torch.stack``.
