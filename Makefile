@@ -41,6 +41,7 @@ bench-epoch-time: $(STAMP) $(FASHION_MNIST)
 
 bench-data: $(STAMP)
 	$(PY) benchmarks/data_throughput.py
+	$(PY) benchmarks/loader_profile.py
 
 bench-arch: $(STAMP)
 	$(PY) benchmarks/arch_coverage.py
