@@ -77,7 +77,13 @@ def _classify(stack: List[str], where: str) -> str:
 
 
 def parse(raw: Path) -> Tuple[Dict[str, int], Dict[str, List[Tuple[int, str]]]]:
-    """py-spy raw (collapsed) output of one run: samples per stage, and the innermost frames of 'other' samples."""
+    """py-spy raw (collapsed) output of one run: samples per stage, and the innermost frames of 'other' samples.
+
+    py-spy names every sample with the profiled command's process (forked workers included), so the stack decides:
+    a worker's samples hold ``_worker_loop``, or ``_feed``, the thread of its queue that pickles each batch (and
+    moves it to shared memory when it is not there yet; the main process's own feeder only sends sample indices).
+    The main process counts inside the timed epochs only; the rest is set-up.
+    """
     stages: Dict[str, int] = collections.Counter()
     unknown: Dict[str, List[Tuple[int, str]]] = collections.defaultdict(list)
     for line in raw.read_text().splitlines():
@@ -85,9 +91,9 @@ def parse(raw: Path) -> Tuple[Dict[str, int], Dict[str, List[Tuple[int, str]]]]:
         if not stack_text or not count.isdigit():  # a command line's newline splits its record: skip the piece
             continue
         frames = stack_text.split(';')
-        if frames[0].startswith('process '):  # --subprocesses names the process first (workers are forked copies)
+        if frames[0].startswith('process '):
             frames = frames[1:]
-        if '_worker_loop' in stack_text:
+        if '_worker_loop' in stack_text or '_feed (' in stack_text:
             where = 'worker'
         elif 'epoch (data_throughput' in stack_text:  # the main process inside the timed epochs
             where = 'main'
@@ -161,8 +167,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     paths = ['timm create_loader (prefetcher)', 'timm_icd imagefolder (loader)']
     started = time.time()
     keep = Path(args.keep or tempfile.mkdtemp(prefix='loader_profile_'))
+    command = 'python benchmarks/loader_profile.py' + ''.join(f' {a}' for a in (argv if argv is not None
+                                                                                  else sys.argv[1:]))
+    settings = ('images', 'size', 'batch_size', 'workers', 'epochs', 'rounds', 'quick')
+    where, when, minutes = machine(torch.device('cpu')), time.strftime('%Y-%m-%d'), None
     if args.again:  # re-sort the samples of an earlier run (kept with --keep) by the stages as they are now
         runs = json.loads((keep / 'runs.json').read_text())
+        if (keep / 'settings.json').exists():  # the kept runs' own settings and command, for the header
+            kept = json.loads((keep / 'settings.json').read_text())
+            for key in settings:
+                setattr(args, key, kept[key])
+            command = f"{kept['command']}` (its samples re-sorted by `{command}`)"
+            where, when, minutes = kept['machine'], kept['date'], kept['minutes']
+        missing = [p for p in paths if not any(r['path'] == p for r in runs)]
+        if missing:
+            raise SystemExit(f"{keep / 'runs.json'} holds no run of {', '.join(missing)}: nothing to compare.")
     else:
         if py_spy() is None:
             raise SystemExit('py-spy is not installed: pip install py-spy')
@@ -172,14 +191,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             for path in paths[r % 2:] + paths[:r % 2]:
                 n, cpu, _, _ = profile(path, args, args.rate, sampled=False)
                 n_sampled, cpu_sampled, _, raw = profile(path, args, args.rate, sampled=True)
-                kept = keep / f'samples_{len(runs)}.txt'
-                shutil.move(raw, kept)
+                samples_file = keep / f'samples_{len(runs)}.txt'
+                shutil.move(raw, samples_file)
                 shutil.rmtree(raw.parent, ignore_errors=True)
                 runs.append(dict(path=path, round=r, images=n, cpu_ms=1e3 * cpu / n, sampled_images=n_sampled,
-                                 sampled_cpu_ms=1e3 * cpu_sampled / n_sampled, raw=kept.name, rate=args.rate))
+                                 sampled_cpu_ms=1e3 * cpu_sampled / n_sampled, raw=samples_file.name, rate=args.rate))
                 print(f'round {r + 1} | {path} | {n} images | {runs[-1]["cpu_ms"]:.2f} CPU-ms/image without the '
                       f'sampler, {runs[-1]["sampled_cpu_ms"]:.2f} with', flush=True)
         (keep / 'runs.json').write_text(json.dumps(runs, indent=1))
+        minutes = (time.time() - started) / 60
+        (keep / 'settings.json').write_text(json.dumps({'command': command, 'machine': where, 'date': when,
+                                                        'minutes': minutes, **{k: getattr(args, k) for k in settings}}))
     samples = {p: collections.Counter() for p in paths}
     images = {p: 0 for p in paths}
     unknown = {p: collections.defaultdict(int) for p in paths}
@@ -209,8 +231,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f'{total[ours]:.2f} | {total[ours] - total[timm_p]:+.2f} |')
     top_other = {p: sorted(unknown[p].items(), key=lambda kv: -kv[1])[:5] for p in paths}
     lines = ['# Where the loader\'s CPU time goes: timm_icd imagefolder loader against timm\'s prefetcher loader', '',
-             f'Generated by `python benchmarks/loader_profile.py{" " + " ".join(argv or sys.argv[1:])}` on '
-             f'{machine(torch.device("cpu"))}, {time.strftime("%Y-%m-%d")}; '
+             f'Generated by `{command}` on '
+             f'{where}, {when}; '
              f'{"quick mode, a smoke run: " if args.quick else ""}'
              f'{args.images} JPEGs of 500x375 px (`common.imagenet_like_jpegs`), {args.size} px, batch '
              f'{args.batch_size}, {args.workers} workers, timm\'s default train augmentation (as '
@@ -221,7 +243,7 @@ def main(argv: Optional[List[str]] = None) -> int:
              'Innermost frames of the samples no stage claimed (most frequent five per loader):', '']
     for p in paths:
         lines += [f'* {p}: ' + ('; '.join(f'`{t}` ({c})' for t, c in top_other[p]) or 'none')]
-    lines += ['', f'Total time: {(time.time() - started) / 60:.1f} min.']
+    lines += ['', f'Total time: {minutes:.1f} min.' if minutes is not None else 'Total time: not recorded.']
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))

@@ -361,7 +361,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         ~5% of the loader's (``benchmarks/results/loader_profile.md``)."""
         try:
             columns = self.ds[list(indices)]
-        except Exception:  # a row that cannot be read: one at a time, so the error names it
+            rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        except Exception:  # a row that cannot be read, or a format that is no dict of columns: one row at a time
             return [self[index] for index in indices]
-        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
         return [self.__getitem__(index, row) for index, row in zip(indices, rows)]
