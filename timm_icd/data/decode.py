@@ -77,10 +77,10 @@ def stack_images(images: Sequence[Any]) -> torch.Tensor:
 
     timm's per-sample transforms end in C x H x W views of H x W x C pixels; numpy copies such strided views into a
     contiguous batch about three times faster than ``torch.stack`` or timm's ``fast_collate`` (0.07-0.13 against
-    0.24-0.31 and 0.31 CPU-ms per 224 px image on one thread, this project's 2-core AMD EPYC), and collation was the largest cost the loader did not share
-    with timm's (``benchmarks/results/loader_profile.md``). In a DataLoader worker the batch is written into shared
-    memory, as ``default_collate`` does, so it reaches the main process without another copy. Anything else (other
-    dtypes or shapes) goes to ``torch.stack``.
+    0.24-0.31 and 0.31 CPU-ms per 224 px image on one thread, this project's 2-core AMD EPYC), and collation was the
+    largest cost the loader did not share with timm's (``benchmarks/results/loader_profile.md``). In a DataLoader
+    worker the batch is written into shared memory, as ``default_collate`` does, so it reaches the main process
+    without another copy. Anything else (other dtypes or shapes) goes to ``torch.stack``.
     """
     arrays = [np.asarray(image) for image in images]
     if not arrays or any(a.dtype != np.uint8 or a.shape != arrays[0].shape for a in arrays):
