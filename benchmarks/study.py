@@ -188,7 +188,8 @@ def selected(rows: List[dict], seeds: int) -> Dict[str, str]:
 
 
 def confirm_jobs(cfg, s, data, choice: Dict[str, str]) -> List[dict]:
-    """Primary runs first (the caches, P1 and P2 on the CNN pair, P3 and P4 across label spaces), then exploratory."""
+    """Primary runs first (the caches, P1 and P2 on the CNN pair, P3 and P4 across label spaces), then exploratory
+    (unless the preset leaves them out)."""
     flags = {family: GRID[family][1][choice[family]] for family in GRID}
     x = choice['X']
     icd, kd = flags['icd'], flags['kd']
@@ -211,7 +212,7 @@ def confirm_jobs(cfg, s, data, choice: Dict[str, str]) -> List[dict]:
                  distill_job(cfg, s, data, 'explore', 'kd+ls', choice['kd'], 'kd', seed, kd + ['--kd-standardize']
                              + ([] if '--kd-temperature' in kd else ['--kd-temperature', '4'])),  # KD's own T
                  distill_job(cfg, s, data, 'explore', other, choice[other], other, seed, flags[other])]
-    return jobs
+    return jobs if s['explore'] else [j for j in jobs if j['stage'] != 'explore']
 
 
 def _redirect(log: Path) -> None:
@@ -311,11 +312,11 @@ def main(argv=None) -> int:
         elif stage == 'confirm':
             choice = selected(tuning or read_rows(runs_csv), seeds=len(s['tune_seeds']))
             print(f'selected by the tuning rule: {choice}', flush=True)
-            jobs = confirm_jobs(cfg, s, data, choice)
-            execute(cfg, s, data, jobs if s['explore'] else [j for j in jobs if j['stage'] != 'explore'])
+            execute(cfg, s, data, confirm_jobs(cfg, s, data, choice))
         else:
-            write_report(cfg, s, read_rows(runs_csv) + [r for r in tuning or [] if r['stage'] == 'tune'],
-                         selected(tuning or read_rows(runs_csv), seeds=len(s['tune_seeds'])), GRID, MARGIN)
+            choice = selected(tuning or read_rows(runs_csv), seeds=len(s['tune_seeds']))
+            write_report(cfg, s, read_rows(runs_csv) + [r for r in tuning or [] if r['stage'] == 'tune'], choice,
+                         GRID, MARGIN, expected=confirm_jobs(cfg, s, data, choice))
     return 0
 
 

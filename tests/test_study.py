@@ -85,3 +85,27 @@ def test_quick_study_runs_the_protocol_end_to_end(tmp_path):
         line = next(line for line in text.splitlines() if line.startswith(f'| {name} |'))
         assert line.count('|') == 10 and line.rstrip('| ').endswith(('yes**', 'no'))
     assert 'Holm' in text and 'quick mode: a pipeline check, not evidence' in text
+    assert 'None: all 16 primary runs (the teacher caches included) and 6 exploratory runs' in text
+
+
+def test_report_names_the_runs_that_have_no_result(tmp_path):
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(quick=True, preset='cpu', data_dir=str(tmp_path), out=str(tmp_path), name='study_quick')
+    s = study.settings(cfg)
+    choice = {'kd': 'default', 'dkd': 'beta2', 'dist': 'T1', 'icd': 'default', 'X': 'dist'}
+    jobs = study.confirm_jobs(cfg, s, {'cnn': 'c', 'clothing': 'cl', 'footwear': 'f'}, choice)
+    assert len(jobs) == 2 + 2 * 4 + 2 * 3 + 2 * 3 and [j['stage'] for j in jobs[-6:]] == ['explore'] * 6
+    gone = {'confirm-cnn-icd+kd-icd+kd-trained-s1', 'explore-cnn-kd+ls-kd-trained-s0'}
+    assert gone <= {j['key'] for j in jobs}
+    rng = np.random.default_rng(0)
+    rows = [{**{k: str(j.get(k, '')) for k in study.FIELDS}, 'test_top1': f'{rng.uniform(60, 80):.2f}', 'seconds': '1'}
+            for j in jobs if j['key'] not in gone]
+    text = study.write_report(cfg, s, rows, choice, study.GRID, study.MARGIN, expected=jobs).read_text()
+    unfinished = text.split('## Runs not finished')[1]
+    assert '* 1 of 16 primary runs have no result' in unfinished and '* 1 of 6 exploratory runs' in unfinished
+    assert all(f'`{key}`' in unfinished for key in gone)
+    p1 = next(line for line in text.splitlines() if line.startswith('| P1 |'))
+    assert p1.split('|')[3].strip() == '1'  # icd+kd - kd: only seed 0 has both arms
+    done = study.write_report(cfg, s, rows + [{**rows[0], 'key': k} for k in gone], choice, study.GRID, study.MARGIN,
+                              expected=jobs).read_text()
+    assert 'None: all 16 primary runs (the teacher caches included) and 6 exploratory runs' in done
