@@ -14,6 +14,7 @@ from test_distributed import accelerate_launch
 from timm_icd.cli.train import main
 from timm_icd.base import UserError
 from timm_icd.teacher_cache import TeacherCache
+from timm_icd.teacher_cache.runtime import rows_to_fill
 
 RUN = ['--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student', 'test_efficientnet', '-b', '32',
        '--seed', '3', '--data-seed', '7', *FAST]
@@ -155,3 +156,19 @@ def test_two_processes_write_ahead_and_read_disjoint_rows_that_cover_each_epoch(
         assert not set(rows[0]) & set(rows[1]) and sorted(rows[0] + rows[1]) == list(range(256))
     rank0, rank1 = (safetensors.torch.load_file(dumps / f'rank{r}.safetensors') for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+def test_each_process_fills_the_rows_it_owns_whenever_it_looks(tmp_path):
+    # training wrote some rows; rank 0 fills its share and writes it before rank 1 even looks (a slow rank 1): rank 1
+    # must still get exactly the rest (a split by place in the shrinking list of missing rows left every 4th row out)
+    cache = _cache(tmp_path, rows=64)
+    cache.prepare_epoch(0, is_main=True)
+    trained = torch.arange(0, 40, 3)
+    cache.write(0, trained, torch.zeros(len(trained), 10), torch.zeros(len(trained), 24))
+    first = rows_to_fill(cache, 0, process_index=0, num_processes=2)
+    cache.write(0, torch.from_numpy(first), torch.zeros(len(first), 10), torch.zeros(len(first), 24))
+    second = rows_to_fill(cache, 0, process_index=1, num_processes=2)
+    assert set(first).isdisjoint(second) and set(first) | set(second) == set(range(64)) - set(trained.tolist())
+    assert abs(len(first) - len(second)) <= 1 and (first % 2 == 0).all()
+    cache.write(0, torch.from_numpy(second), torch.zeros(len(second), 10), torch.zeros(len(second), 24))
+    cache.finish_epoch(0, is_main=True)  # every row in

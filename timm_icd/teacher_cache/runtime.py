@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -126,13 +127,22 @@ def verify(root: str) -> dict:
             'bytes_per_row': cache.bytes_per_row()}
 
 
+def rows_to_fill(cache: TeacherCache, epoch: int, process_index: int, num_processes: int) -> np.ndarray:
+    """The rows of ``epoch`` that no training batch wrote and this process fills: those it owns by number
+    (``row % num_processes == process_index``). Ownership by row number, not by place in the list of missing rows,
+    which shrinks as other processes write theirs: a process that reads it after another has begun writing still
+    gets exactly its own rows, and every row has one owner."""
+    missing = cache.missing(epoch)
+    return missing[missing % num_processes == process_index]
+
+
 @torch.no_grad()
 def fill_missing(cache: TeacherCache, teacher, pipeline: Pipeline, epoch: int, accelerator: Accelerator,
                  batch_size: int, workers: int = 0) -> int:
     """Compute and store the rows of ``epoch`` no training batch wrote (the last partial batch the loader drops, or
     every row for ``python -m timm_icd.cache``), split across the processes. Returns this process's row count."""
     live = teacher.live if isinstance(teacher, CachedTeacher) else teacher
-    rows = cache.missing(epoch)[accelerator.process_index::accelerator.num_processes]
+    rows = rows_to_fill(cache, epoch, accelerator.process_index, accelerator.num_processes)
     dataset = pipeline.train_loader.dataset
     dataset.set_epoch(epoch)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, rows.tolist()), batch_size=batch_size,
