@@ -130,6 +130,12 @@ class Zygote:
 _zygote = None
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked ``long`` first: handed out longest first, the two xdist workers end together, where a long test
+    collected last would run alone on one worker at the end."""
+    items.sort(key=lambda item: item.get_closest_marker('long') is None)
+
+
 def run_cli(*args, env=None, timeout=600, script='train_icd.py', module=None) -> subprocess.CompletedProcess:
     """Run train_icd.py, another repo script, or ``python -m module``, as a user would (offline by default): in a
     process forked from ``tests/zygote.py`` when the environment is the default one, else in a fresh interpreter."""

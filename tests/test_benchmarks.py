@@ -10,6 +10,7 @@ from conftest import REPO, run_cli
 METHODS = {'vanilla', 'kd', 'kd+ls', 'timm_logit', 'timm_feature', 'icd', 'icd+kd', 'icd+kd+ls'}
 
 
+@pytest.mark.long
 def test_quality_quick_trains_every_method_and_writes_results(tmp_path):
     out, data = tmp_path / 'results', tmp_path / 'data'
     result = run_cli('--quick', '--out', out, '--data-dir', data, script='benchmarks/quality.py', timeout=600)
@@ -86,6 +87,7 @@ def test_step_time_profile_breaks_down_op_time(tmp_path):
     assert '| `aten::' in text  # per-op rows
 
 
+@pytest.mark.long
 def test_scaling_quick_measures_batch_processes_and_paper_arithmetic(tmp_path):
     out = tmp_path / 'scaling.md'
     result = run_cli('--quick', '--out', out, script='benchmarks/scaling.py', timeout=600)
@@ -99,6 +101,7 @@ def test_scaling_quick_measures_batch_processes_and_paper_arithmetic(tmp_path):
     assert 0 < share < 1  # the 8-GPU arithmetic: the B_global^2 term is a sliver of the step
 
 
+@pytest.mark.long
 def test_data_throughput_quick_measures_every_path(tmp_path):
     import torch
     out = tmp_path / 'data_throughput.md'
@@ -183,6 +186,7 @@ def test_imagenet_like_jpegs_writes_distinct_imagenet_sized_files(tmp_path):
     assert len(list(other.glob('class_*/img_*.jpg'))) == 6
 
 
+@pytest.mark.long
 def test_gpu_check_script_dry_run_writes_every_section(tmp_path):
     """benchmarks/gpu_check.sh, as run on a lent GPU, in its seconds-long CPU form: every part runs and is collected."""
     import os
@@ -209,6 +213,7 @@ def test_gpu_check_script_dry_run_writes_every_section(tmp_path):
     assert floor > 0 and memory > 0 and abs(ratio - memory / floor) <= bound
 
 
+@pytest.mark.long
 def test_arch_coverage_quick_distills_each_head_structure(tmp_path):
     out = tmp_path / 'arch_coverage.md'
     result = run_cli('--quick', '--out', out, script='benchmarks/arch_coverage.py', timeout=600)
@@ -239,6 +244,7 @@ def _md_tables(section: str) -> list:
     return tables
 
 
+@pytest.mark.long
 def test_teacher_cache_quick_writes_every_row_of_the_table(tmp_path):
     import math
     out = tmp_path / 'teacher_cache.md'

@@ -74,6 +74,7 @@ def _weights(folder):
     return safetensors.torch.load_file(folder / 'student' / 'model.safetensors')
 
 
+@pytest.mark.long
 def test_cached_runs_equal_the_writing_run_stay_close_to_live_and_refuse_other_settings(digits_small, tmp_path,
                                                                                        capsys):
     cache = tmp_path / 'cache'

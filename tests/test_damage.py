@@ -135,6 +135,7 @@ def test_streaming_skips_unreadable_images_and_keeps_the_steps(damaged_shards, t
     assert state['global_step'] == 256 // (2 * 16)  # the steps per epoch do not change
 
 
+@pytest.mark.long
 def test_elastic_restart_after_a_dead_rank_ends_with_an_uninterrupted_runs_weights(digits_small, tmp_path):
     import subprocess
     import sys

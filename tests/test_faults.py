@@ -63,6 +63,7 @@ def reference(tmp_path_factory, digits_small):
     return out / 'student'
 
 
+@pytest.mark.long
 def test_dead_rank_stops_the_other_with_one_line_and_resume_matches(reference, digits_small, tmp_path):
     out = tmp_path / 'run'
     started = time.monotonic()
@@ -84,6 +85,7 @@ def test_dead_rank_stops_the_other_with_one_line_and_resume_matches(reference, d
     assert_same_weights(reference / 'model.safetensors', out / 'student' / 'model.safetensors', atol=1e-6)
 
 
+@pytest.mark.long
 def test_two_machines_train_together_and_a_dead_machine_stops_the_other(reference, digits_small, tmp_path):
     out, dumps = tmp_path / 'run', tmp_path / 'dumps'
     dumps.mkdir()

@@ -4,6 +4,7 @@ import json
 import shutil
 import signal
 
+import pytest
 import safetensors.torch
 import torch
 
@@ -16,6 +17,7 @@ RUN = ['--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student',
        '--mixup', '0.2', '--aa', 'rand-m9-mstd0.5', '--seed', '3', '--model-ema', '--model-ema-decay', '0.8', *FAST]
 
 
+@pytest.mark.long
 def test_killed_and_resumed_run_equals_uninterrupted_run(digits_small, tmp_path):
     a, b = tmp_path / 'a', tmp_path / 'b'
     result = run_cli('--dataset', digits_small, '--output', a, *RUN)

@@ -103,6 +103,7 @@ def _expected(shards):
     return collections.Counter(hashlib.sha1(row['png']['bytes']).hexdigest() + f":{row['cls']}" for row in train)
 
 
+@pytest.mark.long
 def test_two_processes_cover_every_sample_once_per_epoch_and_resume_exactly_after_sigkill(shards, tmp_path):
     a, b, dumps = tmp_path / 'a', tmp_path / 'b', tmp_path / 'dumps'
     dumps.mkdir()

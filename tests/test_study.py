@@ -60,6 +60,7 @@ def test_selection_rule_needs_more_than_the_margin_to_replace_a_default():
         study.selected(_tune_rows(base), seeds=2)
 
 
+@pytest.mark.long
 def test_quick_study_runs_the_protocol_end_to_end(tmp_path):
     out, data = tmp_path / 'results', tmp_path / 'data'
     result = run_cli('all', '--quick', '--out', out, '--data-dir', data, script='benchmarks/study.py', timeout=900)
