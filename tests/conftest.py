@@ -131,8 +131,8 @@ _zygote = None
 
 
 def pytest_collection_modifyitems(items):
-    """Tests marked ``long`` first: handed out longest first, the two xdist workers end together, where a long test
-    collected last would run alone on one worker at the end."""
+    """Tests marked ``long`` first (in their collected order), the short ones after: the two xdist workers then end
+    on short tests, where a long test collected last would run alone on one worker at the end."""
     items.sort(key=lambda item: item.get_closest_marker('long') is None)
 
 
@@ -141,9 +141,10 @@ def run_cli(*args, env=None, timeout=600, script='train_icd.py', module=None) ->
     process forked from ``tests/zygote.py`` when the environment is the default one, else in a fresh interpreter."""
     global _zygote
     target = ['-m', module] if module else [str(REPO / script)]
-    cmd, env = [sys.executable, *target, *map(str, args)], env or offline_env()
+    argv, env = [str(a) for a in args], env or offline_env()
+    cmd = [sys.executable, *target, *argv]
     _zygote = _zygote or Zygote()
-    forked = _zygote.try_run(env, cmd, None if module else str(REPO / script), module, cmd[len(target) + 1:], timeout)
+    forked = _zygote.try_run(env, cmd, None if module else str(REPO / script), module, argv, timeout)
     if forked is not None:
         return forked
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)
