@@ -1,5 +1,6 @@
 """The study's analysis, as ``results/protocol.md`` fixes it: paired differences by seed, two-sided t-tests, Holm's
 step-down correction over the four primary contrasts; exploratory contrasts reported without correction or claim."""
+import json
 import platform
 import statistics
 import time
@@ -106,6 +107,41 @@ def analyse(rows: List[dict], choice: Dict[str, str]) -> Dict[str, dict]:
     return results
 
 
+def selected_val_means(rows: List[dict], choice: Dict[str, str]) -> Dict[str, float]:
+    """Mean validation top-1 of each logit family's selected configuration over the tuning seeds."""
+    means = {}
+    for family in ('kd', 'dkd', 'dist'):
+        v = [float(r['val_top1']) for r in rows if r['stage'] == 'tune' and r['family'] == family
+             and r['config'] == choice[family]]
+        means[family] = statistics.mean(v) if v else float('nan')
+    return means
+
+
+def decide(results: Dict[str, dict], choice: Dict[str, str], val_means: Dict[str, float]) -> Dict[str, object]:
+    """``--method auto`` as protocol.md's "What the results decide" fixes it, from the analysed primary contrasts.
+
+    Same label space: ``icd+X`` if P2 is established positive, else ``icd+kd`` if P1 is, else the logit term (kd, dkd,
+    dist) with the highest validation mean of its selected configuration (``val_means``). Across label spaces: ``icd``
+    if P3 is established positive, else ``vanilla``.
+    """
+    up = {name: bool(results[name]['established'] and results[name]['mean'] > 0) for name in ('P1', 'P2', 'P3', 'P4')}
+    x = choice['X']
+    if up['P2']:
+        same, why = f'icd+{x}', f'P2 (icd+{x} - {x}) is established positive'
+    elif up['P1']:
+        same, why = 'icd+kd', 'P1 (icd+kd - kd) is established positive and P2 is not'
+    else:
+        same = max(('kd', 'dkd', 'dist'), key=lambda f: val_means[f])
+        why = (f'neither P1 nor P2 is established positive, so no ICD term: {same}, the logit term with the highest '
+               f'validation mean after tuning (' + ', '.join(f'{f} {v:.2f}' for f, v in val_means.items()) + ')')
+    across, why_across = ('icd', 'P3 (icd - vanilla across label spaces) is established positive') if up['P3'] else (
+        'vanilla', 'P3 (icd - vanilla across label spaces) is not established positive: no feature method is '
+                   'established across label spaces')
+    return {'same_label_space': same, 'same_label_space_why': why, 'across_label_spaces': across,
+            'across_label_spaces_why': why_across, 'established_positive': up,
+            'holm_p': {name: results[name]['holm_p'] for name in up}}
+
+
 def _f(v: Optional[float], fmt: str = '+.2f') -> str:
     return '-' if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
 
@@ -210,6 +246,26 @@ def write_report(cfg, s, rows: List[dict], choice: Dict[str, str], grid: dict, m
     if teachers:
         lines += ['', '## Teachers (validation top-1, final epoch)', '', '| teacher | validation top-1 |', '|---|---|']
         lines += [f"| {r['key']} | {float(r['val_top1']):.2f} |" for r in teachers]
+    missing_primary = [j for j in expected if j['stage'] != 'explore' and j['key'] not in {r['key'] for r in rows}]
+    lines += ['', '## What the results decide', '']
+    if cfg.preset != 'cpu':
+        lines.append('Nothing: this preset is a separate, labelled experiment (protocol.md, "The GPU preset").')
+    elif not expected:
+        lines.append('Nothing: the report was not given the protocol\'s list of runs, so it cannot tell whether every '
+                     'primary run has finished.')
+    elif missing_primary:
+        lines.append(f'Nothing yet: {len(missing_primary)} primary runs have no result, and the protocol decides only '
+                     f'when every primary run has finished.')
+    else:
+        decision = decide(results, choice, selected_val_means(rows, choice))
+        lines += [f"* `--method auto`, teacher of the dataset's classes: **{decision['same_label_space']}**: "
+                  f"{decision['same_label_space_why']}.",
+                  f"* `--method auto`, teacher of other classes: **{decision['across_label_spaces']}**: "
+                  f"{decision['across_label_spaces_why']}.",
+                  f"* Also in [{cfg.name}_decision.json]({cfg.name}_decision.json)" +
+                  ("; `tests/test_study.py` checks that it follows from the runs above and that `--method auto` "
+                   "does what it says." if cfg.name == 'study' else '.')]
+        (Path(cfg.out) / f'{cfg.name}_decision.json').write_text(json.dumps(decision, indent=1) + '\n')
     if expected:
         lines += _unfinished(rows, expected)
     path = Path(cfg.out) / f'{cfg.name}.md'

@@ -221,17 +221,14 @@ def test_an_interrupted_set_aside_is_put_back(tmp_path):
     assert not (out / '.overwritten-run.partial').exists() and not (out / 'summary.csv').exists()
 
 
-def test_kd_standardize_needs_a_kd_term_and_defaults_the_temperature_to_2(tmp_path):
+def test_kd_standardize_needs_a_kd_term_and_the_flags_leave_the_temperature_to_the_resolved_method(tmp_path):
     from timm_icd.run import parse_and_validate
     from timm_icd.base import UserError
-    assert parse_and_validate([]).kd_temperature == 4.0
-    # the study's tuning selected DIST's T 1 and DKD's beta 2 on validation (benchmarks/results/study_tuning.md)
-    assert parse_and_validate(['--method', 'dist']).kd_temperature == 1.0
-    assert parse_and_validate(['--method', 'icd+dist']).kd_temperature == 1.0
+    # unset, the temperature is chosen with the method (auto may choose dist): tests/test_logit_losses.py
+    assert parse_and_validate([]).kd_temperature is None
+    assert parse_and_validate(['--method', 'dist']).kd_temperature is None
     assert parse_and_validate(['--method', 'dist', '--kd-temperature', '4']).kd_temperature == 4.0
-    assert parse_and_validate(['--method', 'dkd']).kd_temperature == 4.0
-    assert parse_and_validate(['--method', 'dkd']).dkd_beta == 2.0
-    assert parse_and_validate(['--kd-standardize']).kd_temperature == 2.0  # Sun et al.'s base temperature
+    assert parse_and_validate(['--method', 'dkd']).dkd_beta == 2.0  # selected by the study's tuning
     assert parse_and_validate(['--kd-standardize', '--kd-temperature', '4']).kd_temperature == 4.0
     (tmp_path / 'ls.yaml').write_text(yaml.safe_dump({'kd_standardize': True, 'kd_temperature': 3.0}))
     assert parse_and_validate(['--config', str(tmp_path / 'ls.yaml')]).kd_temperature == 3.0

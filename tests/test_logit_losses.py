@@ -123,13 +123,24 @@ def test_task_adds_the_logit_term_at_its_weight_and_dkd_ramps_up_by_epoch(method
         with torch.no_grad():
             logits = task.student(x)
             teacher_logits = task.teacher(task.teacher.prepare_input(x))[0]
-        term = dkd_loss(logits, teacher_logits, y, 3.0, 1.0, 8.0) if 'dkd' in method else \
+        term = dkd_loss(logits, teacher_logits, y, 3.0, 1.0, 2.0) if 'dkd' in method else \
             dist_loss(logits, teacher_logits, 3.0, 2.0, 2.0)
         torch.testing.assert_close(out['loss_kd'], term)
         torch.testing.assert_close(out['loss'], out['loss_ce'] + expected * term + out['loss_icd'])
     record = task.loss_record()
     assert record['logit_loss'] == method.split('+')[-1] and record['method'] == method
+    assert record['kd_temperature'] == 3.0 and (record['dkd'] or record['dist'])['beta'] == 2.0  # beta 2: the study's
     assert (record['dkd'] is None) == ('dkd' not in method) and (record['dist'] is None) == ('dist' not in method)
+
+
+@pytest.mark.parametrize('method,standardize,temperature', [
+    ('kd', False, 4.0), ('icd+kd', False, 4.0), ('dkd', False, 4.0), ('dist', False, 1.0), ('icd+dist', False, 1.0),
+    ('kd', True, 2.0), ('dist', True, 2.0)])
+def test_an_unset_temperature_is_the_resolved_logit_terms(method, standardize, temperature):
+    """4 for KD and DKD, DIST's tuned 1 (study_tuning.md), Sun et al.'s 2 for standardised logits."""
+    task = _task(method, kd_standardize=standardize)
+    assert task.kd_temperature == temperature and task.loss_record()['kd_temperature'] == temperature
+    assert _task(method, kd_standardize=standardize, kd_temperature=3.0).kd_temperature == 3.0
 
 
 def test_dkd_refuses_soft_labels_in_one_line():

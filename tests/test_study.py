@@ -1,6 +1,7 @@
 """The pre-registered study (benchmarks/study.py): its statistics against scipy and hand-worked values, its selection
 rule, and its quick mode end to end (real train_icd.py runs, teacher caches, the test split only after tuning)."""
 import csv
+import json
 import sys
 
 import numpy as np
@@ -11,7 +12,7 @@ from conftest import REPO, run_cli
 
 sys.path.insert(0, str(REPO / 'benchmarks'))
 import study  # noqa: E402
-from study_stats import holm, paired  # noqa: E402
+from study_stats import decide, holm, paired  # noqa: E402
 
 
 def test_holm_matches_a_hand_worked_example_and_never_lowers_a_p_value():
@@ -60,6 +61,29 @@ def test_selection_rule_needs_more_than_the_margin_to_replace_a_default():
         study.selected(_tune_rows(base), seeds=2)
 
 
+def _contrasts(**given):
+    """Primary contrasts as ``analyse`` gives them, from name=(mean, established); the rest +0.5, not established."""
+    out = {}
+    for name in ('P1', 'P2', 'P3', 'P4'):
+        mean, established = given.get(name, (0.5, False))
+        out[name] = {'mean': mean, 'established': established, 'holm_p': 0.01 if established else 0.3}
+    return out
+
+
+def test_decision_follows_the_protocols_rule():
+    """protocol.md, "What the results decide": icd+X before icd+kd before the best tuned logit term; icd across label
+    spaces only when P3 is established positive. A contrast established in the negative direction adds nothing."""
+    choice, val = {'X': 'dist'}, {'kd': 82.45, 'dkd': 84.6, 'dist': 84.95}
+    both = decide(_contrasts(P1=(1.0, True), P2=(0.8, True), P3=(2.0, True)), choice, val)
+    assert (both['same_label_space'], both['across_label_spaces']) == ('icd+dist', 'icd')
+    assert decide(_contrasts(P1=(1.0, True)), choice, val)['same_label_space'] == 'icd+kd'
+    assert decide(_contrasts(P2=(-1.0, True)), {'X': 'dkd'}, val)['same_label_space'] == 'dist'  # highest validation
+    none = decide(_contrasts(P3=(-2.0, True), P4=(1.0, True)), choice, {'kd': 85.0, 'dkd': 84.6, 'dist': 84.95})
+    assert (none['same_label_space'], none['across_label_spaces']) == ('kd', 'vanilla')
+    assert 'no feature method is established' in none['across_label_spaces_why']
+    assert none['established_positive'] == {'P1': False, 'P2': False, 'P3': False, 'P4': True}
+
+
 @pytest.mark.long
 def test_quick_study_runs_the_protocol_end_to_end(tmp_path):
     out, data = tmp_path / 'results', tmp_path / 'data'
@@ -105,8 +129,13 @@ def test_report_names_the_runs_that_have_no_result(tmp_path):
     unfinished = text.split('## Runs not finished')[1]
     assert '* 1 of 16 primary runs have no result' in unfinished and '* 1 of 6 exploratory runs' in unfinished
     assert all(f'`{key}`' in unfinished for key in gone)
+    assert 'Nothing yet: 1 primary runs have no result' in text
+    assert not (tmp_path / 'study_quick_decision.json').exists()
     p1 = next(line for line in text.splitlines() if line.startswith('| P1 |'))
     assert p1.split('|')[3].strip() == '1'  # icd+kd - kd: only seed 0 has both arms
     done = study.write_report(cfg, s, rows + [{**rows[0], 'key': k} for k in gone], choice, study.GRID, study.MARGIN,
                               expected=jobs).read_text()
     assert 'None: all 16 primary runs (the teacher caches included) and 6 exploratory runs' in done
+    decision = json.loads((tmp_path / 'study_quick_decision.json').read_text())
+    assert f"teacher of the dataset's classes: **{decision['same_label_space']}**" in done
+    assert decision['across_label_spaces'] in ('icd', 'vanilla') and set(decision['holm_p']) == {'P1', 'P2', 'P3', 'P4'}

@@ -18,7 +18,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from ..base import UserError
 from ..data import DECODE_SCALES, PIPELINES, AugmentConfig, device_decode_reason
-from ..distill import BATCHES, ICD_NEGATIVES, LS_TEMPERATURE, METHODS, logit_loss_of
+from ..distill import BATCHES, ICD_NEGATIVES, METHODS, logit_loss_of
 from ..publish import check_collection_slug, check_push_target
 from .loop import LoopConfig
 
@@ -28,8 +28,6 @@ MIXED_PRECISION = ('no', 'bf16', 'fp16')
 DEFAULT_SHUFFLE_BUFFER = 4096  # --streaming: rows permuted together (~0.5 GB of ImageNet JPEG bytes per process)
 TRACKERS = ('tensorboard', 'wandb', 'mlflow', 'all')
 LOW_LR_STUDENTS = r'mobilenet|mnasnet|shufflenet|lcnet|ghostnet'  # the paper trains these at lr 0.01, not 0.05
-KD_TEMPERATURE = 4.0  # Hinton KD's usual temperature; LS_TEMPERATURE (2) with --kd-standardize
-DIST_TEMPERATURE = 1.0  # selected on validation by the study (benchmarks/results/study_tuning.md)
 TEACHER_DTYPES = {'float32': None, 'fp32': None, 'bfloat16': torch.bfloat16, 'bf16': torch.bfloat16,
                   'float16': torch.float16, 'fp16': torch.float16}
 
@@ -332,9 +330,6 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = 'train_icd.py',
         args.method = {'logit': 'kd', 'feature': 'feature'}[args.kd_distill_type]
     if args.log_wandb and not args.log_with:
         args.log_with = 'wandb'
-    if args.kd_temperature is None:  # standardised logits have unit std, so the paper's base temperature is 2
-        args.kd_temperature = LS_TEMPERATURE if args.kd_standardize else \
-            DIST_TEMPERATURE if args.method in ('dist', 'icd+dist') else KD_TEMPERATURE
     return args
 
 
@@ -358,7 +353,8 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ('task_loss_weight', 'kd_loss_weight', 'icd_loss_weight'):
         value = getattr(args, name)
         _check(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")
-    _check(args.kd_temperature > 0, f'--kd-temperature must be > 0, got {args.kd_temperature}.')
+    _check(args.kd_temperature is None or args.kd_temperature > 0,
+           f'--kd-temperature must be > 0, got {args.kd_temperature}.')
     if args.kd_standardize:
         no_kd = args.method in ('vanilla', 'feature') or (args.method == 'icd' and not args.kd_loss_weight)
         _check(not no_kd, f'--kd-standardize needs a KD term, which --method {args.method} does not have: use '
