@@ -30,7 +30,6 @@ the training split. Runs execute ``--jobs`` at a time (one thread each); an inte
 
     python benchmarks/quality.py                 # the full benchmark (~2 h on 2 CPU cores)
     python benchmarks/quality.py --quick         # one pair, one seed, tiny subset, for the tests (< 2 min)
-    python benchmarks/quality.py --preset gpu    # the full 60,000-image training split, longer, on one GPU
     python benchmarks/quality.py --investigate   # what moves ICD, on data held out of the training split
 """
 import argparse
@@ -178,8 +177,6 @@ def run(cfg) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--quick', action='store_true', help='one pair, one seed, tiny subset (for the tests)')
-    parser.add_argument('--preset', choices=('cpu', 'gpu'), default='cpu',
-                        help='gpu: the full 60,000-image training split on one GPU (about 5 min on an H100)')
     parser.add_argument('--out', default=str(Path(__file__).parent / 'results'), help='results folder')
     parser.add_argument('--data-dir', default=str(Path(__file__).parent / 'data'), help='converted dataset folder')
     parser.add_argument('--train-size', type=int, default=6000, help='stratified training subset')
@@ -205,15 +202,8 @@ def main(argv=None) -> int:
     cfg.name, cfg.threads, cfg.cpu = 'quality', 1, True
     cfg.transfer_per_class = TRANSFER['student_per_class']
     cfg.pairs_flag = f' --pairs {cfg.pairs}' if cfg.pairs != len(PAIRS) else ''
-    if cfg.preset == 'gpu':
-        cfg.name, cfg.cpu, cfg.jobs = 'quality_gpu', False, 1
-        # sized for about 5 minutes on one H100: 6 methods x 2 seeds of 10 epochs at batch 256 (lr scaled x4)
-        cfg.train_size, cfg.epochs, cfg.threads, cfg.pairs, cfg.seeds, cfg.batch_size = 60000, 10, 8, 1, 2, 256
-        cfg.methods = ('vanilla', 'kd', 'kd+ls', 'icd', 'icd+kd', 'icd+kd+ls')
-        cfg.transfer = cfg.length = False
-        cfg.transfer_per_class = 0
     if cfg.quick:
-        cfg.name = 'quality_quick' if cfg.preset == 'cpu' else 'quality_gpu_quick'
+        cfg.name = 'quality_quick'
         cfg.train_size, cfg.test_size, cfg.epochs, cfg.teacher_epochs = 320, 500, 1, 1
         cfg.seeds, cfg.pairs, cfg.transfer_per_class, cfg.length = 1, 1, 40, False
     if cfg.investigate:
