@@ -90,9 +90,10 @@ def test_icd_from_a_checkpoint_teacher_with_another_label_space(digits_small, tm
     out = tmp_path / 'run'
     result = run_cli('--teacher', 'test_vit', '--teacher-checkpoint', tmp_path / 'vit1000.safetensors',
                      '--teacher-input-size', '3', '16', '16', '--student', 'test_resnet', '--dataset', digits_small,
-                     '--epochs', '1', '-b', '32', '--output', out, '--teacher-layer', 'blocks.1', *FAST)
+                     '--epochs', '1', '-b', '32', '--output', out, '--teacher-layer', 'blocks.1', '--method', 'icd',
+                     *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 'auto chose icd: the teacher predicts 1000 classes but the dataset has 10' in result.stderr
+    assert 'Method icd as asked' in result.stderr
     record = json.loads((out / 'student' / 'distillation.json').read_text())
     assert record['method'] == 'icd' and record['teacher']['top1'] is None
     assert record['icd']['teacher_layer'] == 'blocks.1'
@@ -155,7 +156,8 @@ def test_timm_augmentation_bf16_and_grad_accumulation(digits_small, tmp_path):
 
 
 def test_a_teacher_of_other_classes_at_the_same_count_gets_no_logit_kd(teacher_run, digits_small, tmp_path):
-    """Ten classes are not the dataset's ten classes: label names decide, so auto falls back to icd."""
+    """Ten classes are not the dataset's ten classes: label names decide. Logit KD is refused, and auto trains without
+    the teacher, as the pre-registered study decided (no feature method established across label spaces)."""
     import shutil
     teacher = tmp_path / 'teacher'
     shutil.copytree(teacher_run / 'student', teacher)
@@ -171,9 +173,12 @@ def test_a_teacher_of_other_classes_at_the_same_count_gets_no_logit_kd(teacher_r
                                                               "dataset's classes")
     result = run_cli(*common, '--output', tmp_path / 'auto')
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 'auto uses icd' in result.stderr
+    assert "auto chose vanilla: the teacher's classes (fashion_0, fashion_1, fashion_2, ...) are not the dataset's " \
+           "(0, 1, 2, ...)" in result.stderr and '--method icd still distills its features' in result.stderr
     record = json.loads((tmp_path / 'auto' / 'student' / 'distillation.json').read_text())
-    assert record['method'] == 'icd' and record['loss_weights']['kd'] == 0.0
+    assert record['method'] == 'vanilla' and record['teacher'] is None
+    assert record['loss_weights'] == {'task': 1.0, 'kd': 0.0, 'icd': 0.0}
+    assert float(read_summary(tmp_path / 'auto')[0]['train_loss_icd']) == 0.0
 
 
 def test_model_ema_is_evaluated_every_epoch_and_saved_as_its_own_student(digits_small, teacher_run, tmp_path):

@@ -12,7 +12,7 @@ from conftest import REPO, run_cli
 
 sys.path.insert(0, str(REPO / 'benchmarks'))
 import study  # noqa: E402
-from study_stats import decide, holm, paired  # noqa: E402
+from study_stats import analyse, decide, holm, paired, selected_val_means  # noqa: E402
 
 
 def test_holm_matches_a_hand_worked_example_and_never_lowers_a_p_value():
@@ -82,6 +82,25 @@ def test_decision_follows_the_protocols_rule():
     assert (none['same_label_space'], none['across_label_spaces']) == ('kd', 'vanilla')
     assert 'no feature method is established' in none['across_label_spaces_why']
     assert none['established_positive'] == {'P1': False, 'P2': False, 'P3': False, 'P4': True}
+
+
+def test_auto_is_what_the_committed_study_decided():
+    """The committed runs give the committed decision by protocol.md's rule, and ``--method auto`` follows it."""
+    from timm_icd.distill.methods import AUTO_ACROSS_SPACES, AUTO_SAME_SPACE, resolve_method
+    results = REPO / 'benchmarks' / 'results'
+    rows = study.read_rows(results / 'study_runs.csv')
+    assert len([r for r in rows if r['stage'] == 'confirm' and r['test_top1']]) == 70  # every primary run
+    choice = study.selected(rows, seeds=2)
+    decision = decide(analyse(rows, choice), choice, selected_val_means(rows, choice))
+    assert decision == json.loads((results / 'study_decision.json').read_text())
+    assert (AUTO_SAME_SPACE, AUTO_ACROSS_SPACES) == (decision['same_label_space'], decision['across_label_spaces'])
+    same = resolve_method('auto', 10, teacher_classes=10)
+    assert same.name == decision['same_label_space'] and 'study.md' in same.reason
+    for other in (resolve_method('auto', 4, teacher_classes=6),
+                  resolve_method('auto', 2, teacher_classes=2, teacher_label_names=['a', 'b'], label_names=['c', 'd'])):
+        assert other.name == decision['across_label_spaces'] and 'study.md' in other.reason
+    text = (results / 'study.md').read_text()
+    assert f"teacher of the dataset's classes: **{decision['same_label_space']}**" in text
 
 
 @pytest.mark.long

@@ -120,8 +120,11 @@ def test_method_weights_and_auto_choice():
     student, teacher = _pair(10, 10)
     assert ICDDistillationTask(student, teacher, method='auto', student_input_size=(3, 32, 32)).method == 'icd+kd'
     student, teacher = _pair(10, 1000)
-    task = ICDDistillationTask(student, teacher, method='auto', student_input_size=(3, 32, 32),
-                               teacher_input_size=(3, 32, 32))
+    plain = ICDDistillationTask(student, teacher, method='auto', student_input_size=(3, 32, 32))
+    assert plain.method == 'vanilla' and plain.teacher is None and plain.icd is None  # the study's decision
+    assert (plain.task_loss_weight, plain.kd_loss_weight, plain.icd_loss_weight) == (1, 0, 0)
+    task = ICDDistillationTask(student, teacher, method='auto', icd_loss_weight=1.0, student_input_size=(3, 32, 32),
+                               teacher_input_size=(3, 32, 32))  # an ICD weight asks for ICD
     assert task.method == 'icd' and (task.task_loss_weight, task.kd_loss_weight, task.icd_loss_weight) == (1, 0, 1)
     out = task(torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]))
     assert out['loss_kd'].item() == 0.0 and out['loss_icd'].item() > 0

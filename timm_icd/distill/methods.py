@@ -32,6 +32,17 @@ METHODS = tuple(METHOD_WEIGHTS)
 LOGIT_LOSSES = {'kd': 'kd', 'icd+kd': 'kd', 'dkd': 'dkd', 'icd+dkd': 'dkd', 'dist': 'dist', 'icd+dist': 'dist'}
 TIMM_METHODS = ('feature',)  # timm's own tasks, run by this tool's loop
 
+# What ``auto`` uses, as the pre-registered study decided it (benchmarks/results/study.md, "What the results decide",
+# by benchmarks/results/protocol.md's rule); tests/test_study.py holds these to study_decision.json and the runs
+STUDY = 'benchmarks/results/study.md'
+AUTO_SAME_SPACE = 'icd+kd'  # the teacher predicts the dataset's classes
+AUTO_SAME_SPACE_WHY = ('the pre-registered study established that ICD adds to KD (icd+kd - kd +0.88 points, Holm p '
+                       '0.046) but not that it adds to DIST')
+AUTO_ACROSS_SPACES = 'vanilla'  # the teacher predicts other classes: no logit term is possible
+AUTO_ACROSS_SPACES_WHY = ('no feature method is established across label spaces: in the pre-registered study icd - '
+                          'vanilla was -0.48 points (Holm p 1.0), so the teacher is not used; --method icd still '
+                          'distills its features')
+
 
 @dataclass(frozen=True)
 class Method:
@@ -73,7 +84,9 @@ def resolve_method(
 
     The teacher predicts the dataset's classes when it has as many and, where both name them, the same names: a
     teacher saved with label names (this tool's students, most Hub models) that name other classes predicts another
-    label space even at the same count. Then ``auto`` becomes ``icd``, and a method with a logit term is refused.
+    label space even at the same count. A method with a logit term is then refused, and ``auto`` follows the
+    pre-registered study: ``AUTO_SAME_SPACE`` for a teacher of the dataset's classes, ``AUTO_ACROSS_SPACES`` (no
+    teacher term, unless ``icd_loss_weight`` asks for ICD) for one of other classes.
 
     Args:
         method: 'auto', one of ``METHODS`` or 'feature'.
@@ -100,16 +113,16 @@ def resolve_method(
     same_space = teacher_classes == num_classes and not other_names
     if method == 'auto':
         if same_space:
-            method, reason = 'icd+kd', (f"auto chose icd+kd: the teacher predicts the dataset's {num_classes} "
-                                        f"classes (v0.2's rule: the study that decides auto has not finished, see "
-                                        f"benchmarks/results/protocol.md)")
-        elif other_names:
-            method, reason = 'icd', (f"auto uses icd: the teacher's classes ({', '.join(theirs[:3])}, ...) are not "
-                                     f"the dataset's ({', '.join(ours[:3])}, ...), so logit KD would be meaningless")
+            method, reason = AUTO_SAME_SPACE, (f"auto chose {AUTO_SAME_SPACE}: the teacher predicts the dataset's "
+                                               f"{num_classes} classes, and {AUTO_SAME_SPACE_WHY} ({STUDY})")
         else:
-            method, reason = 'icd', (f'auto chose icd: the teacher predicts {teacher_classes} classes but the dataset '
-                                     f'has {num_classes}, so logit KD is impossible and only the feature-level ICD '
-                                     f'term is used')
+            other = (f"the teacher's classes ({', '.join(theirs[:3])}, ...) are not the dataset's "
+                     f"({', '.join(ours[:3])}, ...)" if other_names else
+                     f"the teacher predicts {teacher_classes} classes but the dataset has {num_classes}")
+            method, reason = AUTO_ACROSS_SPACES, (f"auto chose {AUTO_ACROSS_SPACES}: {other}, so logit KD is "
+                                                  f"impossible, and {AUTO_ACROSS_SPACES_WHY} ({STUDY})")
+            if method == 'vanilla' and icd_loss_weight:  # an ICD weight asks for the ICD term: honour it
+                method, reason = 'icd', f'auto chose icd: {other}, and --icd-loss-weight {icd_loss_weight} asks for ICD'
     else:
         reason = f'{method} as asked'
     if method in LOGIT_LOSSES and other_names:

@@ -85,8 +85,9 @@ class ICDDistillationTask(TrainingTask):
     Args:
         student_model: The student (a timm model).
         teacher_model: The teacher (a timm model, or an ``ICDTeacher``); None only for ``method='vanilla'``.
-        method: A ``Method`` from ``resolve_method``, or its name: 'vanilla', 'kd', 'icd', 'icd+kd' or 'auto'
-            (icd+kd when the teacher has the student's classes, else icd), resolved here.
+        method: A ``Method`` from ``resolve_method``, or its name (``METHODS``, or 'auto': icd+kd when the
+            teacher has the student's classes, else plain cross-entropy, as the pre-registered study decided; see
+            ``resolve_method``), resolved here.
         criterion: Classification loss; created with timm's ``create_classification_loss(**criterion_kwargs)``
             when None (so ``smoothing`` and Mixup/CutMix soft targets work as in timm).
         task_loss_weight, kd_loss_weight, icd_loss_weight: Override the method's weights (see METHOD_WEIGHTS); used
@@ -165,9 +166,10 @@ class ICDDistillationTask(TrainingTask):
         self.logit_ramp = 1.0
         self.set_epoch(0)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
-        if verbose:
-            _logger.info(f'Method {method.reason}; loss = {method.describe()}'
-                         + (', kd with logit standardisation' if kd_standardize and self.kd_loss_weight > 0 else ''))
+        if verbose:  # a warning when a given teacher goes unused (auto across label spaces)
+            log = _logger.warning if method.name == 'vanilla' and teacher_module is not None else _logger.info
+            log(f'Method {method.reason}; loss = {method.describe()}'
+                + (', kd with logit standardisation' if kd_standardize and self.kd_loss_weight > 0 else ''))
 
         uses_icd = self.icd_loss_weight > 0
         self.teacher: Optional[ICDTeacher] = None

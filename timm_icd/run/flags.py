@@ -94,9 +94,9 @@ def create_parser(prog: str = 'train_icd.py', description: str = DESCRIPTION) ->
 
     group = parser.add_argument_group('Method')
     group.add_argument('--method', default='auto', choices=('auto',) + METHODS + ('feature',),
-                       help="auto (default): icd+kd when the teacher has the dataset's classes, else icd; kd, dkd "
-                            "(decoupled KD) and dist (DIST) are logit terms, icd+X adds ICD to one; feature is timm's "
-                            "feature MSE")
+                       help="auto (default): icd+kd when the teacher has the dataset's classes, else vanilla (the "
+                            "pre-registered study's decision, benchmarks/results/study.md); kd, dkd (decoupled KD) "
+                            "and dist (DIST) are logit terms, icd+X adds ICD to one; feature is timm's feature MSE")
     group.add_argument('--task-loss-weight', type=float, default=None, help="CE weight (default: the method's)")
     group.add_argument('--kd-loss-weight', '--distill-loss-weight', dest='kd_loss_weight', type=float, default=None,
                        help="weight of the logit term, KD, DKD or DIST (default: the method's; --distill-loss-weight "
