@@ -91,11 +91,16 @@ def test_auto_is_what_the_committed_study_decided():
     rows = study.read_rows(results / 'study_runs.csv')
     assert len([r for r in rows if r['stage'] == 'confirm' and r['test_top1']]) == 70  # every primary run
     choice = study.selected(rows, seeds=2)
-    decision = decide(analyse(rows, choice), choice, selected_val_means(rows, choice))
+    analysed = analyse(rows, choice)
+    decision = decide(analysed, choice, selected_val_means(rows, choice))
     assert decision == json.loads((results / 'study_decision.json').read_text())
     assert (AUTO_SAME_SPACE, AUTO_ACROSS_SPACES) == (decision['same_label_space'], decision['across_label_spaces'])
     same = resolve_method('auto', 10, teacher_classes=10)
     assert same.name == decision['same_label_space'] and 'study.md' in same.reason
+    p1, p3 = analysed['P1'], analysed['P3']  # the numbers auto's log line quotes are the runs'
+    assert f"icd+kd - kd {p1['mean']:+.2f} points, Holm p {p1['holm_p']:.3f}" in same.reason
+    assert f"icd - vanilla was {p3['mean']:+.2f} points (Holm p {p3['holm_p']:.1f})" in \
+        resolve_method('auto', 4, teacher_classes=6).reason
     for other in (resolve_method('auto', 4, teacher_classes=6),
                   resolve_method('auto', 2, teacher_classes=2, teacher_label_names=['a', 'b'], label_names=['c', 'd'])):
         assert other.name == decision['across_label_spaces'] and 'study.md' in other.reason
