@@ -18,10 +18,14 @@ def read_summary(run_dir):
         return list(csv.DictReader(f))
 
 
-def eval_with_timm(model_dir, dataset):
-    """Top-1 (%) of a saved student on the eval split, using only timm and its own config."""
+def eval_with_timm(model_dir, dataset, data_config_of=None):
+    """Top-1 (%) of a saved student on the eval split, using only timm and its own config (or, but for the
+    normalisation, another folder's: how a run measures its teacher, with the student's eval preprocessing)."""
     model = timm.create_model(f'local-dir:{model_dir}', pretrained=True).eval()
     cfg = resolve_data_config(model=model)
+    if data_config_of is not None:
+        other = resolve_data_config(model=timm.create_model(f'local-dir:{data_config_of}', pretrained=False))
+        cfg = {**other, 'mean': cfg['mean'], 'std': cfg['std']}
     data = load_image_data(dataset)
     ds = ImageClassificationDataset(data.eval, data.image_column, data.label_column, create_transform(**cfg))
     x = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -103,8 +107,9 @@ def test_icd_from_a_checkpoint_teacher_with_another_label_space(digits_small, tm
 @pytest.mark.parametrize('args,message', [
     (['--student', 'resnet5O'], "error: unknown student model 'resnet5O'. Did you mean: resnet50"),
     (['--dataset', '/no/such/folder'], 'error: dataset folder not found: /no/such/folder.'),
-    (['--method', 'kd', '--teacher', 'test_resnet', '--teacher-checkpoint', '{ckpt1000}'],
-     "error: method 'kd' needs a teacher with the dataset's 10 classes, but the teacher has 1000"),
+    (['--method', 'kd', '--teacher', 'test_resnet', '--teacher-checkpoint', '{ckpt1000}', '--teacher-adapt', 'off'],
+     "error: --method kd needs a teacher that predicts the dataset's classes, but the teacher predicts 1000 classes, "
+     "the dataset has 10: adapt the teacher (--teacher-adapt linear, what auto does)"),
 ])
 def test_user_errors_are_one_line_and_exit_2(args, message, tmp_path, digits_small):
     safetensors.torch.save_file(timm.create_model('test_resnet', num_classes=1000).state_dict(),
@@ -155,9 +160,10 @@ def test_timm_augmentation_bf16_and_grad_accumulation(digits_small, tmp_path):
     assert best['best_epoch'] == 0 and best['top1'] == pytest.approx(float(row['eval_top1']))
 
 
-def test_a_teacher_of_other_classes_at_the_same_count_gets_no_logit_kd(teacher_run, digits_small, tmp_path):
-    """Ten classes are not the dataset's ten classes: label names decide. Logit KD is refused, and auto trains without
-    the teacher, as the pre-registered study decided (no feature method established across label spaces)."""
+def test_a_teacher_of_other_classes_is_adapted_and_distills_with_logits(teacher_run, digits_small, tmp_path):
+    """Ten classes are not the dataset's ten classes: label names decide. With nothing but teacher, student and data,
+    the teacher gets a linear probe head for the dataset's classes and auto distills with a logit term; with
+    --teacher-adapt off, logit KD is refused and auto trains without the teacher (the first study's decision)."""
     import shutil
     teacher = tmp_path / 'teacher'
     shutil.copytree(teacher_run / 'student', teacher)
@@ -167,18 +173,38 @@ def test_a_teacher_of_other_classes_at_the_same_count_gets_no_logit_kd(teacher_r
     (teacher / 'config.json').write_text(json.dumps(config))
     common = ['--teacher', f'local-dir:{teacher}', '--student', 'test_efficientnet', '--dataset', digits_small,
               '--epochs', '1', '-b', '32', *FAST]
-    refused = run_cli(*common, '--method', 'kd', '--output', tmp_path / 'kd')
+    refused = run_cli(*common, '--method', 'kd', '--teacher-adapt', 'off', '--output', tmp_path / 'kd')
     assert refused.returncode == 2 and not (tmp_path / 'kd').exists()
     assert refused.stderr.strip().splitlines()[-1].startswith("error: --method kd needs a teacher that predicts the "
-                                                              "dataset's classes")
-    result = run_cli(*common, '--output', tmp_path / 'auto')
-    assert result.returncode == 0, result.stderr[-3000:]
+                                                              "dataset's classes, but the teacher's classes (fashion_0")
+    off = run_cli(*common, '--teacher-adapt', 'off', '--output', tmp_path / 'off')
+    assert off.returncode == 0, off.stderr[-3000:]
     assert "auto chose vanilla: the teacher's classes (fashion_0, fashion_1, fashion_2, ...) are not the dataset's " \
-           "(0, 1, 2, ...)" in result.stderr and '--method icd still distills its features' in result.stderr
-    record = json.loads((tmp_path / 'auto' / 'student' / 'distillation.json').read_text())
+           "(0, 1, 2, ...)" in off.stderr and '--method icd still distills its features' in off.stderr
+    record = json.loads((tmp_path / 'off' / 'student' / 'distillation.json').read_text())
     assert record['method'] == 'vanilla' and record['teacher'] is None
-    assert record['loss_weights'] == {'task': 1.0, 'kd': 0.0, 'icd': 0.0}
-    assert float(read_summary(tmp_path / 'auto')[0]['train_loss_icd']) == 0.0
+
+    result = run_cli(*common, '--output', tmp_path / 'auto')  # nothing else: the headline command
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / 'auto'
+    record = json.loads((out / 'student' / 'distillation.json').read_text())
+    adapted = record['teacher']['adapted']
+    assert record['method'] == 'icd+kd' and record['teacher']['num_classes'] == 10
+    assert adapted['mode'] == 'linear'
+    assert adapted['features'] == {'rows': 256, 'dim': 96, 'view': 'eval transform, one pass'}
+    assert float(read_summary(out)[0]['train_loss_kd']) > 0
+    # the adapted teacher is a plain timm folder: timm loads it, and its top-1 is the one the run recorded
+    manifest = json.loads((out / 'teacher_adapted' / 'adaptation.json').read_text())
+    assert manifest['fit']['holdout_top1'] == adapted['holdout_top1']
+    assert adapted['folder'] == str(out / 'teacher_adapted')
+    loaded = timm.create_model(f'local-dir:{out / "teacher_adapted"}')
+    assert loaded.num_classes == 10 and loaded.pretrained_cfg['label_names'] == [str(i) for i in range(10)]
+    top1, _, _ = eval_with_timm(out / 'teacher_adapted', digits_small, data_config_of=out / 'student')
+    assert record['teacher']['top1'] == pytest.approx(top1, abs=100 / 72 + 1e-9)  # normalised in another order
+    teacher_line = f"Teacher on 'test': top-1 {record['teacher']['top1']:.2f}%"
+    assert teacher_line in result.stderr and result.stderr.index(teacher_line) < result.stderr.index('Epoch 0:')
+    student_top1, _, _ = eval_with_timm(out / 'student', digits_small)
+    assert student_top1 == pytest.approx(record['top1'], abs=1e-9)
 
 
 def test_model_ema_is_evaluated_every_epoch_and_saved_as_its_own_student(digits_small, teacher_run, tmp_path):

@@ -103,7 +103,11 @@ def test_card_names_hub_dataset_base_model_and_baseline():
     config = {'architecture': 'mobilenetv3_small_100', 'label_names': ['apple', 'aquarium_fish'],
               'pretrained_cfg': {'input_size': [3, 32, 32]}}
     card = ModelCard(str(render_card(record, config, 'org/mnv3-cifar100', baseline=baseline)))
-    assert card.data.datasets == ['uoft-cs/cifar100'] and card.data.base_model == 'timm/resnet50.a1_in1k'
+    # the teacher is a tag, not the base model: a from-scratch student is no fine-tune of its teacher
+    assert card.data.datasets == ['uoft-cs/cifar100'] and card.data.base_model is None
+    assert 'teacher:timm/resnet50.a1_in1k' in card.data.tags
+    pretrained = render_card({**record, 'student_hf_hub_id': 'timm/mobilenetv3_small_100.lamb_in1k'}, config, 'o/m')
+    assert pretrained.data.base_model == 'timm/mobilenetv3_small_100.lamb_in1k'  # started from those weights
     assert '| `mobilenetv3_small_100` | student trained without distillation | 68.25 | 90.50 |' in card.text
     assert '| `resnet50` | teacher | 79.10 | 94.00 |' in card.text
     assert 'standardi' not in card.text.lower()  # a record from before --kd-standardize, without the key

@@ -107,12 +107,13 @@ def test_a_published_student_teaches_the_next_one(hub, vanilla, next_run):
     assert ('GET', f'/{VANILLA}/resolve/main/model.safetensors') in hub.calls  # the teacher's weights came from it
     assert teacher['num_classes'] == 10 and teacher['top1'] > 50  # measured by this run: the trained teacher
     meta = hub.card_metadata(hub.repos[EFFNET])
-    assert meta['base_model'] == VANILLA and {'timm_icd', 'method:icd+kd'} <= set(meta['tags'])
-    assert f'base_model:{VANILLA}' in hub.tags(hub.repos[EFFNET])
+    assert 'base_model' not in meta  # trained from scratch: no fine-tune of its teacher; the teacher is a tag
+    assert {'timm_icd', 'method:icd+kd', f'teacher:{VANILLA}'} <= set(meta['tags'])
 
 
 def test_a_published_student_fine_tuned_on_new_data_starts_from_its_weights(hub, finetune_run, digits_new):
     record = record_of(finetune_run / 'student')
+    assert record['student_hf_hub_id'] == EFFNET and hub.card_metadata(hub.repos[FINETUNED])['base_model'] == EFFNET
     assert record['student'] == f'hf-hub:{EFFNET}' and record['architecture'] == 'test_efficientnet'
     assert record['method'] == 'kd' and record['teacher']['hf_hub_id'] == VANILLA
     assert record['dataset']['name'] == digits_new and record['dataset']['train_rows'] == 256

@@ -207,6 +207,10 @@ def load_image_data(
     if isinstance(label_feature, datasets.ClassLabel):
         num_classes, label_names = label_feature.num_classes, list(label_feature.names)
     else:
+        if not (isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(('int', 'uint'))):
+            kind = label_feature.dtype if isinstance(label_feature, datasets.Value) else type(label_feature).__name__
+            raise UserError(f"column '{label_column}' of split '{train_split}' is not a label column: it holds "
+                            f"{kind} values, not class indices; name the label column with --label-column.")
         num_classes = int(max(np.max(train[label_column]), np.max(eval_ds[label_column]))) + 1
         label_names = [str(i) for i in range(num_classes)]
     for split, ds in ((train_split, train), (val_split, eval_ds)):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from ..base import UserError
+from .label_space import REINDEXED, SAME, LabelSpace, match_label_space
 
 _logger = logging.getLogger(__name__)
 
@@ -66,10 +67,6 @@ class Method:
                 f'{self.icd_loss_weight} * icd')
 
 
-def _names(names: Optional[Sequence]) -> Optional[list]:
-    return [str(n) for n in names] if names else None
-
-
 def resolve_method(
         method: str,
         num_classes: int,
@@ -79,12 +76,15 @@ def resolve_method(
         task_loss_weight: Optional[float] = None,
         kd_loss_weight: Optional[float] = None,
         icd_loss_weight: Optional[float] = None,
+        label_space: Optional[LabelSpace] = None,
 ) -> Method:
     """Resolve ``auto``, check the teacher's label space against the dataset's, and fix the loss weights.
 
-    The teacher predicts the dataset's classes when it has as many and, where both name them, the same names: a
-    teacher saved with label names (this tool's students, most Hub models) that name other classes predicts another
-    label space even at the same count. A method with a logit term is then refused, and ``auto`` follows the
+    The teacher predicts the dataset's classes when ``label_space.match_label_space`` says so: the same names (up to
+    case, whitespace and ImageNet synsets read as descriptions) in the same order, or as many classes and no names to
+    compare. The same classes in another order are refused here: the teacher must be re-indexed first
+    (``reindex_classes``, as train_icd.py does). A method with a logit term is refused for a teacher of other
+    classes, and ``auto`` follows the
     pre-registered study: ``AUTO_SAME_SPACE`` for a teacher of the dataset's classes, ``AUTO_ACROSS_SPACES`` (no
     teacher term, unless ``icd_loss_weight`` asks for ICD) for one of other classes.
 
@@ -94,6 +94,8 @@ def resolve_method(
         teacher_classes: The teacher's outputs; None when there is no teacher.
         teacher_label_names, label_names: Class names of the teacher and the dataset, where known.
         task_loss_weight, kd_loss_weight, icd_loss_weight: Overrides of the method's weights.
+        label_space: How the teacher's classes relate to the dataset's, where the caller decided it (train_icd.py
+            does, after re-indexing or adapting the teacher); None: ``match_label_space`` on the names given.
     """
     if method not in ('auto',) + METHODS + TIMM_METHODS:
         raise UserError(f"unknown method '{method}': choose one of auto, {', '.join(METHODS + TIMM_METHODS)}.")
@@ -108,38 +110,33 @@ def resolve_method(
             1.0 - task if task_loss_weight is not None else 1.0)
         return Method('feature', task, distill, 0.0, None, "feature: timm's FeatureDistillationTask")
 
-    theirs, ours = _names(teacher_label_names), _names(label_names)
-    other_names = theirs is not None and ours is not None and len(theirs) == len(ours) and theirs != ours
-    same_space = teacher_classes == num_classes and not other_names
+    space = label_space or match_label_space(teacher_classes, num_classes, teacher_label_names, label_names)
+    if space.kind == REINDEXED:
+        raise UserError(f'{space.why}: re-index the teacher first (timm_icd.distill.reindex_classes(teacher, '
+                        f'{space.index[:3]}...)), as train_icd.py does.')
+    same_space = space.kind == SAME
     if method == 'auto':
         if same_space:
             method, reason = AUTO_SAME_SPACE, (f"auto chose {AUTO_SAME_SPACE}: the teacher predicts the dataset's "
                                                f"{num_classes} classes, and {AUTO_SAME_SPACE_WHY} ({STUDY})")
         else:
-            other = (f"the teacher's classes ({', '.join(theirs[:3])}, ...) are not the dataset's "
-                     f"({', '.join(ours[:3])}, ...)" if other_names else
-                     f"the teacher predicts {teacher_classes} classes but the dataset has {num_classes}")
-            method, reason = AUTO_ACROSS_SPACES, (f"auto chose {AUTO_ACROSS_SPACES}: {other}, so logit KD is "
+            method, reason = AUTO_ACROSS_SPACES, (f"auto chose {AUTO_ACROSS_SPACES}: {space.why}, so logit KD is "
                                                   f"impossible, and {AUTO_ACROSS_SPACES_WHY} ({STUDY})")
             if method == 'vanilla' and icd_loss_weight:  # an ICD weight asks for the ICD term: honour it
-                method, reason = 'icd', f'auto chose icd: {other}, and --icd-loss-weight {icd_loss_weight} asks for ICD'
+                method, reason = 'icd', (f'auto chose icd: {space.why}, and --icd-loss-weight {icd_loss_weight} asks '
+                                         f'for ICD')
     else:
         reason = f'{method} as asked'
-    if method in LOGIT_LOSSES and other_names:
-        raise UserError(f"--method {method} needs a teacher that predicts the dataset's classes, but the teacher's "
-                        f"label names ({', '.join(theirs[:3])}, ...) are not the dataset's ({', '.join(ours[:3])}, "
-                        f"...): use --method icd or auto.")
     if method in LOGIT_LOSSES and not same_space:
-        raise UserError(
-            f"method '{method}' needs a teacher with the dataset's {num_classes} classes, but the teacher has "
-            f"{teacher_classes}: fine-tune the teacher first (train_icd.py --method vanilla --student TEACHER "
-            f"--pretrained ...) and pass it with --teacher-checkpoint, or use --method icd.")
+        raise UserError(f"--method {method} needs a teacher that predicts the dataset's classes, but {space.why}: "
+                        f"adapt the teacher (--teacher-adapt linear, what auto does), say which output is which "
+                        f"class (--teacher-label-map FILE, --same-label-space), or use --method icd.")
     defaults = METHOD_WEIGHTS[method]
     ce, kd, icd = (float(w) if w is not None else d
                    for w, d in zip((task_loss_weight, kd_loss_weight, icd_loss_weight), defaults))
     if kd > 0 and not same_space:
-        raise UserError(f"a KD weight of {kd} needs a teacher with the dataset's {num_classes} classes, but the "
-                        f"teacher has {teacher_classes}; set --kd-loss-weight 0 or fine-tune the teacher first.")
+        raise UserError(f"a KD weight of {kd} needs a teacher that predicts the dataset's classes, but {space.why}; "
+                        f"set --kd-loss-weight 0 or adapt the teacher (--teacher-adapt linear).")
     return Method(method, ce, kd, icd, LOGIT_LOSSES.get(method, 'kd') if kd > 0 else None, reason)
 
 

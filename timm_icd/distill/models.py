@@ -193,3 +193,54 @@ def create_student_ema(student: nn.Module, decay: float = 0.9998, warmup: bool =
         module._forward_hooks.clear()
     return ema
 
+
+def _classifiers(model: nn.Module) -> list:
+    """The model's classifier modules (two for distilled DeiT-style models), each a Linear or a 1x1 conv."""
+    if not hasattr(model, 'get_classifier'):
+        raise UserError(f'{type(model).__name__} has no get_classifier(): its classes cannot be re-indexed or its '
+                        f'head replaced.')
+    heads = model.get_classifier()
+    heads = list(heads) if isinstance(heads, (tuple, list)) else [heads]
+    heads = [h.fc if isinstance(getattr(h, 'fc', None), nn.Module) and hasattr(h, 'global_pool') else h for h in heads]
+    for head in heads:
+        weight = getattr(head, 'weight', None)
+        if not isinstance(head, (nn.Linear, nn.Conv2d)) or weight is None or weight.shape[2:] not in ((), (1, 1)):
+            raise UserError(f'the classifier of {type(model).__name__} is a {type(head).__name__}, not a Linear or '
+                            f'1x1 conv layer: its classes cannot be re-indexed or its head replaced.')
+    return heads
+
+
+def _label_cfg(model: nn.Module, label_names: Optional[list], num_classes: int) -> None:
+    cfg = {k: v for k, v in getattr(model, 'pretrained_cfg', {}).items() if k not in ('label_names', 'label_offset')}
+    model.pretrained_cfg = {**cfg, 'num_classes': num_classes, **({'label_names': label_names} if label_names else {})}
+
+
+def reindex_classes(model: nn.Module, index: list, label_names: Optional[list] = None) -> nn.Module:
+    """Keep the classifier outputs ``index``, in that order, so output i of the model is its old output ``index[i]``
+    (a teacher of the dataset's classes in another order, or of more classes than the dataset's, becomes a model of
+    the dataset's classes: ``model(x) == old_model(x)[:, index]``)."""
+    rows = torch.as_tensor(index, dtype=torch.long)
+    for head in _classifiers(model):
+        head.weight = nn.Parameter(head.weight.detach()[rows].clone(), requires_grad=head.weight.requires_grad)
+        if head.bias is not None:
+            head.bias = nn.Parameter(head.bias.detach()[rows].clone(), requires_grad=head.bias.requires_grad)
+        setattr(head, 'out_features' if isinstance(head, nn.Linear) else 'out_channels', len(index))
+    model.num_classes = len(index)
+    _label_cfg(model, label_names, len(index))
+    return model
+
+
+def set_classifier(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor,
+                   label_names: Optional[list] = None) -> nn.Module:
+    """Replace the model's classifier by a new one of ``weight.shape[0]`` classes holding ``weight`` and ``bias`` (a
+    fitted linear probe). Every head of a two-head model gets them: its eval output, the mean of the two, is then the
+    probe applied to the mean of their inputs, which is the pre-logit feature the hooks read."""
+    num_classes = weight.shape[0]
+    model.reset_classifier(num_classes)
+    for head in _classifiers(model):
+        with torch.no_grad():
+            head.weight.copy_(weight.reshape(head.weight.shape).to(head.weight))
+            head.bias.copy_(bias.to(head.bias))
+    model.requires_grad_(False)
+    _label_cfg(model, label_names, num_classes)
+    return model

@@ -58,6 +58,8 @@ def public_record(record: dict) -> dict:
         source = out['teacher'].get('source') or ''
         prefix = 'checkpoint:' if source.startswith('checkpoint:') else ''
         out['teacher']['source'] = prefix + public_name(source[len(prefix):])
+        if out['teacher'].get('adapted'):
+            out['teacher']['adapted']['folder'] = public_name(out['teacher']['adapted']['folder'])
     if out.get('dataset'):
         out['dataset']['name'] = public_name(out['dataset']['name'])
     if out.get('command'):

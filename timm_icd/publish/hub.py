@@ -95,10 +95,12 @@ def _public_dataset_name(name: str) -> str:
     return Path(name.split(':', 1)[-1]).name or name
 
 
-def teacher_hub_id(record: dict) -> Optional[str]:
-    """The Hub repository the teacher's weights came from, if any (for the card's base_model)."""
+def teacher_tag(record: dict) -> Optional[str]:
+    """``teacher:ID`` for the card's tags: the teacher's Hub id, else its architecture. The Hub's model tree has no
+    "distilled from" relation, so the teacher is a tag and in distillation.json, not the card's ``base_model``."""
     teacher = record.get('teacher') or {}
-    return teacher.get('hf_hub_id')
+    name = teacher.get('hf_hub_id') or teacher.get('architecture')
+    return f'teacher:{name}' if name else None
 
 
 def render_card(record: dict, config: dict, repo_id: str, license: str = 'apache-2.0',
@@ -124,9 +126,10 @@ def render_card(record: dict, config: dict, repo_id: str, license: str = 'apache
                 metric_name=name, metric_value=round(record[metric], 4)))
     card_data = ModelCardData(
         model_name=repo_id.split('/')[-1], library_name='timm', license=license,
-        tags=[*TAGS, method_tag(record['method'])],
+        tags=[*TAGS, method_tag(record['method']), *filter(None, [teacher_tag(record)])],
         pipeline_tag='image-classification', datasets=[dataset_id] if dataset_id else None,
-        base_model=teacher_hub_id(record), eval_results=eval_results or None)
+        # the student's own starting weights: a pretrained student is a fine-tune of them
+        base_model=record.get('student_hf_hub_id'), eval_results=eval_results or None)
     return ModelCard.from_template(
         card_data, template_path=str(card_template()), repo_id=repo_id, record=public_record(record), config=config,
         baseline=baseline, method_name=METHOD_NAMES.get(record['method'], record['method']),

@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch.nn as nn
 from accelerate import Accelerator
@@ -19,20 +19,26 @@ from timm.data import Mixup, resolve_data_config
 from ..base import UserError
 from ..data import ImageData, Pipeline, create_pipeline, find_bad_images, load_image_data, load_stream_data
 from ..distill import (
-    DistillationTask, FeatureTask, ICDDistillationTask, ICDTeacher, check_input_size, check_model_name, create_student,
-    create_teacher, fixed_size_kwargs, is_hub_or_local, resolve_method)
+    DistillationTask, FeatureTask, ICDDistillationTask, ICDTeacher, LabelSpace, check_input_size, check_model_name,
+    create_student, create_teacher, fixed_size_kwargs, imagenet_label_names, is_hub_or_local, match_label_space,
+    logit_loss_of, read_label_map, reindex_classes, resolve_method)
+from ..distill.label_space import REINDEXED, SAME
 from ..teacher_cache import CachedTeacher, TeacherCache, open_for_run
+from .adapt import ADAPTED_DIR, adapt_teacher, adaptation_mode
 from .checkpoint import check_output_dir, read_run_state, resolve_resume
 from .flags import augment_config, data_seed, teacher_dtype
 from .state import RunState
 
 _logger = logging.getLogger(__name__)
 
+FineTune = Callable[[Path, Path], dict]  # (start folder, run folder) -> the trained folder and its results
+
 # settings a resumed run must share with the run that wrote the checkpoint
 FINGERPRINT = ('student', 'teacher', 'teacher_checkpoint', 'teacher_pretrained', 'method', 'dataset', 'input_size',
                'batch_size', 'grad_accum_steps', 'seed', 'data_seed', 'icd_feat_dim', 'icd_negatives',
                'student_layer', 'teacher_layer', 'num_processes', 'input_pipeline', 'model_ema', 'streaming',
-               'shuffle_buffer', 'teacher_cache', 'decode_scale', 'decode_device', 'color_jitter_on')
+               'shuffle_buffer', 'teacher_cache', 'decode_scale', 'decode_device', 'color_jitter_on', 'teacher_adapt',
+               'teacher_adapt_augment', 'teacher_label_map', 'same_label_space')
 
 
 @dataclass
@@ -55,6 +61,7 @@ class Run:
     scheduler: Any = None
     num_epochs: int = 0
     state: RunState = field(default_factory=RunState)
+    adaptation: Optional[dict] = None  # the teacher's adaptation (run/adapt.py), when it had one
 
 
 def default_output(args: argparse.Namespace, accelerator: Accelerator) -> Path:
@@ -102,9 +109,55 @@ def _load_data(args: argparse.Namespace, accelerator: Accelerator) -> ImageData:
     return data
 
 
+def _teacher_label_names(args: argparse.Namespace, teacher: nn.Module) -> Optional[List[str]]:
+    """The teacher's class names: its config's, else ImageNet's for timm's pretrained weights of an ImageNet class
+    count (as timm's inference script reads them, ``infer_imagenet_subset``)."""
+    names = teacher.pretrained_cfg.get('label_names')
+    if not names and args.teacher_pretrained and not args.teacher_checkpoint:
+        names = imagenet_label_names(teacher.num_classes)
+    return list(names) if names else None
+
+
+def _align_teacher(args: argparse.Namespace, accelerator: Accelerator, data: ImageData, data_config: dict,
+                   teacher: nn.Module, teacher_input_size, output: Path,
+                   finetune: Optional[FineTune]) -> Tuple[LabelSpace, Optional[dict]]:
+    """Match the teacher's classes to the dataset's; re-index or adapt it (in place) so that, where it can, it
+    predicts exactly the dataset's classes. Returns the label space after that and the adaptation's record."""
+    names = _teacher_label_names(args, teacher)
+    label_map = read_label_map(args.teacher_label_map, data.label_names, names) if args.teacher_label_map else None
+    space = match_label_space(teacher.num_classes, data.num_classes, names, data.label_names, label_map,
+                              args.same_label_space)
+    uses_logits = args.method == 'auto' or logit_loss_of(args.method) is not None or bool(args.kd_loss_weight)
+    mode = adaptation_mode(args.teacher_adapt if uses_logits or args.teacher_adapt != 'auto' else 'off', space)
+    if mode is None:
+        if space.predicts_dataset:
+            _logger.info(f'Teacher: {space.why}.')
+        if space.kind != REINDEXED:
+            return space, None
+        reindex_classes(teacher, space.index, list(data.label_names))
+        return LabelSpace(SAME, None, space.why), None
+    how = 'a linear probe on its frozen features' + (
+        f', then {args.teacher_adapt_epochs} epochs of training the whole teacher' if mode == 'finetune' else '')
+    _logger.info(f"Teacher: {space.why}; adapting it to the dataset's {data.num_classes} classes "
+                 f"(--teacher-adapt {args.teacher_adapt}: {how}).")
+    adaptation = adapt_teacher(
+        teacher, data, data_config, accelerator, Path(args.teacher_adapt_dir or output / ADAPTED_DIR),
+        teacher_input_size, teacher_dtype(args), batch_size=args.validation_batch_size or args.batch_size,
+        workers=args.workers, passes=args.teacher_adapt_augment, augment=augment_config(args), seed=data_seed(args),
+        overwrite=args.overwrite, mode=mode, finetune=finetune,
+        finetune_settings={'epochs': args.teacher_adapt_epochs, 'lr': args.teacher_adapt_lr or args.lr / 10,
+                           'opt': args.opt, 'sched': args.sched, 'batch_size': args.batch_size,
+                           'weight_decay': args.weight_decay, 'seed': args.seed,
+                           'augment': augment_config(args).per_sample()}
+        if mode == 'finetune' else None)
+    return LabelSpace(SAME, None, f'the teacher was adapted to the dataset\'s classes ({space.why})'), adaptation
+
+
 def _create_task(args: argparse.Namespace, accelerator: Accelerator, data: ImageData, data_config: dict,
-                 student: nn.Module, mixup_active: bool) -> DistillationTask:
-    """The teacher and the distiller, with the method resolved against the teacher's label space."""
+                 student: nn.Module, mixup_active: bool, output: Path,
+                 finetune: Optional[FineTune]) -> Tuple[DistillationTask, Optional[dict]]:
+    """The teacher and the distiller, with the teacher aligned to the dataset's classes (re-indexed or adapted)
+    and the method resolved against its label space; also the adaptation's record."""
     teacher, teacher_input_size = None, args.teacher_input_size
     if args.method != 'vanilla':
         if teacher_input_size is None and (args.teacher_checkpoint or not (
@@ -117,11 +170,14 @@ def _create_task(args: argparse.Namespace, accelerator: Accelerator, data: Image
         if teacher.pretrained_cfg.get('interpolation') not in (None, data_config['interpolation']):
             _logger.info(f"The teacher sees the student's {data_config['interpolation']} resizing; its config "
                          f"says {teacher.pretrained_cfg['interpolation']} (set --interpolation to match it).")
+    space, adaptation = None, None
+    if teacher is not None:
+        space, adaptation = _align_teacher(args, accelerator, data, data_config, teacher, teacher_input_size, output,
+                                           finetune)
     method = resolve_method(
         args.method, data.num_classes, teacher_classes=teacher.num_classes if teacher is not None else None,
-        teacher_label_names=teacher.pretrained_cfg.get('label_names') if teacher is not None else None,
-        label_names=data.label_names, task_loss_weight=args.task_loss_weight, kd_loss_weight=args.kd_loss_weight,
-        icd_loss_weight=args.icd_loss_weight)
+        task_loss_weight=args.task_loss_weight, kd_loss_weight=args.kd_loss_weight,
+        icd_loss_weight=args.icd_loss_weight, label_space=space)
     criterion_kwargs = {'smoothing': args.smoothing, 'soft_targets': mixup_active}
     if method.name == 'feature':  # timm's own feature distillation, for comparison in the same loop
         input_size = tuple(teacher_input_size or teacher.pretrained_cfg.get('input_size') or data_config['input_size'])
@@ -133,7 +189,7 @@ def _create_task(args: argparse.Namespace, accelerator: Accelerator, data: Image
         return FeatureTask(student, teacher, criterion_kwargs=criterion_kwargs,
                            task_loss_weight=method.task_loss_weight, kd_loss_weight=method.kd_loss_weight,
                            student_mean=data_config['mean'], student_std=data_config['std'],
-                           verbose=accelerator.is_main_process)
+                           verbose=accelerator.is_main_process), adaptation
     if args.teacher_cache and teacher is not None:  # the cache serves icd and kd runs alike: it holds the features
         teacher = ICDTeacher(teacher, teacher_input_size, layer=args.teacher_layer, need_features=True,
                              dtype=teacher_dtype(args))
@@ -146,11 +202,12 @@ def _create_task(args: argparse.Namespace, accelerator: Accelerator, data: Image
         student_layer=args.student_layer, teacher_layer=args.teacher_layer,
         student_input_size=data_config['input_size'], teacher_input_size=teacher_input_size,
         student_mean=data_config['mean'], student_std=data_config['std'], teacher_dtype=teacher_dtype(args),
-        verbose=accelerator.is_main_process)
+        verbose=accelerator.is_main_process), adaptation
 
 
-def build(args: argparse.Namespace, accelerator: Accelerator) -> Run:
-    """Check names, the run folder, the data and the weights, and build the task and loaders; writes nothing."""
+def build(args: argparse.Namespace, accelerator: Accelerator, finetune: Optional[FineTune] = None) -> Run:
+    """Check names, the run folder, the data and the weights, and build the task and loaders; writes nothing but
+    the adapted teacher, where the teacher needs one (``finetune`` trains it for ``--teacher-adapt finetune``)."""
     output = Path(args.output) if args.output else default_output(args, accelerator)
     check_model_name(args.student, 'student')
     if args.method != 'vanilla':
@@ -165,7 +222,7 @@ def build(args: argparse.Namespace, accelerator: Accelerator) -> Run:
          'crop_pct': args.crop_pct}, model=student)
     check_input_size(student, data_config['input_size'], 'student')
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    task = _create_task(args, accelerator, data, data_config, student, mixup_active)
+    task, adaptation = _create_task(args, accelerator, data, data_config, student, mixup_active, output, finetune)
     augment = augment_config(args)
     pipeline = create_pipeline(
         data, data_config, augment, kind=args.input_pipeline, batch_size=args.batch_size,
@@ -194,10 +251,12 @@ def build(args: argparse.Namespace, accelerator: Accelerator) -> Run:
         saved = read_run_state(resume_from[0])['fingerprint']
         saved = {'input_pipeline': 'loader', 'model_ema': False, 'streaming': False,  # what older runs used
                  'shuffle_buffer': args.shuffle_buffer, 'data_seed': saved['seed'], 'teacher_cache': None,
+                 'teacher_adapt': 'off', 'teacher_adapt_augment': 0, 'teacher_label_map': None,
+                 'same_label_space': False,
                  **{k: expected[k] for k in ('decode_scale', 'decode_device', 'color_jitter_on')}, **saved}
         changed = [k for k in FINGERPRINT if saved.get(k) != expected[k]]
         if changed:
             raise UserError(f'cannot resume {resume_from[0]}: it was written with different '
                             f'{", ".join(changed)}; resume with the original settings.')
     return Run(args, accelerator, output, data, data_config, task, pipeline, pipeline.train_loader,
-               pipeline.eval_loader, mixup_fn, resume_from=resume_from, cache=cache)
+               pipeline.eval_loader, mixup_fn, resume_from=resume_from, cache=cache, adaptation=adaptation)

@@ -14,13 +14,13 @@ from ..base import UserError
 from ..teacher_cache import ensure_epoch, finish_epoch
 from .build import build
 from .loop import evaluate
-from .train import create_accelerator
+from .train import create_accelerator, teacher_fine_tuner
 
 
 def write_ahead(args: argparse.Namespace) -> dict:
     """Write the cache for ``args`` (every epoch a run with these settings trains), using every process."""
     accelerator = create_accelerator(args)
-    r = build(args, accelerator)
+    r = build(args, accelerator, finetune=teacher_fine_tuner(args, accelerator))
     if r.cache is None:
         raise UserError(f'--method {args.method} uses no teacher outputs to cache.')
     r.task.to(accelerator.device)

@@ -20,6 +20,7 @@ from ..base import UserError
 from ..data import DECODE_SCALES, PIPELINES, AugmentConfig, device_decode_reason
 from ..distill import BATCHES, ICD_NEGATIVES, METHODS, logit_loss_of
 from ..publish import check_collection_slug, check_push_target
+from .adapt import ADAPT_MODES
 from .loop import LoopConfig
 
 _logger = logging.getLogger(__name__)
@@ -91,6 +92,30 @@ def create_parser(prog: str = 'train_icd.py', description: str = DESCRIPTION) ->
                        help="teacher module whose pooled output feeds ICD (default: the classifier's input)")
     group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='student dropout rate')
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT', help='student drop path rate')
+
+    group = parser.add_argument_group("The teacher's classes (a teacher of other classes is adapted first)")
+    group.add_argument('--teacher-adapt', default='auto', choices=ADAPT_MODES,
+                       help="auto (default): a teacher that does not predict the dataset's classes gets a linear "
+                            "probe head fitted on its frozen features of the training split (one teacher pass); "
+                            "linear: fit one whatever the teacher predicts; finetune: the probe, then "
+                            "--teacher-adapt-epochs of training the whole teacher; off: keep the teacher as it is")
+    group.add_argument('--teacher-adapt-dir', default=None, metavar='DIR',
+                       help='where the adapted teacher is written and reused from, a plain timm folder (default: '
+                            'OUT/teacher_adapted); runs with the same teacher, data and settings share it')
+    group.add_argument('--teacher-adapt-augment', type=int, default=0, metavar='N',
+                       help="features from N passes of the run's training augmentation instead of one pass of the "
+                            "eval transform (default: 0, CLIP's linear probe protocol)")
+    group.add_argument('--teacher-adapt-epochs', type=int, default=10, metavar='N',
+                       help='--teacher-adapt finetune: epochs of training the whole teacher after its linear probe '
+                            "(LP-FT), with this tool's --method vanilla and the run's optimizer, schedule, batch size "
+                            'and augmentation (default: 10)')
+    group.add_argument('--teacher-adapt-lr', type=float, default=None, metavar='LR',
+                       help='--teacher-adapt finetune: its learning rate (default: a tenth of --lr)')
+    group.add_argument('--teacher-label-map', default=None, metavar='FILE',
+                       help="JSON: the teacher output (index or class name) of each dataset class, as a list or "
+                            "an object keyed by the dataset's class names; the teacher's logits are re-indexed")
+    group.add_argument('--same-label-space', action='store_true',
+                       help="the teacher's classes are the dataset's, in its order, whatever their names")
 
     group = parser.add_argument_group('Method')
     group.add_argument('--method', default='auto', choices=('auto',) + METHODS + ('feature',),
@@ -423,6 +448,14 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.mixed_precision == 'fp16' and not torch.cuda.is_available():
         raise UserError('--mixed-precision fp16 needs a GPU (fp16 autocast does not run on CPU); use bf16.')
     _check(args.method == 'vanilla' or bool(args.teacher), f'--method {args.method} needs --teacher.')
+    _check(args.teacher_adapt_epochs >= 1, f'--teacher-adapt-epochs must be >= 1, got {args.teacher_adapt_epochs}.')
+    _check(args.teacher_adapt_lr is None or args.teacher_adapt_lr > 0,
+           f'--teacher-adapt-lr must be > 0, got {args.teacher_adapt_lr}.')
+    _check(args.teacher_adapt_augment >= 0, f'--teacher-adapt-augment must be >= 0, got {args.teacher_adapt_augment}.')
+    _check(not (args.teacher_label_map and args.same_label_space),
+           '--teacher-label-map and --same-label-space both say which teacher output is which class: pick one.')
+    if args.teacher_label_map:
+        _check(os.path.isfile(args.teacher_label_map), f'--teacher-label-map: no file {args.teacher_label_map}.')
     if args.teacher_cache:
         _check(args.method not in ('vanilla', 'feature'), f'--teacher-cache holds an ICD teacher\'s outputs, which '
                                                           f'--method {args.method} does not use.')

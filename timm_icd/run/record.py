@@ -30,11 +30,18 @@ def run_record(r, argv: Optional[List[str]], metrics: dict, ema: bool = False) -
             'hf_hub_id': hub_id, 'num_classes': task.teacher_classes,
             'top1': (state.teacher or {}).get('top1'), 'top5': (state.teacher or {}).get('top5'),
             'measured_with': "the student's eval preprocessing" if state.teacher else None,
+            'adapted': _adapted(r.adaptation),
         }
+    student_hub_id = None  # the weights the student started from, where they came from the Hub
+    if args.student.startswith('hf-hub:'):
+        student_hub_id = args.student[len('hf-hub:'):]
+    elif args.pretrained and not args.student_checkpoint and not is_hub_or_local(args.student):
+        student_hub_id = task.student.pretrained_cfg.get('hf_hub_id')
     return {
         'student': args.student,
         'architecture': task.student.pretrained_cfg.get('architecture'),
         'parameters': sum(p.numel() for p in task.student.parameters()),  # the bare student's, no ICD heads
+        'student_hf_hub_id': student_hub_id,
         'teacher': teacher,
         **task.loss_record(),
         'dataset': {'name': data.name, 'train_split': data.train_split, 'eval_split': data.eval_split,
@@ -52,3 +59,13 @@ def run_record(r, argv: Optional[List[str]], metrics: dict, ema: bool = False) -
         'command': 'train_icd.py ' + shlex.join(sys.argv[1:] if argv is None else argv),
         'versions': {'timm_icd': __version__, 'timm': timm.__version__, 'torch': torch.__version__},
     }
+
+
+def _adapted(adaptation: Optional[dict]) -> Optional[dict]:
+    """How the teacher was adapted to the dataset's classes (``run/adapt.py``'s record), or None."""
+    if not adaptation:
+        return None
+    fit, features = adaptation['fit'], adaptation['features']
+    return {'mode': adaptation['valid_for']['mode'], 'folder': adaptation['folder'], 'l2': fit['l2'],
+            'holdout_top1': fit['holdout_top1'], 'holdout_rows': fit['holdout_rows'], 'features': features,
+            'seconds': adaptation['seconds']['total']}

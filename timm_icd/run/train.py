@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -192,7 +192,8 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
     result = {'output': str(r.output), 'student': str(r.output / 'student'), 'method': task.method,
               'teacher': state.teacher, 'top1': last.get('eval_top1'), 'top5': last.get('eval_top5'),
               'best_top1': state.best_top1, 'best_epoch': state.best_epoch, 'epochs': r.num_epochs,
-              'model': task.student, 'epoch_seconds': epoch_seconds, 'input_pipeline': r.pipeline.kind}
+              'model': task.student, 'epoch_seconds': epoch_seconds, 'input_pipeline': r.pipeline.kind,
+              'teacher_model': getattr(task.teacher, 'model', None)}
     if accelerator.is_main_process:
         write_text_atomic(r.output / 'summary.csv', _summary_csv(state.history))  # also after a resume at the end
         save_student(task.student, r.output / 'student', r.data_config, r.data.label_names, run_record(r, argv, last))
@@ -205,6 +206,35 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
         result['hub_url'] = push_student(folder, args.push_to_hub, private=args.hub_private,
                                          revision=args.hub_revision, collection=args.hub_collection)
     return result
+
+
+def teacher_fine_tuner(args: argparse.Namespace, accelerator: Accelerator) -> Callable[[Path, Path], dict]:
+    """``--teacher-adapt finetune``'s training: the teacher from its linear-probe folder trained as a ``--method
+    vanilla`` student with the run's data, optimizer, schedule and augmentation, for ``--teacher-adapt-epochs`` at
+    ``--teacher-adapt-lr``, in its own run folder (resumed where a killed run left it), at the teacher's own input
+    size and normalisation; the Accelerator is cleared of it afterwards, so the distillation's checkpoints hold the
+    student alone."""
+    def fine_tune(start_folder: Path, output: Path) -> dict:
+        settings = {
+            'student': f'local-dir:{start_folder}', 'pretrained': True, 'student_checkpoint': None,
+            'method': 'vanilla', 'epochs': args.teacher_adapt_epochs, 'lr': args.teacher_adapt_lr or args.lr / 10,
+            'output': str(output), 'experiment': '', 'resume': 'auto', 'overwrite': False, 'teacher_cache': None,
+            'input_size': None, 'mean': None, 'std': None, 'interpolation': '', 'crop_pct': None,
+            'drop': 0.0, 'drop_path': None, 'model_ema': False, 'save_best': False, 'push_to_hub': None,
+            'hub_collection': None, 'log_with': None, 'teacher_adapt': 'off', 'task_loss_weight': None,
+            'kd_loss_weight': None, 'icd_loss_weight': None}
+        sub = argparse.Namespace(**{**vars(args), **settings})
+        _logger.info(f'Fine-tuning the teacher: {sub.epochs} epochs at lr {sub.lr:g} into {output}.')
+        r = build(sub, accelerator)
+        try:
+            start(r)
+            result = fit(r, None)
+        finally:
+            r.task.remove_hooks()
+            accelerator.free_memory()
+        return {'folder': str(output / 'student'), 'epochs': sub.epochs, 'lr': sub.lr, 'top1': result['top1'],
+                'top5': result['top5'], 'seconds': round(r.state.seconds, 3)}
+    return fine_tune
 
 
 def join_restarted_group() -> None:
@@ -252,7 +282,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
     started = time.time()
     if accelerator.num_processes > 1:
         _logger.info(f'Training on {accelerator.num_processes} processes ({accelerator.distributed_type}).')
-    r = build(args, accelerator)
+    r = build(args, accelerator, finetune=teacher_fine_tuner(args, accelerator))
     try:
         start(r)
         result = fit(r, argv)
@@ -267,4 +297,3 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
     result['seconds'] = time.time() - started
     accelerator.end_training()
     return result
-
