@@ -111,8 +111,9 @@ CASES = [
     ('unreadable-image', ['--dataset', '{bad_image}'],
      r"cannot decode the image in row \d+ \(file .*{bad_image_file}\) of split 'test'.*--skip-bad-images"),
     ('batch-larger-than-data', ['-b', '1000'], r"--batch-size 1000 is larger than the 256 rows of split 'train'"),
-    ('kd-other-label-space', ['--method', 'kd', '--teacher-checkpoint', '{ckpt1000}'],
-     r"needs a teacher with the dataset's 10 classes, but the teacher has 1000"),
+    ('kd-other-label-space', ['--method', 'kd', '--teacher-checkpoint', '{ckpt1000}', '--teacher-adapt', 'off'],
+     r"--method kd needs a teacher that predicts the dataset's classes, but the teacher predicts 1000 classes, the "
+     r"dataset has 10: adapt the teacher"),
     ('negative-weight', ['--kd-loss-weight', '-1'], r'--kd-loss-weight must be >= 0, got -1\.0'),
     ('negative-lr', ['--lr', '-0.1'], r'--lr must be > 0, got -0\.1'),
     ('feat-dim-zero', ['--icd-feat-dim', '0'], r'--icd-feat-dim must be >= 1, got 0'),
