@@ -27,14 +27,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import datasets
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..base import UserError, write_text_atomic
+from ..base import UserError
+from .claims import LOCK, STALE_S, Claim, locked, read_claim, unique_tmp, why_free, write_atomic
 from .integrity import MANIFEST, epoch_checksums, read_manifest
 
 _logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class TeacherCache:
         self.features, self.topk = manifest['storage']['features'], manifest['storage']['topk']
         self._open: Dict[int, Dict[str, np.ndarray]] = {}
         self.verified = set()  # complete epochs whose checksums this process has checked (``runtime.ensure_epoch``)
+        self.claims: Dict[int, Claim] = {}  # epochs this process computes for the other runs (main process)
 
     @classmethod
     def create_or_open(cls, root: Path, valid_for: dict, storage: dict, rows: int, feature_dim: int,
@@ -92,6 +94,17 @@ class TeacherCache:
         path = root / MANIFEST
         shape = {'rows': rows, 'feature_dim': feature_dim, 'num_classes': num_classes}
         manifest = read_manifest(root)
+        if manifest is None and is_main:  # start it, unless another run does at the same moment
+            root.mkdir(parents=True, exist_ok=True)
+            with locked(root):
+                manifest = read_manifest(root)
+                if manifest is None:
+                    if any(p.name != LOCK for p in root.iterdir()):
+                        raise UserError(f'--teacher-cache {root} is a folder without a cache manifest; name a new or '
+                                        f'empty one.')
+                    manifest = {'version': VERSION, 'valid_for': valid_for, **shape, 'storage': storage, 'epochs': [],
+                                'checksums': {}, 'teacher_metrics': None}
+                    write_atomic(path, json.dumps(manifest, indent=1))
         if manifest is not None:
             if manifest.get('version') != VERSION:
                 raise UserError(f'--teacher-cache {root} has format version {manifest.get("version")}, this tool '
@@ -108,17 +121,44 @@ class TeacherCache:
                 raise UserError(f"--teacher-cache {root} stores {_short(manifest['storage'])}, this run asks for "
                                 f"{_short(storage)} (--cache-features, --cache-topk): drop them or use another folder.")
             return cls(root, manifest)
-        if root.exists() and any(root.iterdir()):
-            raise UserError(f'--teacher-cache {root} is a folder without a cache manifest; name a new or empty one.')
-        manifest = {'version': VERSION, 'valid_for': valid_for, **shape, 'storage': storage, 'epochs': [],
-                    'checksums': {}, 'teacher_metrics': None}
-        if is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, json.dumps(manifest, indent=1))
-        return cls(root, manifest)
+        # another process of this run (the main one starts the cache first)
+        return cls(root, {'version': VERSION, 'valid_for': valid_for, **shape, 'storage': storage, 'epochs': [],
+                          'checksums': {}, 'teacher_metrics': None})
 
     def complete(self, epoch: int) -> bool:
         return epoch in self.manifest['epochs']
+
+    def claim_epoch(self, epoch: int, stale_after: float = STALE_S) -> Union[str, dict]:
+        """Main process: 'complete' when ``epoch`` is (another run may just have completed it), 'claimed' when this
+        process now computes it (no claim, a claim whose writer is gone, or its own), else the live claim (a dict:
+        who writes it). Reads the manifest again; takes the lock only to claim (a read-only cache stays readable)."""
+        self.reload()
+        if self.complete(epoch):
+            return 'complete'
+        with locked(self.root):
+            self.reload()
+            if self.complete(epoch):
+                return 'complete'
+            if epoch in self.claims and self.claims[epoch].held():
+                return 'claimed'
+            claim = read_claim(self.root, epoch)
+            reason = why_free(claim, stale_after) if claim is not None else None
+            if claim is not None and reason is None:
+                return claim
+            if reason:
+                _logger.warning(f'Teacher cache {self.root}: the claim on epoch {epoch} by pid {claim.get("pid")} on '
+                                f'{claim.get("host")} is void ({reason}); this run computes the epoch.')
+            self.claims[epoch] = Claim(self.root, epoch)
+            self.claims[epoch].write()
+            return 'claimed'
+
+    def release_claims(self) -> None:
+        """Give up every claim this process holds (a run that stops early: the others need not wait for it)."""
+        if self.claims:
+            with locked(self.root):
+                for claim in self.claims.values():
+                    claim.release()
+            self.claims = {}
 
     def array_specs(self) -> Dict[str, Tuple[tuple, np.dtype]]:
         """Name -> (shape, dtype) of the arrays every epoch holds."""
@@ -145,7 +185,7 @@ class TeacherCache:
             for name, (shape, dtype) in self.array_specs().items():
                 path = folder / f'{name}.npy'
                 if not path.exists():
-                    tmp = folder / f'.tmp-{name}.npy'
+                    tmp = unique_tmp(path)
                     np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=shape).flush()
                     os.replace(tmp, path)
 
@@ -211,12 +251,24 @@ class TeacherCache:
         missing = self.missing(epoch)
         if len(missing):
             raise RuntimeError(f'teacher cache epoch {epoch} lacks {len(missing)} rows (first {missing[:5]})')
-        self.manifest['epochs'] = sorted(set(self.manifest['epochs']) | {epoch})
-        self.manifest.setdefault('checksums', {})[str(epoch)] = epoch_checksums(self, epoch)
-        self.verified.add(epoch)
-        if teacher_metrics and not self.manifest.get('teacher_metrics'):
-            self.manifest['teacher_metrics'] = teacher_metrics
-        write_text_atomic(self.root / MANIFEST, json.dumps(self.manifest, indent=1))
+        checksums = epoch_checksums(self, epoch)  # before the lock: a large epoch takes seconds
+        with locked(self.root):  # read-modify-write: the epochs other runs completed meanwhile stay
+            self.reload()
+            claim = self.claims.pop(epoch, None)
+            if claim is not None and not claim.held():  # taken over after a stall: the new holder completes it
+                _logger.warning(f'Teacher cache {self.root}: another run took over epoch {epoch} from this one; it '
+                                f'marks the epoch complete.')
+                claim.release()
+                return
+            if not self.complete(epoch):
+                self.manifest['epochs'] = sorted(set(self.manifest['epochs']) | {epoch})
+                self.manifest.setdefault('checksums', {})[str(epoch)] = checksums
+                if teacher_metrics and not self.manifest.get('teacher_metrics'):
+                    self.manifest['teacher_metrics'] = teacher_metrics
+                write_atomic(self.root / MANIFEST, json.dumps(self.manifest, indent=1))
+                self.verified.add(epoch)
+            if claim is not None:
+                claim.release()
 
     def reload(self) -> None:
         """Read the manifest again (on processes other than the one that wrote it)."""
