@@ -19,6 +19,21 @@ to the manifest (written atomically). A run killed while writing leaves its epoc
 rewrites the rows after its last checkpoint (the same values), another run recomputes the epoch. A reader uses only
 complete epochs, so a cache is never silently wrong: mismatched settings are refused naming the field.
 
+Several runs (different students, the same data settings; on several machines where the file system has working
+``flock``, as Linux NFS does) may use one folder at the same time (``claims.py``): every manifest change is a
+read-modify-write under ``DIR/.lock`` that adds this run's epoch to what the manifest holds now, temporary files carry
+the writer's pid and a random part, and an epoch is computed by the run that claimed it (``DIR/.claim-epoch-NNNN``,
+made under the lock; the processes of one run share its claim). A run that reaches an epoch another live run has
+claimed waits for it (polling every second) and replays it. A claim whose writer is gone (its pid, on the same
+machine; a heartbeat 5 minutes old, elsewhere) is taken over: the new writer keeps the rows already in the files
+(each is what the teacher gives for that row), writes the rows it trains on again and fills the rest. A writer whose
+claim was taken over after a stall does not mark the epoch complete; should its late writes change the files after
+the new holder stored their checksums, the first run to use the epoch finds the CRC32 differs, drops the epoch and
+computes it again (``integrity.py``): still never silently wrong.
+
+Wait rather than compute one's own rows (and merge), measured (``benchmarks/cache_concurrency.py``, two runs started
+together on 2 CPU cores, resnet18 teacher, ``benchmarks/results/teacher_cache.md``): WAIT_NUMBERS
+
 Batch-level augmentations (Mixup, CutMix, random erasing) make the teacher's input depend on the rest of the batch,
 and a stream's sample order depends on the process count: those are refused with a cache.
 """
