@@ -32,7 +32,13 @@ the new holder stored their checksums, the first run to use the epoch finds the 
 computes it again (``integrity.py``): still never silently wrong.
 
 Wait rather than compute one's own rows (and merge), measured (``benchmarks/cache_concurrency.py``, two runs started
-together on 2 CPU cores, resnet18 teacher, ``benchmarks/results/teacher_cache.md``): WAIT_NUMBERS
+together on 2 CPU cores, resnet18 teacher, 3 epochs, ``benchmarks/results/teacher_cache.md``): waiting ran the
+teacher 3 epochs in all against 6, and used 31.4 and 36.7 CPU-s against 38.0 and 41.3 (two sessions); wall times
+(21 s against 43 s, then 72 s against 67 s) followed the load other processes put on the machine, not the mode.
+In steady state the waiting run trails the claimant by one cached epoch (it replays epoch e while the claimant
+computes e + 1), so it ends about one cached epoch after it: 3.5 s at 224 px in the table there, against 13 s of
+teacher per epoch that every run computing its own would pay again. The price: a fast student that shares a folder
+with a slower one trains at the slower one's pace for the epochs the slower one claims.
 
 Batch-level augmentations (Mixup, CutMix, random erasing) make the teacher's input depend on the rest of the batch,
 and a stream's sample order depends on the process count: those are refused with a cache.
