@@ -1,5 +1,5 @@
 """Run by tests under ``accelerate launch``: a training run that records, per process, the cache rows each step
-asked for and how often the live teacher ran, then this rank's weights."""
+asked for, how often the live teacher ran and how many rows it wrote, then this rank's weights."""
 import json
 import os
 import sys
@@ -7,7 +7,7 @@ import sys
 from dist_worker import train_and_dump
 from timm_icd import teacher_cache
 
-SELECTED, LIVE_CALLS = [], [0]
+SELECTED, LIVE_CALLS, ROWS = [], [0], [0]
 _select, _write = teacher_cache.CachedTeacher.select, teacher_cache.TeacherCache.write
 
 
@@ -16,9 +16,10 @@ def _recording_select(self, epoch, index):
     _select(self, epoch, index)
 
 
-def _counting_write(self, *args, **kwargs):
+def _counting_write(self, epoch, index, *args, **kwargs):
     LIVE_CALLS[0] += 1
-    _write(self, *args, **kwargs)
+    ROWS[0] += len(index)
+    _write(self, epoch, index, *args, **kwargs)
 
 
 if __name__ == '__main__':
@@ -26,4 +27,4 @@ if __name__ == '__main__':
     teacher_cache.TeacherCache.write = _counting_write
     rank = train_and_dump(sys.argv[1], sys.argv[2:])
     with open(os.path.join(sys.argv[1], f'cache{rank}.json'), 'w') as f:
-        json.dump({'selected': SELECTED, 'writes': LIVE_CALLS[0]}, f)
+        json.dump({'selected': SELECTED, 'writes': LIVE_CALLS[0], 'rows': ROWS[0]}, f)

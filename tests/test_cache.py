@@ -1,19 +1,27 @@
 """Teacher cache (--teacher-cache): stored outputs equal the live teacher's within fp16, a run that reads the cache
 never runs the teacher and ends where a run that wrote it ends, mismatched settings are refused naming the field,
-a SIGKILL while writing leaves nothing wrong, and 2 processes read disjoint rows that cover each epoch."""
+a SIGKILL while writing leaves nothing wrong, 2 processes read disjoint rows that cover each epoch, and 2 or 3 runs
+started together on one folder (one of them killed while computing an epoch) all finish with a cache that verifies
+and trains readers exactly like a private one."""
 import json
+import os
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import safetensors.torch
+import timm
 import torch
 
 from conftest import FAST, REPO, offline_env, run_cli
 from test_distributed import accelerate_launch
 from timm_icd.cli.train import main
 from timm_icd.base import UserError
-from timm_icd.teacher_cache import TeacherCache
+from timm_icd.teacher_cache import TeacherCache, verify
+from timm_icd.teacher_cache.claims import STALE_S, claim_path
 from timm_icd.teacher_cache.runtime import rows_to_fill
 
 RUN = ['--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student', 'test_efficientnet', '-b', '32',
@@ -173,3 +181,136 @@ def test_each_process_fills_the_rows_it_owns_whenever_it_looks(tmp_path):
     assert abs(len(first) - len(second)) <= 1 and (first % 2 == 0).all()
     cache.write(0, torch.from_numpy(second), torch.zeros(len(second), 10), torch.zeros(len(second), 24))
     cache.finish_epoch(0, is_main=True)  # every row in
+
+
+def test_a_claim_holds_while_its_writer_lives_and_is_taken_over_when_it_is_gone(tmp_path, caplog):
+    first = _cache(tmp_path)
+    other = TeacherCache(first.root, first.manifest)  # another run on the same folder
+    assert first.claim_epoch(0) == 'claimed' and first.claim_epoch(0) == 'claimed'  # its own claim, again
+    held = other.claim_epoch(0)
+    assert held['pid'] == os.getpid() and held['token'] == first.claims[0].token  # a live writer: wait for it
+    path = claim_path(first.root, 0)
+    claim = json.loads(path.read_text())
+    gone = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    for forged, reason in (({'pid': int(gone.stdout)}, 'its process'),  # a pid that ended on this machine
+                           ({'started': '1'}, 'its process'),  # the pid is another process now
+                           ({'machine': 'elsewhere'}, 'heartbeat stopped')):  # elsewhere: the heartbeat alone
+        if 0 in other.claims:  # let go of the claim the last case took over, as a run that stops does
+            other.claims.pop(0)._stop.set()
+        path.write_text(json.dumps({**claim, **forged}))
+        if forged.get('machine'):
+            assert other.claim_epoch(0)['machine'] == 'elsewhere'  # a fresh heartbeat holds
+            os.utime(path, (time.time() - STALE_S - 5,) * 2)
+        assert other.claim_epoch(0) == 'claimed', forged
+        assert reason in caplog.records[-1].getMessage()
+        assert json.loads(path.read_text())['token'] == other.claims[0].token
+    # the first writer stalled past the heartbeat: its rows go in, but the epoch is the new holder's to complete
+    for cache in (first, other):
+        cache.prepare_epoch(0, is_main=True)
+        cache.write(0, torch.arange(64), torch.zeros(64, 10), torch.zeros(64, 24))
+    first.finish_epoch(0, is_main=True)
+    assert not first.complete(0) and path.exists()
+    # completed epochs merge: each writer adds its own to what the manifest holds now, under the lock
+    assert first.claim_epoch(1) == 'claimed'
+    first.prepare_epoch(1, is_main=True)
+    first.write(1, torch.arange(64), torch.zeros(64, 10), torch.zeros(64, 24))
+    first.finish_epoch(1, is_main=True)
+    other.finish_epoch(0, is_main=True)  # its manifest in memory predates epoch 1
+    assert json.loads((first.root / 'manifest.json').read_text())['epochs'] == [0, 1]
+    assert first.claim_epoch(0) == other.claim_epoch(1) == 'complete' and not list(first.root.glob('.claim-*'))
+
+
+def _launch(digits_small, cache, tmp_path, student, teacher, extra=()):
+    dumps = tmp_path / f'dumps-{student}'
+    dumps.mkdir()
+    cmd = [sys.executable, str(REPO / 'tests' / 'cache_worker.py'), dumps, '--dataset', digits_small, '--epochs', '2',
+           '--output', tmp_path / f'out-{student}', '--teacher-cache', cache, '--student', student, *CONCURRENT,
+           '--teacher-checkpoint', teacher, *extra]
+    return subprocess.Popen([str(a) for a in cmd], cwd=REPO, env=offline_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _stopped(pid):
+    with open(f'/proc/{pid}/stat') as f:
+        return f.read().rsplit(')', 1)[1].split()[0] in 'Tt'
+
+
+def _kill_a_claimant(procs, cache, rows=256):
+    """SIGKILL a run while it holds an epoch's claim with part of the epoch's rows written (stopped first, so it
+    cannot let go of the claim while it is looked at); its pid and epoch."""
+    live = {p.pid: p for p in procs}
+    for _ in range(30000):  # waits on the runs, not on a clock: they end or one is caught mid-epoch
+        for path in cache.glob('.claim-epoch-*'):
+            try:
+                claim = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            pid, epoch = claim.get('pid'), int(path.name[-4:])
+            if pid not in live or live[pid].poll() is not None:
+                continue
+            os.kill(pid, signal.SIGSTOP)
+            while not _stopped(pid):
+                time.sleep(0.001)
+            try:
+                held = json.loads(path.read_text())['token'] == claim['token']
+                written = int(np.load(cache / f'epoch-{epoch:04d}' / 'written.npy').sum())
+            except (OSError, ValueError):
+                held = False
+            if held and 0 < written < rows:
+                os.kill(pid, signal.SIGKILL)
+                assert live[pid].wait() == -signal.SIGKILL
+                return pid, epoch
+            os.kill(pid, signal.SIGCONT)
+        assert any(p.poll() is None for p in procs), 'every run ended before one was caught mid-epoch'
+        time.sleep(0.01)
+    raise AssertionError('no run was caught holding a claim mid-epoch')
+
+
+CONCURRENT = ['--teacher', 'test_resnet', '-b', '16', '--seed', '3', '--data-seed', '7', *FAST]
+
+
+@pytest.fixture(scope='module')
+def private_run(tmp_path_factory, digits_small):
+    """A teacher checkpoint (a random test_resnet: the same teacher whatever the student) and a test_efficientnet
+    run that writes its own, private cache."""
+    folder = tmp_path_factory.mktemp('private')
+    torch.manual_seed(0)
+    safetensors.torch.save_file(timm.create_model('test_resnet', num_classes=10).state_dict(), folder / 't.safetensors')
+    result = run_cli('--dataset', digits_small, '--epochs', '2', '--output', folder / 'run', '--teacher-cache',
+                     folder / 'cache', '--student', 'test_efficientnet', *CONCURRENT, '--teacher-checkpoint',
+                     folder / 't.safetensors')
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder
+
+
+@pytest.mark.parametrize('students,kill', [
+    (('test_efficientnet', 'test_byobnet'), False),
+    pytest.param(('test_efficientnet', 'test_byobnet', 'test_vit'), True, marks=pytest.mark.long)])  # 69 s, loaded
+def test_concurrent_runs_share_one_cache_and_survive_a_killed_writer(digits_small, tmp_path, private_run, students,
+                                                                    kill):
+    cache = tmp_path / 'cache'
+    procs = [_launch(digits_small, cache, tmp_path, s, private_run / 't.safetensors') for s in students]  # at once
+    killed, epoch = _kill_a_claimant(procs, cache) if kill else (None, None)
+    survivors = [(s, p, p.communicate(timeout=600)) for s, p in zip(students, procs) if p.pid != killed]
+    for student, proc, (_, err) in survivors:
+        assert proc.returncode == 0, (student, err[-3000:])
+    report = verify(cache)
+    assert report['epochs'] == [0, 1] and report['damaged'] == {} and report['incomplete'] == []
+    assert not list(cache.glob('.claim-*')) and not list(cache.rglob('.tmp-*'))
+    rows = [json.loads((tmp_path / f'dumps-{s}' / 'cache0.json').read_text())['rows'] for s, _, _ in survivors]
+    takeovers = [err.count(f'the claim on epoch {epoch} by pid {killed} on ') for _, _, (_, err) in survivors]
+    if kill:  # one survivor took the dead writer's epoch over; the teacher ran at most once more than needed
+        assert sum(takeovers) == 1 and 256 <= sum(rows) <= 512, (takeovers, rows)
+    else:  # the teacher ran once per epoch, whichever run ran it; the other waited and replayed
+        assert sum(rows) == 512, rows
+    for name in ('features', 'logits', 'written'):  # what a private cache holds, to the bit
+        for e in (0, 1):
+            assert np.array_equal(np.load(cache / f'epoch-000{e}' / f'{name}.npy'),
+                                  np.load(private_run / 'cache' / f'epoch-000{e}' / f'{name}.npy')), (name, e)
+    reader = run_cli('--dataset', digits_small, '--epochs', '2', '--output', tmp_path / 'reader', '--teacher-cache',
+                     cache, '--student', 'test_efficientnet', *CONCURRENT, '--teacher-checkpoint',
+                     private_run / 't.safetensors')
+    assert reader.returncode == 0 and 'the teacher never runs' in reader.stderr, reader.stderr[-2000:]
+    private, shared = _weights(private_run / 'run'), _weights(tmp_path / 'reader')
+    for key in private:
+        torch.testing.assert_close(shared[key], private[key], rtol=0, atol=0, msg=key)

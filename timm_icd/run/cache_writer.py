@@ -3,7 +3,8 @@
 The cache is valid for the data settings the training runs will use: the same --dataset, --data-seed (default
 --seed), --input-size, augmentation flags and input pipeline; so it is built from the same flags, by the same
 ``build`` a run uses, and every epoch such a run trains is computed and stored. Under ``accelerate launch`` every
-process writes its share of the rows.
+process writes its share of the rows. Epochs other runs are computing are left to them first and waited for last, so
+writers started together on one folder share the epochs.
 """
 import argparse
 
@@ -11,7 +12,7 @@ import torch
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from ..base import UserError
-from ..teacher_cache import ensure_epoch, finish_epoch
+from ..teacher_cache import acquire_epoch, finish_epoch, release_claims
 from .build import build
 from .loop import evaluate
 from .train import create_accelerator, teacher_fine_tuner
@@ -32,13 +33,17 @@ def write_ahead(args: argparse.Namespace) -> dict:
     if metrics is None and r.task.teacher_classes == r.data.num_classes:
         metrics = evaluate(accelerator, r.task.teacher_logits, accelerator.prepare(r.eval_loader), False,
                            r.pipeline.eval_stage)
-    rows = 0
-    for epoch in range(epochs):
-        if ensure_epoch(r.cache, epoch, accelerator):
-            continue
-        r.cache.prepare_epoch(epoch, accelerator.is_main_process)
-        accelerator.wait_for_everyone()
-        rows += finish_epoch(r.cache, r.task.teacher, r.pipeline, epoch, accelerator,
-                             args.validation_batch_size or args.batch_size, args.workers, metrics)
-    r.task.remove_hooks()
+    rows, busy = 0, []
+    try:
+        for epoch in [*range(epochs), None]:  # None: now wait for the epochs other writers were computing
+            for e in (busy if epoch is None else [epoch]):
+                got = acquire_epoch(r.cache, e, accelerator, wait=epoch is None)
+                if got == 'busy':
+                    busy.append(e)
+                elif got == 'record':
+                    rows += finish_epoch(r.cache, r.task.teacher, r.pipeline, e, accelerator,
+                                         args.validation_batch_size or args.batch_size, args.workers, metrics)
+    finally:
+        release_claims(r.cache)
+        r.task.remove_hooks()
     return {'epochs': epochs, 'rows_written': rows, 'cache': r.cache}

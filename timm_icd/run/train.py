@@ -23,7 +23,7 @@ from timm.utils import distribute_bn
 from ..base import UserError, write_text_atomic
 from ..distill import create_student_ema
 from ..publish import CURVES, plot_run, push_student, save_student
-from ..teacher_cache import ensure_epoch
+from ..teacher_cache import acquire_epoch, release_claims
 from ..teacher_cache import finish_epoch as finish_cache_epoch
 from .build import Run, build, fingerprint
 from .checkpoint import claim_output_dir, load_first, save_checkpoint, settle_overwrite
@@ -137,10 +137,8 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
             loader.resume_from(state.stream[accelerator.process_index])
         elif state.step_in_epoch:
             loader = accelerator.skip_first_batches(r.train_loader, state.step_in_epoch)
-        recording = r.cache is not None and not ensure_epoch(r.cache, epoch, accelerator)
-        if recording:  # this epoch runs the teacher and records it
-            r.cache.prepare_epoch(epoch, accelerator.is_main_process)
-            accelerator.wait_for_everyone()
+        # this epoch runs the teacher and records it, unless it is cached (or another run is computing it: waited for)
+        recording = r.cache is not None and acquire_epoch(r.cache, epoch, accelerator) == 'record'
         train_metrics = train_one_epoch(accelerator, task, loader, r.optimizer, r.scheduler, state, config,
                                         r.mixup_fn, on_step=step_checkpoint, prepare=r.pipeline.train_stage,
                                         model_ema=r.model_ema, select=task.teacher.select if r.cache else None)
@@ -293,6 +291,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
             e.rank = accelerator.process_index  # may be this process's alone (e.g. a bad image in its shard)
         raise
     finally:
+        release_claims(r.cache)  # an epoch this run stopped computing: other runs need not wait for it
         r.task.remove_hooks()
     result['seconds'] = time.time() - started
     accelerator.end_training()

@@ -20,7 +20,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ..base import UserError, first_line, write_text_atomic
+from ..base import UserError, first_line
+from .claims import locked, write_atomic
 
 _logger = logging.getLogger(__name__)
 
@@ -91,11 +92,20 @@ def check_epoch(cache, epoch: int, checksum: bool = False) -> Optional[str]:
 
 
 def drop_epoch(cache, epoch: int, reason: str) -> None:
-    """Take a damaged epoch out of the manifest and delete its folder (main process): it is computed again."""
-    _logger.warning(f'Teacher cache {cache.root}: epoch {epoch} is damaged ({reason}); it is dropped and computed '
-                    f'again with the live teacher.')
-    cache.manifest['epochs'] = [e for e in cache.manifest['epochs'] if e != epoch]
-    cache.manifest.get('checksums', {}).pop(str(epoch), None)
-    write_text_atomic(cache.root / MANIFEST, json.dumps(cache.manifest, indent=1))
-    shutil.rmtree(cache.epoch_dir(epoch), ignore_errors=True)
+    """Take a damaged epoch out of the manifest and delete its folder (main process): it is computed again.
+
+    Under the cache's lock, against the manifest as it is now: an epoch another run has meanwhile dropped and
+    written again (other checksums than the ones found wrong) is left alone.
+    """
+    checked = cache.manifest.get('checksums', {}).get(str(epoch))
+    with locked(cache.root):
+        manifest = read_manifest(cache.root)
+        if epoch in manifest['epochs'] and manifest.get('checksums', {}).get(str(epoch)) == checked:
+            _logger.warning(f'Teacher cache {cache.root}: epoch {epoch} is damaged ({reason}); it is dropped and '
+                            f'computed again with the live teacher.')
+            shutil.rmtree(cache.epoch_dir(epoch), ignore_errors=True)  # before the manifest: no claim can come between
+            manifest['epochs'] = [e for e in manifest['epochs'] if e != epoch]
+            manifest.get('checksums', {}).pop(str(epoch), None)
+            write_atomic(cache.root / MANIFEST, json.dumps(manifest, indent=1))
+        cache.manifest = manifest
     cache.forget(epoch)

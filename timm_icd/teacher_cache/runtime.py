@@ -6,6 +6,7 @@
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -17,10 +18,13 @@ from accelerate.utils import broadcast_object_list
 from ..base import UserError
 from ..data import AugmentConfig, ImageData, Pipeline
 from ..distill import ICDTeacher, probe_feature_dim
+from .claims import describe
 from .integrity import check_epoch, drop_epoch, read_manifest
 from .storage import MANIFEST, CachedTeacher, TeacherCache, dataset_fingerprint, sample_indices, weights_hash
 
 _logger = logging.getLogger(__name__)
+
+POLL_S = 1.0  # how often a run waiting for another run's epoch looks again
 
 
 def open_for_run(
@@ -110,6 +114,41 @@ def ensure_epoch(cache: TeacherCache, epoch: int, accelerator: Accelerator) -> b
         if not damaged[0]:
             cache.verified.add(epoch)
     return cache.complete(epoch)
+
+
+def acquire_epoch(cache: TeacherCache, epoch: int, accelerator: Accelerator, wait: bool = True) -> str:
+    """Whether this run replays ``epoch`` ('replay') or computes and records it ('record', its files prepared), decided
+    by the main process for all. An epoch another live run is computing is waited for, then replayed: the teacher
+    runs once per epoch whatever the number of runs (``storage.py`` says why, with measurements); with ``wait`` False
+    the answer is then 'busy'. Polls with one small broadcast per ``POLL_S``: no collective blocks for long."""
+    announced = False
+    while True:
+        decision = [cache.claim_epoch(epoch) if accelerator.is_main_process else None]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(decision)
+            if not accelerator.is_main_process:
+                cache.reload()
+        if decision[0] == 'complete':
+            if ensure_epoch(cache, epoch, accelerator):
+                return 'replay'
+            continue  # damaged and dropped: claim it
+        if decision[0] == 'claimed':
+            cache.prepare_epoch(epoch, accelerator.is_main_process)
+            accelerator.wait_for_everyone()
+            return 'record'
+        if not wait:
+            return 'busy'
+        if not announced:
+            _logger.info(f'Teacher cache {cache.root}: epoch {epoch} is being computed by another run '
+                         f'({describe(decision[0])}); waiting for it.')
+            announced = True
+        time.sleep(POLL_S)
+
+
+def release_claims(cache: Optional[TeacherCache]) -> None:
+    """Give up the epochs this process claimed and did not complete (a run that stops on an error)."""
+    if cache is not None:
+        cache.release_claims()
 
 
 def verify(root: str) -> dict:

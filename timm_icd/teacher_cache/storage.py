@@ -19,6 +19,27 @@ to the manifest (written atomically). A run killed while writing leaves its epoc
 rewrites the rows after its last checkpoint (the same values), another run recomputes the epoch. A reader uses only
 complete epochs, so a cache is never silently wrong: mismatched settings are refused naming the field.
 
+Several runs (different students, the same data settings; on several machines where the file system has working
+``flock``, as Linux NFS does) may use one folder at the same time (``claims.py``): every manifest change is a
+read-modify-write under ``DIR/.lock`` that adds this run's epoch to what the manifest holds now, temporary files carry
+the writer's pid and a random part, and an epoch is computed by the run that claimed it (``DIR/.claim-epoch-NNNN``,
+made under the lock; the processes of one run share its claim). A run that reaches an epoch another live run has
+claimed waits for it (polling every second) and replays it. A claim whose writer is gone (its pid, on the same
+machine; a heartbeat 5 minutes old, elsewhere) is taken over: the new writer keeps the rows already in the files
+(each is what the teacher gives for that row), writes the rows it trains on again and fills the rest. A writer whose
+claim was taken over after a stall does not mark the epoch complete; should its late writes change the files after
+the new holder stored their checksums, the first run to use the epoch finds the CRC32 differs, drops the epoch and
+computes it again (``integrity.py``): still never silently wrong.
+
+Wait rather than compute one's own rows (and merge), measured (``benchmarks/cache_concurrency.py``, two runs started
+together on 2 CPU cores, resnet18 teacher, 3 epochs, ``benchmarks/results/teacher_cache.md``): waiting ran the
+teacher 3 epochs in all against 6, and used 31.4 and 36.7 CPU-s against 38.0 and 41.3 (two sessions); wall times
+(21 s against 43 s, then 72 s against 67 s) followed the load other processes put on the machine, not the mode.
+In steady state the waiting run trails the claimant by one cached epoch (it replays epoch e while the claimant
+computes e + 1), so it ends about one cached epoch after it: 3.5 s at 224 px in the table there, against 13 s of
+teacher per epoch that every run computing its own would pay again. The price: a fast student that shares a folder
+with a slower one trains at the slower one's pace for the epochs the slower one claims.
+
 Batch-level augmentations (Mixup, CutMix, random erasing) make the teacher's input depend on the rest of the batch,
 and a stream's sample order depends on the process count: those are refused with a cache.
 """
@@ -27,14 +48,15 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import datasets
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..base import UserError, write_text_atomic
+from ..base import UserError
+from .claims import LOCK, STALE_S, Claim, locked, read_claim, unique_tmp, why_free, write_atomic
 from .integrity import MANIFEST, epoch_checksums, read_manifest
 
 _logger = logging.getLogger(__name__)
@@ -80,6 +102,7 @@ class TeacherCache:
         self.features, self.topk = manifest['storage']['features'], manifest['storage']['topk']
         self._open: Dict[int, Dict[str, np.ndarray]] = {}
         self.verified = set()  # complete epochs whose checksums this process has checked (``runtime.ensure_epoch``)
+        self.claims: Dict[int, Claim] = {}  # epochs this process computes for the other runs (main process)
 
     @classmethod
     def create_or_open(cls, root: Path, valid_for: dict, storage: dict, rows: int, feature_dim: int,
@@ -92,6 +115,17 @@ class TeacherCache:
         path = root / MANIFEST
         shape = {'rows': rows, 'feature_dim': feature_dim, 'num_classes': num_classes}
         manifest = read_manifest(root)
+        if manifest is None and is_main:  # start it, unless another run does at the same moment
+            root.mkdir(parents=True, exist_ok=True)
+            with locked(root):
+                manifest = read_manifest(root)
+                if manifest is None:
+                    if any(p.name != LOCK for p in root.iterdir()):
+                        raise UserError(f'--teacher-cache {root} is a folder without a cache manifest; name a new or '
+                                        f'empty one.')
+                    manifest = {'version': VERSION, 'valid_for': valid_for, **shape, 'storage': storage, 'epochs': [],
+                                'checksums': {}, 'teacher_metrics': None}
+                    write_atomic(path, json.dumps(manifest, indent=1))
         if manifest is not None:
             if manifest.get('version') != VERSION:
                 raise UserError(f'--teacher-cache {root} has format version {manifest.get("version")}, this tool '
@@ -108,17 +142,44 @@ class TeacherCache:
                 raise UserError(f"--teacher-cache {root} stores {_short(manifest['storage'])}, this run asks for "
                                 f"{_short(storage)} (--cache-features, --cache-topk): drop them or use another folder.")
             return cls(root, manifest)
-        if root.exists() and any(root.iterdir()):
-            raise UserError(f'--teacher-cache {root} is a folder without a cache manifest; name a new or empty one.')
-        manifest = {'version': VERSION, 'valid_for': valid_for, **shape, 'storage': storage, 'epochs': [],
-                    'checksums': {}, 'teacher_metrics': None}
-        if is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, json.dumps(manifest, indent=1))
-        return cls(root, manifest)
+        # another process of this run (the main one starts the cache first)
+        return cls(root, {'version': VERSION, 'valid_for': valid_for, **shape, 'storage': storage, 'epochs': [],
+                          'checksums': {}, 'teacher_metrics': None})
 
     def complete(self, epoch: int) -> bool:
         return epoch in self.manifest['epochs']
+
+    def claim_epoch(self, epoch: int, stale_after: float = STALE_S) -> Union[str, dict]:
+        """Main process: 'complete' when ``epoch`` is (another run may just have completed it), 'claimed' when this
+        process now computes it (no claim, a claim whose writer is gone, or its own), else the live claim (a dict:
+        who writes it). Reads the manifest again; takes the lock only to claim (a read-only cache stays readable)."""
+        self.reload()
+        if self.complete(epoch):
+            return 'complete'
+        with locked(self.root):
+            self.reload()
+            if self.complete(epoch):
+                return 'complete'
+            if epoch in self.claims and self.claims[epoch].held():
+                return 'claimed'
+            claim = read_claim(self.root, epoch)
+            reason = why_free(claim, stale_after) if claim is not None else None
+            if claim is not None and reason is None:
+                return claim
+            if reason:
+                _logger.warning(f'Teacher cache {self.root}: the claim on epoch {epoch} by pid {claim.get("pid")} on '
+                                f'{claim.get("host")} is void ({reason}); this run computes the epoch.')
+            self.claims[epoch] = Claim(self.root, epoch)
+            self.claims[epoch].write()
+            return 'claimed'
+
+    def release_claims(self) -> None:
+        """Give up every claim this process holds (a run that stops early: the others need not wait for it)."""
+        if self.claims:
+            with locked(self.root):
+                for claim in self.claims.values():
+                    claim.release()
+            self.claims = {}
 
     def array_specs(self) -> Dict[str, Tuple[tuple, np.dtype]]:
         """Name -> (shape, dtype) of the arrays every epoch holds."""
@@ -145,7 +206,7 @@ class TeacherCache:
             for name, (shape, dtype) in self.array_specs().items():
                 path = folder / f'{name}.npy'
                 if not path.exists():
-                    tmp = folder / f'.tmp-{name}.npy'
+                    tmp = unique_tmp(path)
                     np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=shape).flush()
                     os.replace(tmp, path)
 
@@ -211,12 +272,24 @@ class TeacherCache:
         missing = self.missing(epoch)
         if len(missing):
             raise RuntimeError(f'teacher cache epoch {epoch} lacks {len(missing)} rows (first {missing[:5]})')
-        self.manifest['epochs'] = sorted(set(self.manifest['epochs']) | {epoch})
-        self.manifest.setdefault('checksums', {})[str(epoch)] = epoch_checksums(self, epoch)
-        self.verified.add(epoch)
-        if teacher_metrics and not self.manifest.get('teacher_metrics'):
-            self.manifest['teacher_metrics'] = teacher_metrics
-        write_text_atomic(self.root / MANIFEST, json.dumps(self.manifest, indent=1))
+        checksums = epoch_checksums(self, epoch)  # before the lock: a large epoch takes seconds
+        with locked(self.root):  # read-modify-write: the epochs other runs completed meanwhile stay
+            self.reload()
+            claim = self.claims.pop(epoch, None)
+            if claim is not None and not claim.held():  # taken over after a stall: the new holder completes it
+                _logger.warning(f'Teacher cache {self.root}: another run took over epoch {epoch} from this one; it '
+                                f'marks the epoch complete.')
+                claim.release()
+                return
+            if not self.complete(epoch):
+                self.manifest['epochs'] = sorted(set(self.manifest['epochs']) | {epoch})
+                self.manifest.setdefault('checksums', {})[str(epoch)] = checksums
+                if teacher_metrics and not self.manifest.get('teacher_metrics'):
+                    self.manifest['teacher_metrics'] = teacher_metrics
+                write_atomic(self.root / MANIFEST, json.dumps(self.manifest, indent=1))
+                self.verified.add(epoch)
+            if claim is not None:
+                claim.release()
 
     def reload(self) -> None:
         """Read the manifest again (on processes other than the one that wrote it)."""
