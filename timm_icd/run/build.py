@@ -55,6 +55,7 @@ class Run:
     scheduler: Any = None
     num_epochs: int = 0
     state: RunState = field(default_factory=RunState)
+    preemption: Any = None  # run.preempt.Preemption: signals and time limit (set by run.train.run)
 
 
 def default_output(args: argparse.Namespace, accelerator: Accelerator) -> Path:

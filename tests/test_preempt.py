@@ -1,0 +1,66 @@
+"""Pre-emption: SIGTERM, SIGINT and SIGUSR1 mid-epoch (1 and 2 processes) and --time-limit stop a run at a step
+boundary with a checkpoint and exit code 75; --resume auto then ends exactly where an uninterrupted run ends, with
+every step computed once."""
+import json
+import subprocess
+
+import pytest
+import safetensors.torch
+
+from conftest import FAST, REPO, offline_env, run_cli
+from test_distributed import accelerate_launch
+from timm_icd.run import PREEMPTED_EXIT_CODE
+from timm_icd.run.checkpoint import find_latest_checkpoint
+
+# 256 rows at -b 32: 8 steps per epoch, 16 in all (2 processes at -b 16: the same)
+RUN = ['--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student', 'test_efficientnet', '--epochs', '2',
+       '--drop', '0.2', '--seed', '3', '--keep-checkpoints', '5', *FAST]
+LINE = 'preempted at epoch {} step {}; checkpoint saved: resume with --resume auto'
+
+
+def assert_bit_equal(a, b):
+    weights_a, weights_b = safetensors.torch.load_file(a), safetensors.torch.load_file(b)
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        assert weights_a[key].equal(weights_b[key]), key
+
+
+def run_state(out):
+    return json.loads((find_latest_checkpoint(out) / 'run_state.json').read_text())
+
+
+def test_signals_stop_at_the_step_with_a_checkpoint_and_resume_exactly(digits_small, tmp_path):
+    a, b, steps = tmp_path / 'a', tmp_path / 'b', tmp_path / 'steps.log'
+    reference = run_cli('--dataset', digits_small, '--output', a, *RUN, '-b', '32')
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    def run_b(signals, resume=True):
+        env = offline_env(TIMM_ICD_SIGNAL_AT=signals, TIMM_ICD_STEP_LOG=str(steps))
+        return run_cli('--dataset', digits_small, '--output', b, *RUN, '-b', '32',
+                       *(['--resume', 'auto'] if resume else []), env=env, script='tests/train_crash.py')
+
+    # Ctrl-C during step 5, and again while its checkpoint is written: the save completes, no second save
+    stopped = run_b('step:5:INT,checkpoint:1:INT', resume=False)
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1] == LINE.format(0, 5)
+    assert find_latest_checkpoint(b).name == 'checkpoint-00000005'
+    state = run_state(b)
+    assert (state['epoch'], state['step_in_epoch'], state['num_updates']) == (0, 5, 5)
+    assert [p.name for p in (b / 'checkpoints').iterdir()] == ['checkpoint-00000005']  # no partial save left
+    # SIGUSR1 during epoch 0's evaluation: the epoch ends, its checkpoint is the stop
+    stopped = run_b('eval:1:USR1')
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr[-3000:]
+    assert 'Resumed from' in stopped.stderr and stopped.stderr.strip().splitlines()[-1] == LINE.format(1, 0)
+    assert find_latest_checkpoint(b).name == 'checkpoint-00000008'
+    # SIGTERM during the 4th step of epoch 1, and another one during the save
+    stopped = run_b('step:4:TERM,checkpoint:1:TERM')
+    assert stopped.returncode == PREEMPTED_EXIT_CODE, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1] == LINE.format(1, 4)
+    assert run_state(b)['global_step'] == 12
+    done = run_b('')
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    assert steps.read_text().count('\n') == 16  # each of the 16 steps computed once: none repeated, none lost
+    assert_bit_equal(a / 'student' / 'model.safetensors', b / 'student' / 'model.safetensors')
+    assert (a / 'summary.csv').read_text() == (b / 'summary.csv').read_text()
+    assert run_state(b)['num_updates'] == run_state(a)['num_updates'] == 16
