@@ -64,3 +64,37 @@ def test_signals_stop_at_the_step_with_a_checkpoint_and_resume_exactly(digits_sm
     assert_bit_equal(a / 'student' / 'model.safetensors', b / 'student' / 'model.safetensors')
     assert (a / 'summary.csv').read_text() == (b / 'summary.csv').read_text()
     assert run_state(b)['num_updates'] == run_state(a)['num_updates'] == 16
+
+
+@pytest.mark.long
+def test_two_processes_stop_together_and_resume_exactly(digits_small, tmp_path):
+    a, b, steps = tmp_path / 'a', tmp_path / 'b', tmp_path / 'steps.log'
+    run = ['--dataset', digits_small, *RUN, '-b', '16']
+    reference = accelerate_launch(29581, REPO / 'train_icd.py', *run, '--output', a)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    def run_b(signals, port, **env):
+        return accelerate_launch(port, REPO / 'tests' / 'train_crash.py', *run, '--output', b, '--resume', 'auto',
+                                 timeout=300, env_extra={'TIMM_ICD_SIGNAL_AT': signals,
+                                                         'TIMM_ICD_STEP_LOG': str(steps), **env})
+
+    # SIGTERM to rank 1 alone during step 5: rank 0 learns it through the step's reduce, both save step 5
+    stopped = run_b('step:5@1:TERM', 29582)
+    assert stopped.stderr.count(LINE.format(0, 5)) == 1, stopped.stderr[-3000:]  # printed by rank 0 only
+    assert stopped.stderr.count(f'exitcode  : {PREEMPTED_EXIT_CODE}') == 2, stopped.stderr[-3000:]
+    assert 'died' not in stopped.stderr and 'error: rank' not in stopped.stderr  # not a dead peer
+    assert find_latest_checkpoint(b).name == 'checkpoint-00000005'
+    # SIGUSR1 to the launcher (what the README's SLURM script does), which passes it on to both processes
+    stopped = run_b('step:3@0:^USR1', 29583, PET_SIGNALS_TO_HANDLE='SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1')
+    assert stopped.returncode == 128 + 10, stopped.stderr[-3000:]  # the launcher's own code: 128 + SIGUSR1
+    state = run_state(b)
+    assert 8 <= state['global_step'] < 16
+    assert stopped.stderr.count(LINE.format(state['epoch'], state['step_in_epoch'])) == 1, stopped.stderr[-3000:]
+    assert 'died' not in stopped.stderr and 'error: rank' not in stopped.stderr
+    done = run_b('', 29584)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    ranks = steps.read_text().split()
+    assert ranks.count('0') == ranks.count('1') == 16  # every step computed once by each process
+    assert_bit_equal(a / 'student' / 'model.safetensors', b / 'student' / 'model.safetensors')
+    assert (a / 'summary.csv').read_text() == (b / 'summary.csv').read_text()
