@@ -469,7 +469,7 @@ def validate_args(args: argparse.Namespace) -> None:
     args.preempt_signal = 'none' if not parse_signals(args.preempt_signal) else args.preempt_signal
     args.time_limit = 'none' if args.time_limit and parse_time_limit(args.time_limit) is None else args.time_limit
     if args.push_to_hub:  # repo id and token now, not after hours of training
-        check_push_target(args.push_to_hub)
+        check_push_target(args.push_to_hub, round_trip=True)
 
     # let timm's own factories judge optimizer and schedule settings, on a throwaway parameter
     dummy = torch.nn.Linear(1, 1)
