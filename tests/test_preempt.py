@@ -2,7 +2,7 @@
 boundary with a checkpoint and exit code 75; --resume auto then ends exactly where an uninterrupted run ends, with
 every step computed once."""
 import json
-import subprocess
+import time
 
 import pytest
 import safetensors.torch
@@ -98,3 +98,18 @@ def test_two_processes_stop_together_and_resume_exactly(digits_small, tmp_path):
     assert ranks.count('0') == ranks.count('1') == 16  # every step computed once by each process
     assert_bit_equal(a / 'student' / 'model.safetensors', b / 'student' / 'model.safetensors')
     assert (a / 'summary.csv').read_text() == (b / 'summary.csv').read_text()
+
+
+def test_time_limit_stops_with_a_checkpoint_before_the_limit(digits_small, tmp_path):
+    out, limit = tmp_path / 'r', 30
+    started = time.monotonic()
+    result = run_cli('--dataset', digits_small, '--output', out, '--student', 'test_resnet', '--method', 'vanilla',
+                     '--epochs', '100', '-b', '32', '--time-limit', f'00:00:{limit}', *FAST,
+                     env=offline_env(TIMM_ICD_TEST_FORK='0'))  # a process of its own, started now (no zygote)
+    seconds = time.monotonic() - started
+    assert result.returncode == PREEMPTED_EXIT_CODE, result.stderr[-3000:]
+    assert seconds < limit, result.stderr[-3000:]  # the run's own clock starts with its process, after this one's
+    state = run_state(out)
+    assert 'Time limit: ' in result.stderr and 0 < state['global_step'] < 800
+    assert result.stderr.strip().splitlines()[-1] == LINE.format(state['epoch'], state['step_in_epoch'])
+    assert not (out / 'student').exists()  # stopped, not finished

@@ -9,7 +9,8 @@ exactly. A second SIGINT outside a save still ends the process at once (Keyboard
 that arrives while a checkpoint is being written is only noted, so the save completes.
 
 ``--time-limit`` (or SLURM's ``SLURM_JOB_END_TIME``) stops the same way when the time left is shorter than what the
-next stop would cost: ``SAFETY`` times (the next step, or the epoch's evaluation, plus the last checkpoint save).
+next stop would cost: ``SAFETY`` times (the next step, or the epoch's evaluation, plus the last checkpoint save),
+plus ``EXIT_SECONDS`` for the process to end.
 
 ``EXIT_CODE`` is 75, ``EX_TEMPFAIL`` of sysexits.h ("a temporary failure; the user is invited to retry"): distinct
 from 0 (done), 1 (a crash), 2 (a user error), 3 (a dead peer), 130 (Ctrl-C) and from 128+N (killed by signal N
@@ -34,6 +35,7 @@ _logger = logging.getLogger(__name__)
 EXIT_CODE = 75
 DEFAULT_SIGNALS = 'TERM,INT,USR1'
 SAFETY = 2.0  # the margin is this many times the measured cost of the next stop
+EXIT_SECONDS = 10.0  # and this much more: the process's own end (interpreter, process group, launcher) and hiccups
 UNMEASURED_SAVE_SECONDS = 5.0  # plus the checkpoint's bytes at 50 MB/s, until a save has been timed
 ASSUMED_WRITE_BYTES_PER_SECOND = 50e6
 
@@ -152,7 +154,7 @@ class Preemption:
             step = max(self.steps, default=0.0)
             upcoming = (self.eval_seconds + step) if last else step
             left = self.deadline - time.time()
-            if left < SAFETY * (upcoming + self._save_estimate(state_bytes)):
+            if left < SAFETY * (upcoming + self._save_estimate(state_bytes)) + EXIT_SECONDS:
                 self.requested = 'time limit'
                 _logger.info(f'Time limit: {left:.0f}s left, stopping at this step (a step takes {step:.2f}s, '
                              f'a checkpoint {self._save_estimate(state_bytes):.2f}s).')
