@@ -1,11 +1,11 @@
 """A Hub-compatible HTTP server on 127.0.0.1 for the tests: the endpoints huggingface_hub really calls.
 
-create_repo (POST /api/repos/create), create_branch, README validation (POST /api/validate-yaml), upload_folder /
-create_commit (POST .../preupload/{rev} answering "regular" uploads, then the NDJSON POST .../commit/{rev}), repo
-info, file download (HEAD/GET /{repo}/resolve/{rev}/{path} with ETag, X-Repo-Commit and Content-Length), list_models
-(GET /api/models: filter, author, search, sort, limit, expand), and collections (create_collection, get_collection,
-add_collection_item). The real huggingface_hub client talks to it unpatched through HF_ENDPOINT. Repositories live
-in memory.
+whoami (GET /api/whoami-v2), create_repo (POST /api/repos/create), create_branch, README validation (POST
+/api/validate-yaml), upload_folder / create_commit (POST .../preupload/{rev} answering "regular" uploads, then the
+NDJSON POST .../commit/{rev}), repo info, file download (HEAD/GET /{repo}/resolve/{rev}/{path} with ETag,
+X-Repo-Commit and Content-Length), list_models (GET /api/models: filter, author, search, sort, limit, expand), and
+collections (create_collection, get_collection, add_collection_item). The real huggingface_hub client talks to it
+unpatched through HF_ENDPOINT. Repositories live in memory.
 
 As on the Hub, a model's tags are its card's tags plus ones the Hub derives from the card (library, ``dataset:X``,
 ``base_model:X``, ``license:X``), and each GET of its config.json counts one download. Commits advance a fake clock
@@ -94,6 +94,7 @@ class FakeHub:
             ('POST', rf'/api/models/{REPO}/commit/(?P<rev>[^/]+)', self.commit),
             ('POST', rf'/api/models/{REPO}/branch/(?P<rev>[^/]+)', self.create_branch),
             ('GET', r'/api/models', self.list_models),
+            ('GET', r'/api/whoami-v2', self.whoami),
             ('GET', rf'/api/models/{REPO}(?:/revision/(?P<rev>[^/]+))?', self.repo_info),
             ('POST', r'/api/collections', self.create_collection),
             ('GET', rf'/api/collections/{SLUG}', self.get_collection),
@@ -229,6 +230,12 @@ class FakeHub:
         main = entry['branches']['main']
         entry['branches'][rev] = {'sha': main['sha'], 'files': dict(main['files'])}
         return 200, {}, {}
+
+    def whoami(self, authed, **_):
+        """Who the token belongs to (what ``--push-to-hub`` asks before training); 401 for another token."""
+        if not authed:
+            return 401, {'error': 'Invalid credentials in Authorization header'}, {}
+        return 200, {'type': 'user', 'name': 'icd-tests', 'orgs': []}, {}
 
     def repo_info(self, repo, authed, rev='main', **_):
         entry, branch, error = self._repo(repo, authed, rev=rev)

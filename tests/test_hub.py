@@ -2,8 +2,10 @@
 import csv
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -180,6 +182,57 @@ def test_train_icd_checks_the_push_target_before_training(hub, digits_small, tmp
                      '--push-to-hub', REPO_ID, *FAST, env=hub_env(hub, tmp_path, token=False))
     assert result.returncode == 2 and 'error: no Hugging Face token' in result.stderr
     assert not out.exists()
+
+
+def garbage_server():
+    """A loopback server that answers every request with an HTTP 200 web page, not the Hub's JSON: its endpoint."""
+    server = socket.socket()
+    server.bind(('127.0.0.1', 0))
+    server.listen()
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                conn.recv(65536)
+                body = b'<html>captive portal</html>'
+                conn.sendall(b'HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n'
+                             b'Content-Length: %d\r\n\r\n%s' % (len(body), body))
+    threading.Thread(target=serve, daemon=True).start()
+    return server, f'http://127.0.0.1:{server.getsockname()[1]}'
+
+
+@pytest.mark.parametrize('case,expected', [
+    ('refused', r'cannot reach the Hub at http://127\.0\.0\.1:\d+ \(ConnectError'),
+    ('dropped', r'cannot reach the Hub at .*disconnected'),
+    ('garbage', r"the server at http://127\.0\.0\.1:\d+ answered not the Hub's answer: '<html>captive"),
+    ('bad-token', r'the Hub at .* rejected the token \(401\)'),
+])
+def test_an_unusable_hub_is_refused_before_training(case, expected, hub, digits_small, tmp_path):
+    out, server = tmp_path / 'never', None
+    endpoint = f'http://127.0.0.1:{closed_port()}' if case == 'refused' else None
+    if case == 'garbage':
+        server, endpoint = garbage_server()
+    env = hub_env(hub, tmp_path, endpoint=endpoint)
+    if case == 'bad-token':
+        env['HF_TOKEN'] = 'hf_wrong_token'
+    hub.mode = 'drop' if case == 'dropped' else 'ok'
+    try:
+        result = run_cli('--dataset', digits_small, '--student', 'test_resnet', '--method', 'vanilla', '--output',
+                         out, '--push-to-hub', REPO_ID, *FAST, env=env, timeout=120)
+    finally:
+        hub.mode = 'ok'
+        if server is not None:
+            server.close()
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f'error: --push-to-hub {REPO_ID}: ') and re.search(expected, lines[0]), lines[0]
+    assert lines[0].endswith('checked before training, so nothing ran. Fix it, or train without --push-to-hub and '
+                             'push later with `python -m timm_icd.push`.')
+    assert not out.exists() and 'hf_wrong_token' not in result.stderr  # before epoch 0: no run folder at all
 
 
 def test_validate_and_load_published_student(hub, pushed, digits_small, tmp_path):

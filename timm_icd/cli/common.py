@@ -3,6 +3,8 @@
     0    done
     2    a user error: one line, ``error: ...``, on standard error
     3    a peer process died (the watchdog's line; ``run/watchdog.py``)
+    75   pre-empted: a signal or the time limit stopped the run at a step boundary, with a checkpoint there
+         (``run/preempt.py``: EX_TEMPFAIL, "retry later"; resume with ``--resume auto``)
     130  interrupted (Ctrl-C)
 
 Rank policy, for commands that run under ``accelerate launch``: every process ends with one line. A user error that
@@ -15,7 +17,7 @@ import sys
 from typing import Callable
 
 from ..base import UserError, error_line
-from ..run import explain_failure, report_user_error
+from ..run import PREEMPTED_EXIT_CODE, Preempted, explain_failure, report_user_error
 
 
 def _rank() -> int:
@@ -41,6 +43,10 @@ def run_command(body: Callable[[], int], interrupted: str = 'interrupted') -> in
         if report_user_error(line, own=e.rank is not None):
             print(f'[rank {_rank()}] error: {line}' if _rank() else f'error: {line}', file=sys.stderr)
         return 2
+    except Preempted as e:  # every process saved its part of the checkpoint and agrees: one line, from rank 0
+        if is_main_process():
+            print(str(e), file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130

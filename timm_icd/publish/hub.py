@@ -21,12 +21,14 @@ import timm
 import torch.nn as nn
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
 
 from ..base import UserError, __version__, first_line
 from .export import DISTILLATION_JSON, public_record, read_record
 
 _logger = logging.getLogger(__name__)
+
+HUB_CHECK_TIMEOUT = 10.0  # seconds for the up-front round trip of --push-to-hub
 
 CARD_NAME = 'model_card.md'
 STUDENT_FILES = ('model.safetensors', 'config.json', DISTILLATION_JSON)
@@ -53,8 +55,12 @@ def method_tag(method: str) -> str:
     return f'method:{method}'
 
 
-def check_push_target(repo_id: str) -> str:
-    """Fail before any training when the repo id is malformed or no token is available; return the token."""
+def check_push_target(repo_id: str, round_trip: bool = False) -> str:
+    """Fail before any training when the repo id is malformed or no token is available; return the token.
+
+    With ``round_trip``, also ask the Hub who the token belongs to (``hub_whoami``): one request, and refuse when
+    the Hub cannot be reached, rejects the token or answers something that is not the Hub's answer.
+    """
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
@@ -64,7 +70,33 @@ def check_push_target(repo_id: str) -> str:
     token = get_token()
     if not token:
         raise UserError('no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push again.')
+    if round_trip:
+        endpoint = constants.ENDPOINT
+        try:
+            hub_whoami(token)
+        except Exception as e:  # httpx's, huggingface_hub's and JSON's errors alike: the Hub is not usable now
+            raise UserError(f'--push-to-hub {repo_id}: {describe_error(e, endpoint)}; checked before training, so '
+                            f'nothing ran. Fix it, or train without --push-to-hub and push later with '
+                            f'`python -m timm_icd.push`.') from e
     return token
+
+
+def hub_whoami(token: str, timeout: float = HUB_CHECK_TIMEOUT) -> dict:
+    """``HfApi.whoami`` with a timeout: one GET of ``/api/whoami-v2``, no retries; the account's record.
+
+    ``HfApi.whoami`` takes no timeout and huggingface_hub's shared client has none, so a Hub that accepts the
+    connection and never answers would hold the run forever: the same request is sent here with one.
+    """
+    response = get_session().get(f'{constants.ENDPOINT}/api/whoami-v2', headers=build_hf_headers(token=token),
+                                 timeout=timeout)
+    hf_raise_for_status(response)
+    try:
+        record = response.json()
+    except ValueError as e:
+        raise ValueError(f'not the Hub\'s answer: {response.text[:60]!r}') from e
+    if not isinstance(record, dict) or not isinstance(record.get('name'), str):
+        raise ValueError(f'not the Hub\'s answer: {response.text[:60]!r}')
+    return record
 
 
 def check_collection_slug(slug: str) -> str:
@@ -146,6 +178,8 @@ def describe_error(e: Exception, endpoint: str) -> str:
         if status == 403:
             return f'the token may not write to this repository (403: {reason})'
         return f'the Hub at {endpoint} answered {status}: {reason}'
+    if isinstance(e, ValueError):  # hub_whoami: something answered, but not as the Hub does
+        return f'the server at {endpoint} answered {first_line(e, 120)}, not as the Hub does'
     return f'cannot reach the Hub at {endpoint} ({type(e).__name__}: {first_line(e, 200)})'
 
 

@@ -62,6 +62,7 @@ class Run:
     num_epochs: int = 0
     state: RunState = field(default_factory=RunState)
     adaptation: Optional[dict] = None  # the teacher's adaptation (run/adapt.py), when it had one
+    preemption: Any = None  # run.preempt.Preemption: signals and time limit (set by run.train.run)
 
 
 def default_output(args: argparse.Namespace, accelerator: Accelerator) -> Path:

@@ -22,6 +22,7 @@ from ..distill import BATCHES, ICD_NEGATIVES, METHODS, logit_loss_of
 from ..publish import check_collection_slug, check_push_target
 from .adapt import ADAPT_MODES
 from .loop import LoopConfig
+from .preempt import DEFAULT_SIGNALS, parse_signals, parse_time_limit
 
 _logger = logging.getLogger(__name__)
 
@@ -291,6 +292,14 @@ def create_parser(prog: str = 'train_icd.py', description: str = DESCRIPTION) ->
     group.add_argument('--keep-checkpoints', type=int, default=2, metavar='K',
                        help='checkpoints to keep, newest first (default: 2)')
 
+    group = parser.add_argument_group('Pre-emption and time limits (run/preempt.py)')
+    group.add_argument('--preempt-signal', default=DEFAULT_SIGNALS, metavar='SIGNALS',
+                       help='signals that stop the run at the next step with a checkpoint, exit code 75 '
+                            f'(default: {DEFAULT_SIGNALS}; none: die as the signal says)')
+    group.add_argument('--time-limit', default=None, metavar='HH:MM:SS',
+                       help="stop the same way before this much time from the process's start (default: SLURM's "
+                            'job end when SLURM_JOB_END_TIME is set; none: no limit)')
+
     group = parser.add_argument_group('Hugging Face Hub')
     group.add_argument('--push-to-hub', default=None, metavar='ORG/NAME', help='push the student after training')
     group.add_argument('--hub-private', action='store_true', help='create the Hub repository as private')
@@ -490,8 +499,10 @@ def validate_args(args: argparse.Namespace) -> None:
            '--hub-collection adds the pushed student to a collection: it needs --push-to-hub ORG/NAME.')
     if args.hub_collection:
         check_collection_slug(args.hub_collection)
+    args.preempt_signal = 'none' if not parse_signals(args.preempt_signal) else args.preempt_signal
+    args.time_limit = 'none' if args.time_limit and parse_time_limit(args.time_limit) is None else args.time_limit
     if args.push_to_hub:  # repo id and token now, not after hours of training
-        check_push_target(args.push_to_hub)
+        check_push_target(args.push_to_hub, round_trip=True)
 
     # let timm's own factories judge optimizer and schedule settings, on a throwaway parameter
     dummy = torch.nn.Linear(1, 1)

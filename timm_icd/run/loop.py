@@ -6,7 +6,7 @@ on the device until they are logged.
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from ..data import batch_seed
 from ..distill import DistillationTask
 from ..teacher_cache import sample_indices
 from .events import emit
+from .preempt import Preempted
 from .state import LOSS_PARTS, RunState
 
 _logger = logging.getLogger(__name__)
@@ -47,12 +48,15 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or Inf more often than --skip-nonfinite allows."""
 
 
-def _all_finite(accelerator, loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (they must agree to step or to skip). The step's one sync."""
-    finite = torch.isfinite(loss.detach())
+def _agree(accelerator, loss: torch.Tensor, stop: bool) -> Tuple[bool, bool]:
+    """Whether the loss is finite on every process (they must agree to step or to skip), and whether any process
+    asks to stop (``preempt``). The step's one sync: one reduce of one small tensor, one host read."""
+    flags = torch.stack([torch.isfinite(loss.detach()).to(torch.int32),
+                         torch.tensor(int(stop), dtype=torch.int32, device=loss.device)])
     if accelerator.num_processes > 1:
-        finite = accelerator.reduce(finite.to(torch.int32), reduction='sum') == accelerator.num_processes
-    return bool(finite.item())
+        flags = accelerator.reduce(flags, reduction='sum')
+    finite, stops = flags.tolist()
+    return finite == accelerator.num_processes, stops > 0
 
 
 def _skip_nonfinite(state: RunState, out: Dict[str, torch.Tensor], allowed: int) -> None:
@@ -81,6 +85,7 @@ def train_one_epoch(
         prepare: Optional[Callable] = None,
         model_ema=None,
         select: Optional[Callable] = None,
+        wants_stop: Optional[Callable[[bool], bool]] = None,
 ) -> Dict[str, float]:
     """Train for the rest of epoch ``state.epoch``, starting after ``state.step_in_epoch`` batches.
 
@@ -94,6 +99,11 @@ def train_one_epoch(
             loader yields normalised ``(x, y)`` itself.
         model_ema: A timm ``ModelEmaV3`` of the task's student, updated after every optimizer update.
         select: Told (epoch, the batch's dataset rows) before each step (``CachedTeacher.select``).
+        wants_stop: Asked once per step whether this process wants to stop (``Preemption.wants_stop``; its
+            argument says whether the next step is the epoch's last). When any process does, every process
+            finishes the step, reaches the next optimizer update (never stopping inside an accumulation cycle),
+            calls ``on_step`` and raises ``Preempted``; the epoch's last step never stops (the epoch's checkpoint
+            follows it).
 
     Returns:
         Mean of each loss part over the epoch's applied steps, and the last learning rate.
@@ -106,6 +116,7 @@ def train_one_epoch(
     sums = torch.tensor(state.epoch_sums, dtype=torch.float64, device=accelerator.device)
     zero, one = torch.zeros((), device=accelerator.device), torch.ones((), device=accelerator.device)
     total = len(loader) + state.step_in_epoch
+    stopping = False
     # a bar on the main process's terminal only (disable=None: off when stderr is not a terminal, e.g. in logs)
     log_mark = (time.perf_counter(), state.global_step)  # (time, step) of the last tracker log
     bar = tqdm(total=total, initial=state.step_in_epoch, desc=f'epoch {state.epoch}', leave=False,
@@ -126,7 +137,10 @@ def train_one_epoch(
                     out = task(x, y)
                 accelerator.backward(out['loss'])
                 emit('step')
-                if _all_finite(accelerator, out['loss']):
+                asks = wants_stop is not None and not stopping and wants_stop(state.step_in_epoch + 2 == total)
+                finite, agreed = _agree(accelerator, out['loss'], asks)
+                stopping = stopping or agreed
+                if finite:
                     if config.clip_grad is not None and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(module.parameters(), config.clip_grad)
                     optimizer.step()
@@ -158,6 +172,8 @@ def train_one_epoch(
                     log_mark = (now, state.global_step)
             if on_step is not None and state.step_in_epoch < total:
                 on_step(state)
+            if stopping and accelerator.sync_gradients and state.step_in_epoch < total:
+                raise Preempted(state.epoch, state.step_in_epoch, 'stop requested')
     finally:
         bar.close()  # before any error is printed, so the error gets a line of its own
     sums = accelerator.reduce(sums, reduction='sum') if accelerator.num_processes > 1 else sums

@@ -29,6 +29,7 @@ from .build import Run, build, fingerprint
 from .checkpoint import claim_output_dir, load_first, save_checkpoint, settle_overwrite
 from .flags import args_to_yaml, data_seed, loop_config, tracker_config
 from .loop import evaluate, train_one_epoch
+from .preempt import Preempted, Preemption, job_deadline, parse_signals, parse_time_limit
 from .record import run_record
 from .state import RunState
 from .watchdog import start_watchdog
@@ -101,7 +102,9 @@ def checkpoint(r: Run, state: RunState) -> None:
 
     Mid-epoch, a streaming run also records where each process's stream goes on (``StreamLoader.position``).
     """
-    accelerator = r.accelerator
+    accelerator, preemption, started = r.accelerator, r.preemption, time.perf_counter()
+    if preemption is not None:  # a signal now is only noted: the save completes (it is atomic either way)
+        preemption.saving = True
     state.stream = None
     if r.pipeline.kind == 'stream' and state.step_in_epoch:
         positions = [r.train_loader.position]
@@ -113,6 +116,32 @@ def checkpoint(r: Run, state: RunState) -> None:
     save_checkpoint(accelerator, r.output, snapshot, r.scheduler, r.args.keep_checkpoints)
     if r.accelerator.is_main_process:
         settle_overwrite(r.output, keep_new=True)
+    if preemption is not None:
+        preemption.saving, preemption.saved_step = False, state.global_step
+        preemption.save_seconds = time.perf_counter() - started
+
+
+def stop_here(r: Run, state: RunState, agree: bool) -> None:
+    """Save a checkpoint at this step boundary (unless one was just saved here) and raise ``Preempted``.
+
+    Args:
+        agree: The processes have not agreed yet (the end of an epoch): reduce the flag first and return when no
+            process wants to stop. Within an epoch, the step's sync has agreed already.
+    """
+    preemption, accelerator = r.preemption, r.accelerator
+    if agree:
+        preemption.restart_clock()  # the evaluation and the save are not a step
+        wants = preemption.wants_stop(last=False)
+        if accelerator.num_processes > 1:
+            flag = torch.tensor(int(wants), device=accelerator.device)
+            wants = accelerator.reduce(flag, reduction='max').item() > 0
+        if not wants:
+            return
+    _logger.info(f'Stopping at epoch {state.epoch} step {state.step_in_epoch} '
+                 f'({preemption.requested or "another process asked"}).')
+    if preemption.saved_step != state.global_step:
+        checkpoint(r, state)
+    raise Preempted(state.epoch, state.step_in_epoch, preemption.requested or 'another process')
 
 
 def fit(r: Run, argv: Optional[List[str]]) -> dict:
@@ -127,6 +156,11 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
     last = state.history[-1] if state.history else {}
     epoch_seconds = []  # wall time of each epoch this process ran (train + eval), for the log and benchmarks
     config = loop_config(args)
+    preemption = r.preemption
+    wants_stop = None
+    if preemption is not None:  # bytes a checkpoint holds, for the time limit until a save is timed (x3: moments)
+        state_bytes = 3 * sum(t.numel() * t.element_size() for t in task.trainable_module.state_dict().values())
+        wants_stop = lambda next_is_last: preemption.wants_stop(next_is_last, state_bytes)  # noqa: E731
     for epoch in range(state.epoch, r.num_epochs):
         started = time.perf_counter()
         state.epoch = epoch
@@ -139,9 +173,16 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
             loader = accelerator.skip_first_batches(r.train_loader, state.step_in_epoch)
         # this epoch runs the teacher and records it, unless it is cached (or another run is computing it: waited for)
         recording = r.cache is not None and acquire_epoch(r.cache, epoch, accelerator) == 'record'
-        train_metrics = train_one_epoch(accelerator, task, loader, r.optimizer, r.scheduler, state, config,
-                                        r.mixup_fn, on_step=step_checkpoint, prepare=r.pipeline.train_stage,
-                                        model_ema=r.model_ema, select=task.teacher.select if r.cache else None)
+        if preemption is not None:
+            preemption.restart_clock()
+        try:
+            train_metrics = train_one_epoch(accelerator, task, loader, r.optimizer, r.scheduler, state, config,
+                                            r.mixup_fn, on_step=step_checkpoint, prepare=r.pipeline.train_stage,
+                                            model_ema=r.model_ema, select=task.teacher.select if r.cache else None,
+                                            wants_stop=wants_stop)
+        except Preempted:  # every process finished the step and agreed: checkpoint here
+            stop_here(r, state, agree=False)
+        evaluated = time.perf_counter()
         if recording:
             finish_cache_epoch(r.cache, task.teacher, r.pipeline, epoch, accelerator,
                                args.validation_batch_size or args.batch_size, args.workers, state.teacher)
@@ -157,6 +198,8 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
                                    r.pipeline.eval_stage, sharded)
             ema_metrics = {'eval_ema_top1': ema_metrics['top1'], 'eval_ema_top5': ema_metrics['top5']}
         r.scheduler.step(epoch + 1, metrics['top1'])
+        if preemption is not None:
+            preemption.eval_seconds = time.perf_counter() - evaluated
         epoch_seconds.append(time.perf_counter() - started)
         state.seconds += epoch_seconds[-1]  # over resumes too
         last = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items() if k != 'lr'},
@@ -178,6 +221,8 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
                              run_record(r, argv, last))
         state.end_epoch()
         checkpoint(r, state)
+        if preemption is not None and epoch + 1 < r.num_epochs:  # a signal during the evaluation or the save
+            stop_here(r, state, agree=True)
         if accelerator.is_main_process:
             if epoch + 1 < r.num_epochs:
                 write_text_atomic(r.output / 'summary.csv', _summary_csv(state.history))
@@ -276,15 +321,31 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
     Every check runs before the run folder changes. If the run fails before its first checkpoint, a run it was
     replacing with --overwrite is put back.
     """
+    preemption = None
+    if args.preempt_signal != 'none' or args.time_limit != 'none':  # before the watchdog: SIGTERM is then ours
+        deadline = job_deadline(parse_time_limit(args.time_limit) if args.time_limit else None,
+                                use_slurm=args.time_limit != 'none')
+        preemption = Preemption(parse_signals(args.preempt_signal), deadline).install()
+    try:
+        return _run(args, argv, preemption)
+    finally:
+        if preemption is not None:
+            preemption.uninstall()
+
+
+def _run(args: argparse.Namespace, argv: Optional[List[str]], preemption: Optional[Preemption]) -> dict:
     accelerator = create_accelerator(args)
     started = time.time()
     if accelerator.num_processes > 1:
         _logger.info(f'Training on {accelerator.num_processes} processes ({accelerator.distributed_type}).')
     r = build(args, accelerator, finetune=teacher_fine_tuner(args, accelerator))
+    r.preemption = preemption
     try:
         start(r)
         result = fit(r, argv)
     except BaseException as e:
+        if isinstance(e, Preempted):  # a checkpoint holds it all: end the trackers as a finished run does
+            accelerator.end_training()
         if accelerator.is_main_process:
             settle_overwrite(r.output, keep_new=False)
         if isinstance(e, UserError) and accelerator.process_index > 0:
