@@ -223,6 +223,10 @@ def sweep(argv: List[str]) -> int:
     check_same_flags(rows, jobs, root)
     declared = _declare(root, [j['key'] for j in jobs if j['kind'] == 'run'])
     finished = {r['key'] for r in rows if r['kind'] == 'run'}
+    untested = sorted(finished - set(withheld_rows(root))) if cfg.test_split else []
+    if untested:
+        raise UserError(f"runs {', '.join(untested)} finished without --test-split, so they have no test result: "
+                        f"give this sweep another --out, or leave --test-split out.")
     todo = [j for j in jobs if j['kind'] == 'run' and j['key'] not in finished]
     written = {r['key'] for r in rows if r['kind'] == 'cache'}  # a cache written by an earlier call is kept
     caches = [j for j in jobs if j['kind'] == 'cache' and j['key'] in {r['needs'] for r in todo}
@@ -240,13 +244,13 @@ def sweep(argv: List[str]) -> int:
                                   contrasts, rows, declared, tests, cfg.jobs, cfg.primary_test)
 
     def done(job: dict, result: dict) -> None:
+        if job['kind'] == 'run' and cfg.test_split:
+            add_test_row(root, job, result.get('test'))  # to its own file, before the run's row; never printed here
         rows[:] = [r for r in rows if r['key'] != job['key']] + [result_row(job, result, commit, root)]
         write_csv(root / RUNS_CSV, FIELDS, rows)
         if job['kind'] == 'cache':
             print(f"teacher cache {job['key']} ({job['teacher']}): {result['seconds']:.0f} s", flush=True)
             return
-        if cfg.test_split:
-            add_test_row(root, job, result.get('test'))  # to its own file; never printed here
         n = sum(r['kind'] == 'run' for r in rows)
         print(f"[{n}/{len(declared)}] {job['key']}: validation top-1 {result['val_top1']:.2f} "
               f"({result['seconds']:.0f} s)", flush=True)

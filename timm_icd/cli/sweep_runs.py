@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timezone
@@ -21,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..base import UserError, __version__, write_text_atomic
+from ..base import UserError, __version__, first_line, write_text_atomic
 from ..run import parse_and_validate, run, write_ahead
 from .validate import validate
 
@@ -128,6 +129,14 @@ def run_job(job: dict) -> dict:
     """One job in a worker: write a teacher cache, or train a run (``--resume auto``) and, where the sweep names a
     test split, measure the student on it. Returns the numbers, the times (UTC ISO) and the seconds."""
     _redirect(Path(job['log']))
+    try:
+        return _run_job(job)
+    except BaseException:
+        traceback.print_exc()  # into the job's log; the sweep prints its one line
+        raise
+
+
+def _run_job(job: dict) -> dict:
     started, clock = utc_now(), time.time()
     print(f"sweep job {job['key']}: {' '.join(job['argv'])}", flush=True)
     if job['kind'] == 'cache':
@@ -152,14 +161,6 @@ def _pool(jobs: int, threads: int) -> ProcessPoolExecutor:
     context.set_forkserver_preload([__name__])
     return ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,),
                                max_tasks_per_child=1)
-
-
-def _last_line(log: str) -> str:
-    try:
-        lines = [line for line in Path(log).read_text(errors='replace').splitlines() if line.strip()]
-    except OSError:
-        return 'no log'
-    return lines[-1][:300] if lines else 'empty log'
 
 
 def execute(jobs: List[dict], n_jobs: int, threads: int, on_done: Callable[[dict, dict], None],
@@ -198,7 +199,8 @@ def execute(jobs: List[dict], n_jobs: int, threads: int, on_done: Callable[[dict
                         on_done(job, future.result())
                     else:
                         failed_keys.add(job['key'])
-                        on_failed(job, _last_line(job['log']) if not isinstance(error, UserError) else str(error))
+                        on_failed(job, str(error) if isinstance(error, UserError) else
+                                  f'{type(error).__name__}: {first_line(str(error))}')
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
@@ -215,7 +217,7 @@ def result_row(job: dict, result: dict, commit: str, root: Path) -> dict:
 
 def check_same_flags(rows: Sequence[dict], jobs: Sequence[dict], root: Path) -> None:
     """A finished run of ``rows`` that ``jobs`` would run with other flags is a UserError: one folder, one sweep."""
-    planned = {j['key']: relative_flags(j['record_argv'], root) for j in jobs}
+    planned = {j['key']: relative_flags(j['record_argv'], root) for j in jobs if j['kind'] == 'run'}
     for row in rows:
         if row['key'] in planned and row['flags'] != planned[row['key']]:
             raise UserError(f"{root / RUNS_CSV} ran {row['key']} with other flags ({row['flags']}) than this command "
