@@ -83,6 +83,7 @@ def test_sweep_is_killed_resumes_and_withholds_the_test_split(tmp_path, digits_s
         assert (out / r['run_dir'] / 'student' / 'model.safetensors').exists()
         assert f"--seed {r['seed']} --data-seed 0" in r['flags'] and '--val-split holdout' in r['flags']
         assert ('--teacher-cache teacher_cache/t0-student' in r['flags']) == (r['arm'] == 'icd+kd')
+        assert '--resume auto' in (out / r['log']).read_text().splitlines()[0]  # a killed run continues
         if r['arm'] == 'icd+kd':
             assert 'the teacher never runs' in (out / r['log']).read_text()  # read from the one cache
             assert r['teacher'].startswith('local-dir:../') and \
@@ -154,7 +155,7 @@ def test_user_errors_end_in_one_line_before_any_run(tmp_path, digits_small, caps
                        '--methods', 'vanilla,kd', '--out', str(tmp_path / 'sw'), *extra])
     err = capsys.readouterr().err
     assert code == 2 and err.count('\n') == 1 and message in err
-    assert not (tmp_path / 'sw' / 'sweep_runs.csv').exists()
+    assert not (tmp_path / 'sw').exists()  # nothing written before every check has passed
 
 
 def test_plan_spreads_seeds_over_teachers_and_pays_each_teacher_once(tmp_path, digits_small):
@@ -177,3 +178,15 @@ def test_plan_spreads_seeds_over_teachers_and_pays_each_teacher_once(tmp_path, d
     per_seed, _, _ = plan(create_parser().parse_args(argv + ['--data-seed', 'seed']), [], tmp_path)
     assert [j['key'] for j in per_seed if j['kind'] == 'cache'] == [f'cache-t{s % 3}-d{s}' for s in range(5)]
     assert ['--seed', '3', '--data-seed', '3'] == next(j for j in per_seed if j['key'] == 'kd-s3')['argv'][8:12]
+
+
+def test_val_split_holdout_scores_on_part_of_train_even_where_a_test_split_exists(digits_small):
+    import datasets
+    from timm_icd.data import HOLDOUT, load_image_data
+    data = load_image_data(digits_small, val_split=HOLDOUT, val_fraction=0.25)
+    assert data.eval_split == 'train[holdout 0.25]' and (len(data.train), len(data.eval)) == (192, 64)
+    default = load_image_data(digits_small)
+    assert default.eval_split == 'test' and len(default.eval) == 72  # train_icd.py's own default is unchanged
+    named = datasets.DatasetDict(train=datasets.load_from_disk(digits_small)['train'],
+                                 holdout=datasets.load_from_disk(digits_small)['test'])
+    assert len(load_image_data(named, val_split=HOLDOUT).eval) == 72  # a split of that name is that split

@@ -214,19 +214,19 @@ def sweep(argv: List[str]) -> int:
     if cfg.data_seed != 'seed' and not cfg.data_seed.isdigit():
         raise UserError(f'--data-seed {cfg.data_seed}: a number, or seed (each seed its own batches).')
     root = Path(cfg.out).absolute()
-    root.mkdir(parents=True, exist_ok=True)
     jobs, groups, info = plan(cfg, passthrough, root)
     contrasts = parse_contrasts(cfg.contrast, info['arms'])
     for job in jobs:  # every flag checked before the first run starts
         parse_and_validate(job['argv'])
     rows = read_csv(root / RUNS_CSV)
     check_same_flags(rows, jobs, root)
-    declared = _declare(root, [j['key'] for j in jobs if j['kind'] == 'run'])
     finished = {r['key'] for r in rows if r['kind'] == 'run'}
     untested = sorted(finished - set(withheld_rows(root))) if cfg.test_split else []
     if untested:
         raise UserError(f"runs {', '.join(untested)} finished without --test-split, so they have no test result: "
                         f"give this sweep another --out, or leave --test-split out.")
+    root.mkdir(parents=True, exist_ok=True)  # every check above has passed
+    declared = _declare(root, [j['key'] for j in jobs if j['kind'] == 'run'])
     todo = [j for j in jobs if j['kind'] == 'run' and j['key'] not in finished]
     written = {r['key'] for r in rows if r['kind'] == 'cache'}  # a cache written by an earlier call is kept
     caches = [j for j in jobs if j['kind'] == 'cache' and j['key'] in {r['needs'] for r in todo}
@@ -266,7 +266,7 @@ def sweep(argv: List[str]) -> int:
               f"time, {cfg.threads} thread(s) each", flush=True)
         execute(todo, cfg.jobs, cfg.threads, done, fail)
     analysed = report()
-    _summary(analysed, contrasts)
+    _summary(analysed)
     print(f'report: {os.path.relpath(root / REPORT)}', flush=True)
     if failed:
         print(f"{len(failed)} job(s) failed: {', '.join(failed)}; run the same command again to retry them.",
@@ -275,7 +275,7 @@ def sweep(argv: List[str]) -> int:
     return 0
 
 
-def _summary(analysed: dict, contrasts: List[Tuple[str, str]]) -> None:
+def _summary(analysed: dict) -> None:
     for split, result in analysed.items():
         for arm, s in result['arms'].items():
             if s['n']:
