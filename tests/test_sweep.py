@@ -1,7 +1,6 @@
 """The sweep (``python -m timm_icd.sweep``): real runs side by side, killed and resumed, the test split withheld until
 every declared run is in, only relative paths, and its statistics against hand-worked numbers."""
 import csv
-import json
 import os
 import re
 import signal
@@ -72,7 +71,9 @@ def test_sweep_is_killed_resumes_and_withholds_the_test_split(tmp_path, digits_s
     assert all(runs[k] == row for k, row in before.items())  # finished runs were not run again
     assert 'teacher cache' not in result.stdout  # nor the teacher: its cache was written by the first call
     assert list(rows[0]) == FIELDS
-    commit = commit_of_package()
+    commit = commit_of_package()  # git's HEAD (+dirty with uncommitted changes), or the version outside a checkout
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert commit.split('+')[0] == head if head else commit.startswith('timm_icd ')
     for key, r in runs.items():
         started, ended = datetime.fromisoformat(r['started']), datetime.fromisoformat(r['ended'])
         assert started.tzinfo == timezone.utc and started <= ended and float(r['seconds']) > 0

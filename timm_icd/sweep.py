@@ -1,4 +1,4 @@
-"""``python -m timm_icd.sweep``: methods x seeds on your own teacher, student and dataset (``timm_icd/cli/sweep.py``)."""
+"""``python -m timm_icd.sweep``: methods x seeds on your teacher, student and dataset (``timm_icd/cli/sweep.py``)."""
 import sys
 
 from .cli.sweep import main

@@ -163,8 +163,8 @@ def write_sweep_report(out: Path, header: Sequence[str], arms: Mapping[str, Tupl
         lines += ['', '## Test split', '']
         absent = [k for k in declared if k not in tests]
         if absent:
-            lines.append(f'Withheld: {len(declared) - len(absent)} of {len(declared)} declared runs have a test result; '
-                         f'the test numbers appear here when every declared run has one.')
+            lines.append(f'Withheld: {len(declared) - len(absent)} of {len(declared)} declared runs have a test '
+                         f'result; the test numbers appear here when every declared run has one.')
         else:
             lines.append(f'Every declared run ({len(declared)}) has a result, so the test numbers are shown; the '
                          f'analysis below is the one above on the test split.')
