@@ -89,12 +89,16 @@ def subset(ds, per_class: int, classes, seed: int, exclude: Optional[np.ndarray]
     return out, idx
 
 
+def data_paths(cfg) -> Dict[str, str]:
+    """Where the three datasets are (or will be): the report needs their names only, never the data."""
+    return {name: str(Path(cfg.data_dir) / cfg.name / name) for name in ('cnn', 'clothing', 'footwear')}
+
+
 def build_data(cfg, s) -> Dict[str, str]:
     """The three datasets of the protocol as save_to_disk folders (train, validation, test), built once."""
-    root = Path(cfg.data_dir) / cfg.name
     specs = {'cnn': (tuple(range(10)), s['train_per_class']), 'clothing': (CLOTHING, s['train_per_class']),
              'footwear': (FOOTWEAR, s['foot_train_per_class'])}
-    paths = {name: str(root / name) for name in specs}
+    paths = data_paths(cfg)
     if all((Path(p) / 'dataset_dict.json').exists() for p in paths.values()):
         return paths
     dd = fashion_mnist(Path(cfg.data_dir))
@@ -295,7 +299,7 @@ def main(argv=None) -> int:
         s['jobs'] = cfg.jobs
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     os.environ.update(HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1')
-    data = build_data(cfg, s)
+    data = data_paths(cfg) if cfg.stage == 'report' else build_data(cfg, s)
     runs_csv = Path(cfg.out) / f'{cfg.name}_runs.csv'
     tuned_from = cfg.tuned_from or (str(HERE / 'results' / 'study_runs.csv') if cfg.preset == 'gpu' and not cfg.quick
                                     else None)

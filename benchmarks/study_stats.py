@@ -9,38 +9,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from scipy import stats
 
 from common import machine
+from timm_icd.publish.stats import group_means, holm, paired
 
 ALPHA = 0.05
-
-
-def holm(pvalues: Sequence[float]) -> List[float]:
-    """Holm's step-down adjusted p-values (family-wise error), in the input order."""
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    adjusted, running = [0.0] * len(pvalues), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
-
-
-def paired(a: Dict[int, float], b: Dict[int, float]) -> Dict[str, object]:
-    """Mean of a - b over the seeds both have, its 95% t-interval, the two-sided t-test and the exact sign test."""
-    seeds = sorted(set(a) & set(b))
-    d = np.array([a[s] - b[s] for s in seeds])
-    out = {'n': len(d), 'seeds': seeds, 'diffs': d.tolist(), 'mean': float(d.mean()) if len(d) else float('nan'),
-           'positive': int((d > 0).sum()), 'negative': int((d < 0).sum())}
-    if len(d) >= 2 and d.std(ddof=1) > 0:
-        sem = d.std(ddof=1) / np.sqrt(len(d))
-        half = stats.t.ppf(0.975, len(d) - 1) * sem
-        out.update(low=out['mean'] - half, high=out['mean'] + half, p=float(stats.ttest_1samp(d, 0.0).pvalue))
-    else:
-        out.update(low=float('nan'), high=float('nan'), p=float('nan') if len(d) < 2 else 1.0)
-    nonzero = out['positive'] + out['negative']
-    out['sign_p'] = float(stats.binomtest(out['positive'], nonzero).pvalue) if nonzero else float('nan')
-    return out
 
 
 def values(rows: List[dict], pair: str, family: str, teacher: str = 'trained',
@@ -92,14 +65,8 @@ def analyse(rows: List[dict], choice: Dict[str, str]) -> Dict[str, dict]:
     results = {}
     for name, label, a, b in primary + exploratory:
         results[name] = {'label': label, **paired(values(rows, *a), values(rows, *b))}
-        tmap = teachers_of(rows, a[0])
-        by_teacher = {}
-        for seed, d in zip(results[name]['seeds'], results[name]['diffs']):
-            by_teacher.setdefault(tmap.get(seed, '?'), []).append(d)
-        results[name]['by_teacher'] = {t: float(np.mean(v)) for t, v in sorted(by_teacher.items())}
-        means = list(results[name]['by_teacher'].values())
-        results[name]['teacher_p'] = float(stats.ttest_1samp(means, 0.0).pvalue) \
-            if len(means) >= 2 and np.std(means) > 0 else float('nan')
+        groups = group_means(dict(zip(results[name]['seeds'], results[name]['diffs'])), teachers_of(rows, a[0]))
+        results[name]['by_teacher'], results[name]['teacher_p'] = groups['by_group'], groups['p']
     adjusted = holm([results[name]['p'] for name, *_ in primary])
     for (name, *_), p in zip(primary, adjusted):
         results[name]['holm_p'] = p

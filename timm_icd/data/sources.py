@@ -29,6 +29,7 @@ _logger = logging.getLogger(__name__)
 IMAGE_COLUMNS = ('image', 'img', 'pixel_values', 'picture')
 LABEL_COLUMNS = ('label', 'labels', 'fine_label', 'target', 'class', 'category', 'cls')  # cls: webdataset
 EVAL_SPLITS = ('validation', 'valid', 'val', 'test')
+HOLDOUT = 'holdout'  # --val-split holdout: a hold-out of train even where the dataset has an eval split
 
 
 @dataclass
@@ -165,7 +166,8 @@ def load_image_data(
         spec: What ``--dataset`` takes.
         train_split: Split to train on.
         val_split: Split to evaluate on; None takes the first of validation/valid/val/test, or holds out
-            ``val_fraction`` of the train split (stratified, fixed seed) when there is none.
+            ``val_fraction`` of the train split (stratified, fixed seed) when there is none; ``HOLDOUT`` holds it out
+            in any case (unless the dataset has a split of that name), so a test split stays unseen.
         image_column, label_column: Column names; None detects them from the features.
         val_fraction: Fraction held out when the dataset has no eval split.
         seed: Seed of that hold-out split.
@@ -175,10 +177,13 @@ def load_image_data(
     if train_split not in dd:
         raise UserError(f"no split '{train_split}' in dataset '{spec}'; its splits are: {', '.join(dd)}.")
     train = dd[train_split]
-    if val_split is not None and val_split not in dd:
+    hold_out = val_split == HOLDOUT and HOLDOUT not in dd
+    if val_split is not None and val_split not in dd and not hold_out:
         raise UserError(f"no split '{val_split}' in dataset '{spec}'; its splits are: {', '.join(dd)}.")
     if val_split is None:
         val_split = next((s for s in EVAL_SPLITS if s in dd and s != train_split), None)
+    if hold_out:
+        val_split = None
     image_column = _detect_column(train, image_column, datasets.Image, IMAGE_COLUMNS, 'image')
     label_column = _detect_column(train, label_column, datasets.ClassLabel, LABEL_COLUMNS, 'label')
     train = train.select_columns([image_column, label_column])
@@ -192,7 +197,7 @@ def load_image_data(
             parts = train.train_test_split(test_size=val_fraction, seed=seed)
         train, eval_ds = parts['train'], parts['test']
         val_split = f'{train_split}[holdout {val_fraction:g}]'
-        _logger.info(f"Dataset '{spec}' has no eval split: holding out {len(eval_ds)} rows of '{train_split}'.")
+        _logger.info(f"Dataset '{spec}': holding out {len(eval_ds)} rows of '{train_split}' to evaluate on.")
     else:
         eval_ds = dd[val_split]
         for column in (image_column, label_column):

@@ -174,7 +174,8 @@ def create_parser(prog: str = 'train_icd.py', description: str = DESCRIPTION) ->
                        help='--streaming: number of classes, when the label column does not name them')
     group.add_argument('--train-split', default='train', metavar='NAME', help='train split (default: train)')
     group.add_argument('--val-split', default=None, metavar='NAME',
-                       help='eval split (default: validation/valid/val/test, else a hold-out of train)')
+                       help='eval split (default: validation/valid/val/test, else a hold-out of train; holdout: '
+                            'a hold-out of train in any case)')
     group.add_argument('--val-fraction', type=float, default=0.1,
                        help='hold-out fraction when the dataset has no eval split (default: 0.1)')
     group.add_argument('--image-column', default=None, metavar='NAME', help='image column (default: detected)')
