@@ -31,7 +31,7 @@ def pushed(hub, tmp_path_factory, teacher_run, digits_small):
     out = tmp / 'run'
     result = run_cli('--teacher', f'local-dir:{teacher_run / "student"}', '--student', 'test_efficientnet',
                      '--dataset', digits_small, '--epochs', '1', '-b', '32', '--output', out, '--interpolation',
-                     'bilinear', '--push-to-hub', REPO_ID, *FAST, env=hub_env(hub, tmp))
+                     'bilinear', '--push-to-hub', REPO_ID, '--hub-license', 'cc-by-4.0', *FAST, env=hub_env(hub, tmp))
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result, tmp
 
@@ -66,7 +66,7 @@ def test_card_parses_validates_and_carries_the_runs_numbers(hub, pushed, teacher
     card = ModelCard(hub.repos[REPO_ID]['branches']['main']['files']['README.md'].decode())
     assert hub.validated_cards and hub.validated_cards[-1] == str(card)  # the server validated what was uploaded
     data = card.data
-    assert data.library_name == 'timm' and data.license == 'apache-2.0'
+    assert data.library_name == 'timm' and data.license == 'cc-by-4.0'  # --hub-license
     assert {'image-classification', 'timm', 'knowledge-distillation', 'icd'} <= set(data.tags)
     assert data.base_model is None and data.datasets is None  # local teacher and local data
     meta = str(data.to_dict())
@@ -108,6 +108,10 @@ def test_card_names_hub_dataset_base_model_and_baseline():
     # the teacher is a tag, not the base model: a from-scratch student is no fine-tune of its teacher
     assert card.data.datasets == ['uoft-cs/cifar100'] and card.data.base_model is None
     assert 'teacher:timm/resnet50.a1_in1k' in card.data.tags
+    assert 'Published under `apache-2.0`' in card.text and "ImageNet's non-commercial terms" in card.text
+    assert 'Invariant Consistency Distillation' in card.text and 'arXiv 2407.11802' in card.text
+    licensed = render_card(record, config, 'o/m', license='cc-by-nc-4.0')
+    assert licensed.data.license == 'cc-by-nc-4.0' and 'Published under `cc-by-nc-4.0`' in licensed.text
     pretrained = render_card({**record, 'student_hf_hub_id': 'timm/mobilenetv3_small_100.lamb_in1k'}, config, 'o/m')
     assert pretrained.data.base_model == 'timm/mobilenetv3_small_100.lamb_in1k'  # started from those weights
     assert '| `mobilenetv3_small_100` | student trained without distillation | 68.25 | 90.50 |' in card.text

@@ -15,9 +15,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = ArgumentParser(prog='python -m timm_icd.push', description=__doc__.splitlines()[0])
     parser.add_argument('folder', help='a student folder written by train_icd.py (OUT/student)')
     parser.add_argument('repo_id', help='ORG/NAME of the Hub model repository (created if needed)')
-    parser.add_argument('--private', action='store_true', help='create the repository as private')
-    parser.add_argument('--revision', default=None, help='branch to push to (created if needed)')
-    parser.add_argument('--license', default='apache-2.0', help="the card's license (default: apache-2.0)")
+    # train_icd.py's names (--hub-*) and the short ones both work
+    parser.add_argument('--hub-private', '--private', dest='private', action='store_true',
+                        help='create the repository as private')
+    parser.add_argument('--hub-revision', '--revision', dest='revision', default=None,
+                        help='branch to push to (created if needed)')
+    parser.add_argument('--hub-license', '--license', dest='license', default='apache-2.0',
+                        help="the card's license (default: apache-2.0)")
     parser.add_argument('--baseline', default=None, metavar='FOLDER',
                         help='student folder of the same student trained --method vanilla, for the results table')
     parser.add_argument('--hub-collection', '--collection', dest='collection', default=None, metavar='SLUG',

@@ -165,7 +165,7 @@ def render_card(record: dict, config: dict, repo_id: str, license: str = 'apache
     return ModelCard.from_template(
         card_data, template_path=str(card_template()), repo_id=repo_id, record=public_record(record), config=config,
         baseline=baseline, method_name=METHOD_NAMES.get(record['method'], record['method']),
-        timm_icd_version=__version__)
+        timm_icd_version=__version__, license=license)
 
 
 def describe_error(e: Exception, endpoint: str) -> str:

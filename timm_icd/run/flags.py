@@ -308,6 +308,9 @@ def create_parser(prog: str = 'train_icd.py', description: str = DESCRIPTION) ->
     group.add_argument('--hub-collection', default=None, metavar='SLUG',
                        help="after the push, add the repository to this Hub collection (its URL's NAMESPACE/TITLE-ID)")
     group.add_argument('--push-ema', action='store_true', help='push the EMA student (needs --model-ema)')
+    group.add_argument('--hub-license', default='apache-2.0', metavar='SPDX',
+                       help="the pushed card's license (default: apache-2.0); mind the terms of the teacher's "
+                            "weights and of the data (e.g. ImageNet's, for timm's ImageNet weights)")
     return parser
 
 

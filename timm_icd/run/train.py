@@ -247,7 +247,8 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
     if args.push_to_hub and accelerator.is_main_process:  # after the barrier: the others need not wait for it
         folder = r.output / ('student_ema' if args.push_ema else 'student')
         result['hub_url'] = push_student(folder, args.push_to_hub, private=args.hub_private,
-                                         revision=args.hub_revision, collection=args.hub_collection)
+                                         revision=args.hub_revision, collection=args.hub_collection,
+                                         license=args.hub_license)
     return result
 
 
