@@ -16,6 +16,7 @@ from conftest import FAST, REPO, closed_port, offline_env, run_cli
 from test_cli import eval_with_timm, read_summary
 from test_distributed import accelerate_launch
 from timm_icd.base import UserError
+from timm_icd.publish import save_student
 from timm_icd.distill import (
     fit_linear_probe, match_label_space, read_label_map, reindex_classes, resolve_method, set_classifier)
 
@@ -89,6 +90,11 @@ def test_reindexed_and_replaced_heads_compute_what_they_should(name):
     with torch.no_grad():
         torch.testing.assert_close(model(x).double(), features.double() @ weight.t() + bias, rtol=1e-5, atol=1e-5)
     assert model.num_classes == 5 and model.pretrained_cfg['label_names'] == list('vwxyz')
+    headless = timm.create_model(name, num_classes=0, **({'img_size': 32} if 'vit' in name else {})).eval()
+    set_classifier(headless, weight.float(), bias.float())  # a teacher without a classifier gets one
+    with torch.no_grad():
+        torch.testing.assert_close(headless(x).double(), headless.forward_head(
+            headless.forward_features(x), pre_logits=True).double() @ weight.t() + bias, rtol=1e-5, atol=1e-5)
 
 
 def test_the_linear_probe_is_the_regularised_optimum_chosen_on_the_training_hold_out():
@@ -230,6 +236,8 @@ def test_adaptation_bad_inputs_end_in_one_line(teacher_run, digits_small, tmp_pa
     first = run_cli(*common, '--teacher-adapt-dir', shared, '--output', tmp_path / 'a')
     assert first.returncode == 0, first.stderr[-3000:]
     (tmp_path / 'map.json').write_text('[0, 1, 2]')
+    headless = tmp_path / 'headless'
+    save_student(timm.create_model('test_resnet', num_classes=0), headless, {'input_size': (3, 16, 16)})
     unlabelled = tmp_path / 'unlabelled'
     datasets.load_from_disk(digits_small).remove_columns('label').save_to_disk(unlabelled)
     cases = [
@@ -242,6 +250,9 @@ def test_adaptation_bad_inputs_end_in_one_line(teacher_run, digits_small, tmp_pa
                                                          'outputs (0 to 9), one per dataset class; it gives 3.'),
         (['--teacher-adapt-augment', '-1'], 'error: --teacher-adapt-augment must be >= 0, got -1.'),
         (['--teacher-adapt', 'probe'], "error: argument --teacher-adapt: invalid choice: 'probe'"),
+        (['--teacher', f'local-dir:{headless}', '--teacher-adapt', 'off', '--method', 'kd'],
+         "error: --method kd needs a teacher that predicts the dataset's classes, but the teacher predicts 0 classes, "
+         "the dataset has 10: adapt the teacher"),
         (['--label-column', 'image'], "error: column 'image' of split 'train' is not a label column: it holds Image "
                                       "values, not class indices; name the label column with --label-column."),
         (['--dataset', unlabelled], 'error: cannot find a label column among: image; name it with --label-column.'),
