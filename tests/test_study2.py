@@ -97,7 +97,7 @@ def test_quick_study2_withholds_decides_restores_and_checks_its_teachers(tmp_pat
     assert sorted(adapted) == ['transfer-teacher2010', 'transfer-teacher2011']
     assert all(t['test_images'] == 64 and 0 <= t['test_top1'] <= 100 for t in adapted.values())
 
-    # one primary run missing (pair B's last): the report withholds every test number and decides nothing
+    # one primary run missing (pair B's last; no sweep folder to sync from): the report withholds every test number
     partial = tmp_path / 'partial'
     shutil.copytree(mirror, partial / 'study2_quick')
     csv_path = partial / 'study2_quick' / 'second' / 'sweep_runs.csv'
@@ -106,7 +106,8 @@ def test_quick_study2_withholds_decides_restores_and_checks_its_teachers(tmp_pat
         writer = csv.DictWriter(f, list(rows[0]), lineterminator='\n')
         writer.writeheader()
         writer.writerows(r for r in rows if r['key'] != 'icd+kd-s201')
-    result = run_cli('report', '--quick', '--out', partial, '--data-dir', data, script='benchmarks/study2.py')
+    result = run_cli('report', '--quick', '--out', partial, '--data-dir', partial / 'data',
+                     script='benchmarks/study2.py')
     assert result.returncode == 0, result.stderr[-3000:]
     withheld = (partial / 'study2_quick.md').read_text()
     assert 'Withheld: the test numbers appear when every one of the 14 primary runs' in withheld
