@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.timm_icd-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: demo test bench-quality bench-step-time bench-epoch-time bench-data bench-arch bench-teacher-cache install
+.PHONY: demo test study2 bench-quality bench-step-time bench-epoch-time bench-data bench-arch bench-teacher-cache install
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test: $(STAMP) $(FASHION_MNIST)
 
 bench-quality: $(STAMP) $(FASHION_MNIST)
 	$(PY) benchmarks/quality.py
+
+# the second pre-registered study (benchmarks/results/protocol2.md): teachers, the three pairs' sweeps, the report;
+# it resumes where it stopped (140 student runs, about 17 CPU-hours by protocol2.md, 2 side by side)
+study2: $(STAMP) $(FASHION_MNIST)
+	$(PY) benchmarks/study2.py all
 
 bench-step-time: $(STAMP)
 	$(PY) benchmarks/step_time.py

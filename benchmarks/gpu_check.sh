@@ -7,6 +7,9 @@
 #
 #   bash benchmarks/gpu_check.sh                  # on the device machine, from the repository root
 #   QUALITY=1 bash benchmarks/gpu_check.sh        # also python benchmarks/study.py all --preset gpu
+#   STUDY2=1 bash benchmarks/gpu_check.sh         # also python benchmarks/study2.py all --preset gpu (the second
+#                                                 # study on every training image: 12 teachers, 140 runs, 8 at a
+#                                                 # time; its length on a GPU has not been measured)
 #   GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   # seconds-long dry run of the same script on a CPU (the tests)
 #
 # Needs the Fashion-MNIST folder benchmarks/data/fashion_mnist (made by any quality/epoch_time run here; carry it).
@@ -44,6 +47,9 @@ if [ -z "${GPU_CHECK_QUICK:-}" ]; then  # a 1-GPU smoke run of --sync-bn: 300 st
 fi
 if [ -n "${QUALITY:-}" ]; then
   "$PY" benchmarks/study.py all "${quality[@]}" --out "$RES"
+fi
+if [ -n "${STUDY2:-}" ]; then  # the second study's GPU preset: its own teachers and sweeps, study2_gpu.md
+  "$PY" benchmarks/study2.py all "${quality[@]}" --out "$RES"
 fi
 {
   echo "# GPU check"
