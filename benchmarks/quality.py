@@ -16,7 +16,7 @@ Studies (each a list of runs; every run is one row of ``<name>_runs.csv``):
   CNN pair, 3 on the others.
 * ``transfer``: a teacher trained on the six clothing classes distils a student on the four classes it never saw
   (sandal, sneaker, bag, ankle boot), from other images: logit KD is impossible; vanilla, timm_feature and icd
-  (what ``--method auto`` picks).
+  (what ``--method auto`` picked in v0.2; since the pre-registered study it adapts the teacher or trains vanilla).
 * ``length``: kd and icd+kd on the CNN pair trained 4x longer (24 epochs), 2 seeds, to see whether the ICD effect
   changes with the schedule.
 
