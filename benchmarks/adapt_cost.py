@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """What a linear teacher adaptation costs, against one teacher pass over the training split.
 
-A resnet50 teacher (timm's architecture, random weights: no download; the cost does not depend on the weights) of
-1000 classes is adapted to the built-in digits (1,437 training images at 64 px) by ``run.adapt.adapt_teacher``,
+A resnet50 teacher (timm's architecture, random weights: no download; the forward's cost does not depend on the
+weights) of 1000 classes is adapted to the built-in digits (the first ``--images`` training images, at the teacher's
+own 224 px: what a resnet50 teacher runs at, in distillation as in adaptation) by ``run.adapt.adapt_teacher``,
 exactly as ``train_icd.py`` does for a teacher of other classes: features through the eval transform, the L2 strength
 chosen on a hold-out of the training split (6 fits), a final fit, the folder written. Against it: one teacher
 epoch, the teacher's forward passes over the same images already decoded and normalised (what a distillation epoch
@@ -29,7 +30,7 @@ from timm_icd.distill import ICDTeacher, create_teacher  # noqa: E402
 from timm_icd.run.adapt import adapt_teacher  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-DATA_CONFIG = {'input_size': (3, 64, 64), 'interpolation': 'bilinear', 'mean': (0.485, 0.456, 0.406),
+DATA_CONFIG = {'input_size': (3, 224, 224), 'interpolation': 'bilinear', 'mean': (0.485, 0.456, 0.406),
                'std': (0.229, 0.224, 0.225), 'crop_pct': 1.0, 'crop_mode': 'center'}
 
 
@@ -49,13 +50,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--images', type=int, default=512, help='training images (of the 1,437)')
     parser.add_argument('--out', default=str(HERE / 'results' / 'adapt_cost.md'))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     accelerator = Accelerator(cpu=True)
     data = load_image_data('digits')
+    data.train = data.train.select(range(args.images))
+    data.train_rows = len(data.train)
     # the batches a teacher epoch sees, decoded once here so that only the teacher's forward is timed
     transform = create_transform(**DATA_CONFIG, is_training=False)
     images = torch.stack([transform(row['image'].convert('RGB')) for row in data.train])
@@ -68,7 +72,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             record = adapt_teacher(teacher, data, DATA_CONFIG, accelerator, Path(tmp) / 'adapted',
-                                   batch_size=args.batch_size)
+                                   teacher_input_size=DATA_CONFIG['input_size'], batch_size=args.batch_size)
             adapts.append(time.perf_counter() - started)
         records.append(record)
     epoch, adapt = statistics.median(epochs), statistics.median(adapts)
@@ -79,7 +83,8 @@ def main() -> None:
         '',
         f'`python benchmarks/adapt_cost.py` on {platform.machine()} ({torch.get_num_threads()} torch threads, CPU), '
         f'torch {torch.__version__.split("+")[0]}; resnet50 teacher (1000 classes, 25.6 M parameters) adapted to the '
-        f'built-in digits: {len(data.train)} training images at {DATA_CONFIG["input_size"][1]} px, batch '
+        f'built-in digits: {len(data.train)} training images at the teacher\'s {DATA_CONFIG["input_size"][1]} px, '
+        f'batch '
         f'{args.batch_size}, {records[0]["features"]["dim"]}-d features; {args.repeats} alternating repeats in one '
         f'process, medians (min-max).',
         '',

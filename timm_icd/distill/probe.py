@@ -54,7 +54,7 @@ def _fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, init: to
     """Minimise mean cross-entropy + l2 * |W|^2 over standardised ``x``; returns [W | b] as one C x (D + 1) tensor."""
     params = init.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([params], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
-                                  tolerance_change=1e-9, line_search_fn='strong_wolfe')
+                                  tolerance_change=1e-8, line_search_fn='strong_wolfe')
 
     def closure():
         optimizer.zero_grad()
@@ -78,7 +78,7 @@ def fit_linear_probe(
         l2_grid: Sequence[float] = L2_GRID,
         holdout: float = 0.1,
         seed: int = 0,
-        max_iter: int = 300,
+        max_iter: int = 100,
 ) -> ProbeFit:
     """Fit a linear classifier on ``features`` (N x D) for ``labels`` (N), its L2 strength chosen on a hold-out.
 
@@ -88,7 +88,8 @@ def fit_linear_probe(
         l2_grid: L2 strengths to choose from; the hold-out's best top-1 wins, ties going to the stronger.
         holdout: Fraction of each class held out to choose the strength (0, or a single strength: no choice).
         seed: Seed of the hold-out draw.
-        max_iter: L-BFGS iterations per fit.
+        max_iter: L-BFGS iterations per hold-out fit (each warm-started from the stronger strength's solution); the
+            final fit, warm-started from the chosen strength's, gets twice as many.
     """
     x, y = features.float(), labels.long().to(features.device)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -97,18 +98,18 @@ def fit_linear_probe(
     grid = sorted({float(v) for v in l2_grid}, reverse=True)
     scores: dict = {}
     fit_rows, held = stratified_holdout(y, holdout, seed) if holdout > 0 and len(grid) > 1 else (None, [])
-    chosen = grid[0]
+    chosen, start = grid[0], init
     if len(held):
         fit_rows, held = fit_rows.to(z.device), held.to(z.device)
-        params, best = init, -1.0
+        z_fit, y_fit, params, best = z[fit_rows], y[fit_rows], init, -1.0
         for l2 in grid:  # strong to weak, each fit warm-started from the previous one
-            params = _fit(z[fit_rows], y[fit_rows], num_classes, l2, params, max_iter)
+            params = _fit(z_fit, y_fit, num_classes, l2, params, max_iter)
             scores[l2] = _top1(params, z[held], y[held])
             if scores[l2] > best:
-                best, chosen = scores[l2], l2
+                best, chosen, start = scores[l2], l2, params
         _logger.info('Linear probe: hold-out top-1 by L2 strength ' + ', '.join(
             f'{l2:g}: {top1:.2f}%' for l2, top1 in scores.items()) + f'; chose {chosen:g}')
-    params = _fit(z, y, num_classes, chosen, init, max_iter)
+    params = _fit(z, y, num_classes, chosen, start, 2 * max_iter)
     weight = params[:, :-1] / std  # folded: W z + b = (W / std) x + (b - (W / std) mean)
     bias = params[:, -1] - weight @ mean
     if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
