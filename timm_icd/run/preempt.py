@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence, Tuple
 import psutil
 
 from ..base import UserError
+from .watchdog import install_sigterm_handler, wait_for_dead_peer
 
 _logger = logging.getLogger(__name__)
 
@@ -120,14 +121,18 @@ class Preemption:
         return self
 
     def uninstall(self) -> None:
-        """Put back the handlers that were there before ``install``."""
+        """Put back the handlers that were there before ``install``; SIGTERM then goes to the peer watchdog, where
+        there is one (it names a peer whose death made the launcher send it)."""
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+        install_sigterm_handler()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if os.getpid() != self.pid:  # a forked DataLoader worker: its main process stops it in order
             return
+        if signum == signal.SIGTERM:  # a launcher's, after a peer died? the watchdog then ends this process
+            wait_for_dead_peer()
         if signum == signal.SIGINT and self.requested and not self.saving:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt  # a second Ctrl-C: stop now (no checkpoint is being written)

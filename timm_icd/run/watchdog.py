@@ -181,6 +181,21 @@ def start_watchdog(accelerator: Any = None, hint: Optional[str] = None) -> Optio
     return _watchdog
 
 
+def wait_for_dead_peer() -> None:
+    """In a SIGTERM handler: give the watchdog's thread the time to name a peer that just died (a one-machine launcher
+    sends the survivors SIGTERM within 0.1 s of a death); it then ends this process with its line. Returns at once
+    without a watchdog, and when no peer died."""
+    _wait(2.5 * INTERVAL)
+
+
+def install_sigterm_handler() -> None:
+    """Give SIGTERM to the watchdog where it has no handler: a run's pre-emption handler, which held it while the run
+    trained, hands it back here, so a launcher's SIGTERM after a peer's death still ends with the dead peer named."""
+    if _watchdog is not None and threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _watchdog._on_sigterm)
+
+
 def explain_failure(error: BaseException) -> None:
     """Let the watchdog replace an exception that ends a run by its line, if a dead or failed peer caused it.
 
