@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from timm.task import TrainingTask
 
 from timm_icd import ICDDistillationTask, METHOD_WEIGHTS, UserError, create_distiller, kd_loss
+from timm_icd.data import InputStage
 
 
 def _pair(student_classes=10, teacher_classes=10, seed=0):
@@ -111,6 +112,25 @@ def test_batch_is_renormalised_and_resized_for_the_teacher():
     same = ICDDistillationTask(*_pair(), method='kd', student_mean=(0.5, 0.5, 0.5), student_std=(0.5, 0.5, 0.5),
                                student_input_size=(3, 24, 24), teacher_input_size=(3, 24, 24))
     assert not same.teacher.renormalize and same.teacher.prepare_input(x) is x  # same normalisation: no op at all
+
+
+def test_a_cache_writer_feeds_the_teacher_the_same_bits_whatever_the_student_normalisation():
+    """``prepare_unit`` (what a teacher cache records from) normalises the un-normalised batch for the teacher with the
+    input stage's own operations: two students of other normalisations give the teacher the same bits, and a student
+    of the teacher's normalisation gives exactly what ``prepare_input`` gives."""
+    images = torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)  # a batch from the loader's workers
+    unit = images.float() / 255
+    inputs = []
+    for mean, std in [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]:
+        stage = InputStage(mean, std)
+        stage.keep_unit = True
+        x, _ = stage((images, torch.zeros(2)), epoch=0)
+        assert torch.equal(stage.unit, unit) and torch.equal(x, (unit - stage.mean) / stage.std)
+        task = ICDDistillationTask(*_pair(), method='kd', student_mean=mean, student_std=std,
+                                   student_input_size=(3, 24, 24), teacher_input_size=(3, 24, 24))
+        inputs.append((task.teacher.prepare_unit(stage.unit), task.teacher.prepare_input(x)))
+    assert torch.equal(inputs[0][0], inputs[1][0]) and torch.equal(inputs[1][0], inputs[1][1])
+    assert not torch.equal(inputs[0][1], inputs[1][1])  # re-normalising the student's batch rounds otherwise
 
 
 def test_method_weights_and_auto_choice():

@@ -97,6 +97,9 @@ class InputStage:
         seed: Run seed (augmentation stream and erasing draws).
         jitter: Colour jitter for uint8 batches from workers (``BatchAugment.jitter``); they then are (images, labels,
             sample ids): dataset rows, or a stream's sample seeds.
+
+    Set ``keep_unit`` to keep each batch before normalisation (values in [0, 1]) in ``unit`` until the next batch:
+    a teacher cache's writer normalises it for the teacher, so that what it stores does not depend on the student.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class InputStage:
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.images, self.augment, self.erasing, self.seed, self.jitter = images, augment, erasing, seed, jitter
         self._key = (None, None)
+        self.keep_unit, self.unit = False, None
 
     def _epoch_key(self, epoch: int) -> int:
         if self._key[0] != epoch:  # one host-side hash per epoch
@@ -141,7 +145,11 @@ class InputStage:
                 x = self.augment(x, index, self._epoch_key(epoch))
             else:
                 x = x.float().div_(255)
-        x = x.sub_(self.mean).div_(self.std) if x.is_contiguous() else (x - self.mean) / self.std
+        if self.keep_unit:  # the batch before normalisation, for a teacher that normalises it its own way
+            self.unit = x
+            x = (x - self.mean) / self.std
+        else:
+            x = x.sub_(self.mean).div_(self.std) if x.is_contiguous() else (x - self.mean) / self.std
         if self.erasing is not None:
             with seeded_rng(batch_seed(self.seed + 1, epoch, step, rank), x.device):
                 x = self.erasing(x)

@@ -62,7 +62,19 @@ class ICDTeacher(DistillationTeacher):
 
     def prepare_input(self, input: torch.Tensor) -> torch.Tensor:
         """Re-normalise a student batch for the teacher and resize it to the teacher's input size."""
-        x = torch.addcmul(self.shift, input, self.scale) if self.renormalize else input
+        return self._resize(torch.addcmul(self.shift, input, self.scale) if self.renormalize else input)
+
+    def prepare_unit(self, unit: torch.Tensor) -> torch.Tensor:
+        """The teacher's input from the batch before any normalisation (values in [0, 1]): normalised with the
+        teacher's own mean and std, with the same operations as the input pipeline, and resized.
+
+        Unlike ``prepare_input`` the result does not depend on the student's normalisation, to the bit: what a
+        teacher cache stores is the same whichever student wrote it. With the teacher's normalisation equal to the
+        student's it equals ``prepare_input`` of the student's batch exactly.
+        """
+        return self._resize((unit - self.mean_kd) / self.std_kd)
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_size is not None and tuple(x.shape[-2:]) != tuple(self.input_size[-2:]):
             x = F.interpolate(x, size=tuple(self.input_size[-2:]), mode='bilinear', align_corners=False)
         return x

@@ -241,7 +241,7 @@ def build(args: argparse.Namespace, accelerator: Accelerator, finetune: Optional
             data_seed(args), args.epochs, args.teacher, teacher_dtype=args.teacher_dtype,
             mixed_precision=args.mixed_precision, features=args.cache_features, topk=args.cache_topk,
             views=pipeline.views)
-        task.teacher = CachedTeacher(task.teacher, cache)
+        task.teacher = CachedTeacher(task.teacher, cache, pipeline.train_stage)
     mixup_fn = Mixup(
         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,

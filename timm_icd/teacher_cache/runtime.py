@@ -176,11 +176,10 @@ def rows_to_fill(cache: TeacherCache, epoch: int, process_index: int, num_proces
 
 
 @torch.no_grad()
-def fill_missing(cache: TeacherCache, teacher, pipeline: Pipeline, epoch: int, accelerator: Accelerator,
-                 batch_size: int, workers: int = 0) -> int:
+def fill_missing(cache: TeacherCache, teacher: CachedTeacher, pipeline: Pipeline, epoch: int,
+                 accelerator: Accelerator, batch_size: int, workers: int = 0) -> int:
     """Compute and store the rows of ``epoch`` no training batch wrote (the last partial batch the loader drops, or
     every row for ``python -m timm_icd.cache``), split across the processes. Returns this process's row count."""
-    live = teacher.live if isinstance(teacher, CachedTeacher) else teacher
     rows = rows_to_fill(cache, epoch, accelerator.process_index, accelerator.num_processes)
     dataset = pipeline.train_loader.dataset
     dataset.set_epoch(epoch)
@@ -190,13 +189,14 @@ def fill_missing(cache: TeacherCache, teacher, pipeline: Pipeline, epoch: int, a
         batch = [t.to(accelerator.device) for t in batch]
         x, _ = pipeline.train_stage(batch, epoch)
         with accelerator.autocast():
-            logits, features = live(live.prepare_input(x))
+            logits, features = teacher.live(teacher.unit_input(len(x)))
         cache.write(epoch, sample_indices(batch), logits, features)
     return len(rows)
 
 
-def finish_epoch(cache: TeacherCache, teacher, pipeline: Pipeline, epoch: int, accelerator: Accelerator,
-                 batch_size: int, workers: int = 0, teacher_metrics: Optional[dict] = None) -> int:
+def finish_epoch(cache: TeacherCache, teacher: CachedTeacher, pipeline: Pipeline, epoch: int,
+                 accelerator: Accelerator, batch_size: int, workers: int = 0,
+                 teacher_metrics: Optional[dict] = None) -> int:
     """After an epoch that ran the teacher: fill its missing rows, flush, and mark it complete on every process.
     Returns the rows this process filled."""
     accelerator.wait_for_everyone()  # every process's training rows are in

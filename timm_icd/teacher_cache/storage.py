@@ -55,8 +55,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..base import UserError
-from .claims import LOCK, STALE_S, Claim, locked, read_claim, unique_tmp, why_free, write_atomic
+from ..base import UserError, unique_tmp, write_text_atomic
+from ..data import InputStage
+from .claims import LOCK, STALE_S, Claim, locked, read_claim, why_free
 from .integrity import MANIFEST, epoch_checksums, read_manifest
 
 _logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class TeacherCache:
                                         f'empty one.')
                     manifest = {'version': VERSION, 'valid_for': valid_for, **shape, 'storage': storage, 'epochs': [],
                                 'checksums': {}, 'teacher_metrics': None}
-                    write_atomic(path, json.dumps(manifest, indent=1))
+                    write_text_atomic(path, json.dumps(manifest, indent=1))
         if manifest is not None:
             if manifest.get('version') != VERSION:
                 raise UserError(f'--teacher-cache {root} has format version {manifest.get("version")}, this tool '
@@ -286,7 +287,7 @@ class TeacherCache:
                 self.manifest.setdefault('checksums', {})[str(epoch)] = checksums
                 if teacher_metrics and not self.manifest.get('teacher_metrics'):
                     self.manifest['teacher_metrics'] = teacher_metrics
-                write_atomic(self.root / MANIFEST, json.dumps(self.manifest, indent=1))
+                write_text_atomic(self.root / MANIFEST, json.dumps(self.manifest, indent=1))
                 self.verified.add(epoch)
             if claim is not None:
                 claim.release()
@@ -315,14 +316,22 @@ class CachedTeacher(nn.Module):
     """Stands in for the task's ``ICDTeacher``: replays the cache in complete epochs, else runs the live teacher and
     records what it gives. ``select(epoch, index)`` names the rows of the batch the next call is for.
 
+    The teacher's input for the epochs it records comes from the training batch before the student's normalisation
+    (``stage.unit``), normalised for the teacher (``ICDTeacher.prepare_unit``): whichever student writes an epoch,
+    with whatever mean and std, the stored values are the same to the bit (re-normalising the student's batch would
+    round differently per student).
+
     Args:
         live: The teacher (its weights are what the cache was keyed on).
         cache: The cache.
+        stage: The training batches' input stage (``Pipeline.train_stage``); it is told to keep each batch's
+            un-normalised values.
     """
 
-    def __init__(self, live: nn.Module, cache: TeacherCache):
+    def __init__(self, live: nn.Module, cache: TeacherCache, stage: InputStage):
         super().__init__()
-        self.live, self.cache = live, cache
+        self.live, self.cache, self.stage = live, cache, stage
+        stage.keep_unit = True
         self._batch: Optional[Tuple[int, torch.Tensor]] = None
 
     @property
@@ -352,7 +361,17 @@ class CachedTeacher(nn.Module):
         return self._batch is not None and self.cache.complete(self._batch[0])
 
     def prepare_input(self, input: torch.Tensor) -> torch.Tensor:
-        return input if self.replaying() else self.live.prepare_input(input)
+        if self._batch is None:  # not a training batch (the teacher's eval): from the student's batch
+            return self.live.prepare_input(input)
+        return input if self.replaying() else self.unit_input(len(input))
+
+    def unit_input(self, rows: int) -> torch.Tensor:
+        """The teacher's input for the training batch the stage finished last (``rows`` long)."""
+        unit = self.stage.unit
+        if unit is None or len(unit) != rows:
+            raise RuntimeError('the teacher cache records from the input stage\'s last batch, which is not this one')
+        self.stage.unit = None
+        return self.live.prepare_unit(unit)
 
     def forward(self, input: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self._batch is None:  # not a training batch (the teacher's eval): the live teacher
