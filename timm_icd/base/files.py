@@ -1,6 +1,7 @@
 """Files that readers never see half-written: write to a hidden sibling, then rename into place."""
 import contextlib
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -8,10 +9,17 @@ from typing import Iterator
 from .errors import UserError
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename, so readers never see half of it."""
+def unique_tmp(path: Path) -> Path:
+    """A hidden temporary sibling of ``path`` that no other writer uses (this process's pid and a random part)."""
     path = Path(path)
-    tmp = path.with_name(f'.tmp-{path.name}')
+    return path.with_name(f'.tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}')
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling unique to this writer and a rename: readers never see half of it,
+    and two writers of one file (runs sharing a teacher cache) never rename each other's temporary file."""
+    path = Path(path)
+    tmp = unique_tmp(path)
     try:
         tmp.write_text(text)
         os.replace(tmp, path)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from ..base import UserError
+from ..base import write_text_atomic
 
 _logger = logging.getLogger(__name__)
 
@@ -57,24 +57,6 @@ def process_started(pid: int) -> str:
             return ''
         except PermissionError:
             return '?'
-
-
-def unique_tmp(path: Path) -> Path:
-    """A hidden temporary sibling of ``path`` no other writer uses (pid and a random part)."""
-    path = Path(path)
-    return path.with_name(f'.tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}')
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file through a temporary name unique to this writer and a rename: readers never see half of it, and
-    two writers never rename each other's file."""
-    tmp = unique_tmp(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f'cannot write {path} ({e.strerror or e}; a full disk?); earlier files are intact.') from e
 
 
 @contextlib.contextmanager
@@ -138,7 +120,7 @@ class Claim:
 
     def write(self) -> None:
         """Write the claim file (call under the lock) and start its heartbeat."""
-        write_atomic(self.path, json.dumps({
+        write_text_atomic(self.path, json.dumps({
             'host': socket.gethostname(), 'machine': machine(), 'pid': os.getpid(),
             'started': process_started(os.getpid()), 'token': self.token, 'since': time.time()}))
         self._thread = threading.Thread(target=self._beat, name=f'cache-claim-{self.epoch}', daemon=True)

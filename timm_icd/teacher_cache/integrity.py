@@ -20,8 +20,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ..base import UserError, first_line
-from .claims import locked, write_atomic
+from ..base import UserError, first_line, write_text_atomic
+from .claims import locked
 
 _logger = logging.getLogger(__name__)
 
@@ -106,6 +106,6 @@ def drop_epoch(cache, epoch: int, reason: str) -> None:
             shutil.rmtree(cache.epoch_dir(epoch), ignore_errors=True)  # before the manifest: no claim can come between
             manifest['epochs'] = [e for e in manifest['epochs'] if e != epoch]
             manifest.get('checksums', {}).pop(str(epoch), None)
-            write_atomic(cache.root / MANIFEST, json.dumps(manifest, indent=1))
+            write_text_atomic(cache.root / MANIFEST, json.dumps(manifest, indent=1))
         cache.manifest = manifest
     cache.forget(epoch)
