@@ -2,7 +2,7 @@
 boundary with a checkpoint and exit code 75; --resume auto then ends exactly where an uninterrupted run ends, with
 every step computed once."""
 import json
-import time
+import re
 
 import pytest
 import safetensors.torch
@@ -67,10 +67,6 @@ def test_signals_stop_at_the_step_with_a_checkpoint_and_resume_exactly(digits_sm
 
 
 @pytest.mark.long
-# a known defect, open in issue 32: since SIGTERM is handed back to the peer watchdog (so that a launcher's SIGTERM
-# after a rank's death names the dead rank), a rank still ending after its peer exited 75 can be ended by the
-# launcher's SIGTERM instead of exiting 75 itself
-@pytest.mark.xfail(reason='issue 32: the launcher SIGTERMs the rank that ends second', strict=False)
 def test_two_processes_stop_together_and_resume_exactly(digits_small, tmp_path):
     a, b, steps = tmp_path / 'a', tmp_path / 'b', tmp_path / 'steps.log'
     run = ['--dataset', digits_small, *RUN, '-b', '16']
@@ -106,14 +102,15 @@ def test_two_processes_stop_together_and_resume_exactly(digits_small, tmp_path):
 
 def test_time_limit_stops_with_a_checkpoint_before_the_limit(digits_small, tmp_path):
     out, limit = tmp_path / 'r', 30
-    started = time.monotonic()
     result = run_cli('--dataset', digits_small, '--output', out, '--student', 'test_resnet', '--method', 'vanilla',
                      '--epochs', '100', '-b', '32', '--time-limit', f'00:00:{limit}', *FAST,
                      env=offline_env(TIMM_ICD_TEST_FORK='0'))  # a process of its own, started now (no zygote)
-    seconds = time.monotonic() - started
     assert result.returncode == PREEMPTED_EXIT_CODE, result.stderr[-3000:]
-    assert seconds < limit, result.stderr[-3000:]  # the run's own clock starts with its process, after this one's
     state = run_state(out)
-    assert 'Time limit: ' in result.stderr and 0 < state['global_step'] < 800
+    assert 0 < state['global_step'] < 800
+    # the run decided with time left (by its own clock, from its process's start), unless starting up alone took
+    # longer than the limit (a loaded machine): then its first step stops it
+    left = float(re.search(r'Time limit: (-?\d+)s left', result.stderr).group(1))
+    assert 0 < left < limit or state['global_step'] == 1, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == LINE.format(state['epoch'], state['step_in_epoch'])
     assert not (out / 'student').exists()  # stopped, not finished

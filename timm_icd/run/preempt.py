@@ -103,6 +103,7 @@ class Preemption:
         self.signals, self.deadline = tuple(signals), deadline
         self.requested: Optional[str] = None  # what asked for the stop: a signal's name or 'time limit'
         self.saving = False
+        self.stopped = False  # the stop's checkpoint is saved: the process is on its way out with EXIT_CODE
         self.saved_step: Optional[int] = None  # the global step of the last checkpoint saved
         self.pid = os.getpid()
         self.save_seconds: Optional[float] = None  # the last checkpoint save, timed
@@ -122,11 +123,18 @@ class Preemption:
 
     def uninstall(self) -> None:
         """Put back the handlers that were there before ``install``; SIGTERM then goes to the peer watchdog, where
-        there is one (it names a peer whose death made the launcher send it)."""
+        there is one (it names a peer whose death made the launcher send it).
+
+        After a stop (``stopped``: its checkpoint saved) the pre-emption signals but SIGINT are ignored instead: the
+        process is ending with ``EXIT_CODE``, and a launcher that sees a peer end first sends the others SIGTERM,
+        which must not turn their exit 75 into death by a signal."""
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            signal.signal(sig, signal.SIG_IGN if self.stopped and sig != signal.SIGINT else previous)
         self._previous = {}
-        install_sigterm_handler()
+        if self.stopped:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        else:
+            install_sigterm_handler()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if os.getpid() != self.pid:  # a forked DataLoader worker: its main process stops it in order

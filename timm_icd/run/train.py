@@ -141,6 +141,7 @@ def stop_here(r: Run, state: RunState, agree: bool) -> None:
                  f'({preemption.requested or "another process asked"}).')
     if preemption.saved_step != state.global_step:
         checkpoint(r, state)
+    preemption.stopped = True
     raise Preempted(state.epoch, state.step_in_epoch, preemption.requested or 'another process')
 
 
