@@ -27,10 +27,9 @@ LINK = re.compile(r'!?\[[^\]]*\]\(([^)\s]+)[^)]*\)')
 FLAG = re.compile(r'(?<![\w-])--[a-z][\w-]*')
 NUMBER = re.compile(r'(?<![\w./])(\d+\.\d+)(?!\.?\d)')
 RESULTS = REPO / 'benchmarks' / 'results'
-# console scripts (setup.cfg) and module forms -> the cli module that implements them
-PROGRAMS = {'train_icd.py': 'train', 'train-icd': 'train', **{f'timm-icd-{c}': c for c in
-                                                            ('push', 'validate', 'cache', 'shards', 'report', 'demo',
-                                                             'hub', 'sweep')}}
+# the console scripts of setup.cfg, and train_icd.py -> the timm_icd.cli module that implements each
+PROGRAMS = {'train_icd.py': 'train', **dict(re.findall(r'^\s+([\w-]+) = timm_icd\.cli\.(\w+):main$',
+                                                       (REPO / 'setup.cfg').read_text(), flags=re.M))}
 
 
 def _text(page: Path) -> str:
@@ -164,6 +163,7 @@ def test_readme_is_a_front_page_linking_the_guide():
     linked = {t for t, _ in relative_links(REPO / 'README.md')}
     assert {(REPO / 'docs' / f'{name}.md').resolve() for name in GUIDE} <= linked
     assert 'accelerate launch train_icd.py --teacher' in readme
+    assert [name for name in PROGRAMS if f'`{name}`' not in readme] == ['train_icd.py']  # every console script named
     assert not re.search(r'python -m timm_icd\.(push|validate|hub|cache|shards|report|demo|sweep)\b',
                          '\n'.join(_text(p) for p in PAGES)), 'write the console script (setup.cfg) instead'
 
@@ -208,12 +208,24 @@ def test_commands_parsed_as_meant():
     assert ('train', ['--config', '--output', '--resume']) in slurm
 
 
-def test_every_flag_named_in_prose_exists():
-    every = '\n'.join(help_text(p) for p in ('accelerate', *sorted(set(PROGRAMS.values()))))
-    every += '\n'.join(p.read_text() for p in (REPO / 'benchmarks').glob('*.py'))
-    unknown = sorted({f'{page.name}: {flag}' for page in PAGES for flag in FLAG.findall(_prose(_text(page)))
-                      if not re.search(rf'(?<![\w-]){re.escape(flag)}(?![\w-])', every)})
-    assert unknown == sorted(f'distill.md: {flag}' for flag in LEFT_OUT)
+# the commands whose flags each page's prose names (any other page: every command, accelerate and the benchmarks)
+PROSE_PROGRAMS = {'README.md': ('train', 'push'), 'distill.md': ('train', 'report', 'accelerate'),
+                  'methods.md': ('train', 'sweep'), 'teacher-adaptation.md': ('train', 'cache'),
+                  'data.md': ('train', 'shards'), 'teacher-cache.md': ('train', 'cache'),
+                  'scale.md': ('train', 'accelerate'),
+                  'resume.md': ('train', 'cache', 'accelerate'), 'hub.md': ('train', 'push', 'hub', 'validate')}
+
+
+def test_every_flag_named_in_prose_exists_in_its_commands():
+    every = ('accelerate', *sorted(set(PROGRAMS.values())))
+    unknown = []
+    for page in PAGES:
+        known = '\n'.join(help_text(p) for p in PROSE_PROGRAMS.get(page.name, every))
+        if page.name not in PROSE_PROGRAMS:
+            known += '\n'.join(p.read_text() for p in (REPO / 'benchmarks').glob('*.py'))
+        unknown += sorted({f'{page.name}: {flag}' for flag in FLAG.findall(_prose(_text(page)))
+                           if not re.search(rf'(?<![\w-]){re.escape(flag)}(?![\w-])', known)})
+    assert unknown == [f'distill.md: {flag}' for flag in LEFT_OUT]
 
 
 def blocks_with_citations(page: Path) -> List[Tuple[str, List[Path]]]:
@@ -250,7 +262,8 @@ def numbers_in(path: Path) -> Tuple[float, ...]:
 def quoted(number: str, files: List[Path], derived: Tuple[float, ...] = ()) -> bool:
     """Whether ``number`` is, to its decimals, a number of one of ``files`` (or of ``derived`` from them)."""
     value, tolerance = float(number), 0.5 * 10 ** -len(number.split('.')[1]) + 1e-9
-    return any(math.isclose(v, value, abs_tol=tolerance) for v in (*derived, *(v for f in files for v in numbers_in(f))))
+    candidates = (*derived, *(v for f in files for v in numbers_in(f)))
+    return any(math.isclose(v, value, abs_tol=tolerance) for v in candidates)
 
 
 def holm(p: Dict[str, float]) -> Dict[str, float]:
@@ -273,8 +286,8 @@ def study_sensitivity() -> Tuple[float, ...]:
     """The Holm-adjusted p of the first study's sensitivity tests that docs/benchmarks.md quotes, recomputed: the
     exact sign test and the t-test over the teachers' means adjusted from study.md's unadjusted table, the exact
     Wilcoxon signed-rank and sign-flip tests from the per-seed runs of study_runs.csv."""
-    rows = re.findall(r'^\| (P[1-4]) \| [^|]*teacher0[^|]* \| ([\d.]+) \| ([\d.]+) \|$', (RESULTS / 'study.md').read_text(),
-                      flags=re.M)
+    table = (RESULTS / 'study.md').read_text()
+    rows = re.findall(r'^\| (P[1-4]) \| [^|]*teacher0[^|]* \| ([\d.]+) \| ([\d.]+) \|$', table, flags=re.M)
     assert len(rows) == 4
     runs = [r for r in csv.DictReader((RESULTS / 'study_runs.csv').open()) if r['stage'] == 'confirm']
     arms = {'P1': ('cnn-icd+kd-icd+kd-trained', 'cnn-kd-kd-trained'),
