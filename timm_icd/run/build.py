@@ -26,7 +26,7 @@ from ..distill.label_space import REINDEXED, SAME
 from ..teacher_cache import CachedTeacher, TeacherCache, open_for_run
 from .adapt import ADAPTED_DIR, adapt_teacher, adaptation_mode
 from .checkpoint import check_output_dir, read_run_state, resolve_resume
-from .flags import augment_config, data_seed, teacher_dtype
+from .flags import augment_config, data_seed, teacher_dtype, term_params
 from .state import RunState
 
 _logger = logging.getLogger(__name__)
@@ -195,11 +195,7 @@ def _create_task(args: argparse.Namespace, accelerator: Accelerator, data: Image
         teacher = ICDTeacher(teacher, teacher_input_size, layer=args.teacher_layer, need_features=True,
                              dtype=teacher_dtype(args))
     return ICDDistillationTask(
-        student, teacher, method=method, criterion_kwargs=criterion_kwargs, kd_temperature=args.kd_temperature,
-        kd_standardize=args.kd_standardize, dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta,
-        dkd_warmup_epochs=args.dkd_warmup_epochs, dist_beta=args.dist_beta, dist_gamma=args.dist_gamma,
-        dist_batch=args.dist_batch, icd_feat_dim=args.icd_feat_dim, icd_alpha=args.icd_alpha,
-        icd_init_t=args.icd_init_t, icd_max_tau=args.icd_max_tau, icd_negatives=args.icd_negatives,
+        student, teacher, method=method, criterion_kwargs=criterion_kwargs, terms=term_params(args),
         student_layer=args.student_layer, teacher_layer=args.teacher_layer,
         student_input_size=data_config['input_size'], teacher_input_size=teacher_input_size,
         student_mean=data_config['mean'], student_std=data_config['std'], teacher_dtype=teacher_dtype(args),
