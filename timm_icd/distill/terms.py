@@ -315,8 +315,8 @@ def method_table() -> str:
                     f"{weight(icd)} | {space} | {'yes' if logit and logit.hard_labels else 'no'} | "
                     f"{'; '.join(cite(t) for t in parts) or '-'} |")
     for term in (t for t in TERMS.values() if t.kind == TIMM):
-        rows.append(f"| {term.name} | timm's | {term.short} | 0 | {'yes' if term.same_label_space else 'no'} | no | "
-                    f"{cite(term)} |")
+        rows.append(f"| {term.name} | {weight(term.weights[0])} | {weight(term.weights[1])} {term.short} (timm's "
+                    f"task) | 0 | {'yes' if term.same_label_space else 'no'} | no | {cite(term)} |")
     return '\n'.join(rows)
 
 
