@@ -40,7 +40,7 @@ def test_methods_are_the_tables_combinations_with_unchanged_weights_and_auto():
     assert list(METHOD_WEIGHTS) == ['vanilla', 'kd', 'dkd', 'dist', 'icd', 'icd+kd', 'icd+dkd', 'icd+dist']
     assert METHOD_WEIGHTS['kd'] == (0.1, 0.9, 0.0) and METHOD_WEIGHTS['icd+dist'] == (1.0, 1.0, 1.0)
     assert (AUTO_SAME_SPACE, AUTO_ACROSS_SPACES) == ('icd+kd', 'vanilla')
-    assert [t.name for t in TERMS.values()] == ['kd', 'dkd', 'dist', 'icd', 'feature']
+    assert [t.name for t in TERMS.values()] == ['kd', 'dkd', 'dist', 'icd', 'feature', 'token']
     assert TERMS['dkd'].hard_labels and not TERMS['icd'].same_label_space and TERMS['dist'].temperature == 1.0
     assert method_title('icd+kd') == 'Invariant Consistency Distillation plus Hinton KD (ICD+KD)'
     assert method_title('dkd') == 'Decoupled Knowledge Distillation (DKD)'
@@ -114,3 +114,22 @@ def test_the_entry_point_group_registers_a_packages_terms(tmp_path):
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert re.fullmatch(r"\['l1'\] \(1\.0, 1\.0, 1\.0\)", result.stdout.strip())
+
+
+def test_timm_token_distillation_trains_a_distilled_deit_student(digits_small, tmp_path):
+    """timm train.py's ``--kd-distill-type token``: timm's TokenDistillationTask, through the table of terms."""
+    out = tmp_path / 'token'
+    result = run_cli('--model', 'deit_tiny_distilled_patch16_224', '--kd-model-name', 'test_resnet',
+                     '--kd-distill-type', 'token', '--teacher-pretrained', 'false', '--kd-temperature', '2',
+                     '--dataset', digits_small, '--epochs', '1', '-b', '32', '--output', out, *FAST,
+                     '--input-size', '3', '32', '32')
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / 'student' / 'distillation.json').read_text())
+    assert record['method'] == 'token' and record['token'] == {'distill_type': 'soft'}
+    assert record['loss_weights'] == {'task': 1.0, 'kd': 1.0, 'icd': 0.0} and record['kd_temperature'] == 2.0
+    assert record['architecture'] == 'deit_tiny_distilled_patch16_224'
+    row = read_summary(out)[0]
+    # the loss is CE on the class head plus the distillation head's KL (weights 1 and 1), averaged over the epoch
+    assert float(row['train_loss']) == pytest.approx(float(row['train_loss_ce']) + float(row['train_loss_kd']),
+                                                     rel=1e-5)
+    assert float(row['train_loss_kd']) > 0 and float(row['train_loss_icd']) == 0

@@ -1,4 +1,4 @@
-from .feature_task import FeatureTask
+from .feature_task import FeatureTask, TokenTask
 from .gather import BATCHES, gather_with_grad
 from .hooks import FeatureHook, check_input_size, pool_features, probe_feature_dim
 from .icd_loss import ICD_NEGATIVES, ICDLoss, icd_terms
@@ -13,5 +13,5 @@ from .protocol import DistillationTask
 from .task import ICDDistillationTask, ICDTrainableModule, LogitTerm, create_distiller
 from .teacher import ICDTeacher
 from .terms import (
-    LOGIT_LOSSES, METHOD_WEIGHTS, TERMS, DISTParams, DKDParams, ICDParams, KDParams, LossTerm, default_temperature,
-    load_plugins, method_table, method_title, param_problems, params_of, register_loss)
+    LOGIT_LOSSES, METHOD_WEIGHTS, TERMS, DISTParams, DKDParams, ICDParams, KDParams, LossTerm, TokenParams,
+    default_temperature, load_plugins, method_table, method_title, param_problems, params_of, register_loss)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..base import UserError
+from .feature_task import TOKEN_TEMPERATURE, FeatureTask, TokenTask
 from .gather import BATCHES
 from .icd_loss import ICD_NEGATIVES
 from .logit_losses import DIST_TEMPERATURE, KD_TEMPERATURE, LS_TEMPERATURE, dist_loss, dkd_loss, kd_loss
@@ -82,6 +83,12 @@ class ICDParams:
 
 
 @dataclass(frozen=True)
+class TokenParams:
+    distill_type: str = _p('soft', "--method token: soft (default), KL to the teacher's softmax at --kd-temperature "
+                                   "(default: 1, timm's), or hard, CE to the teacher's top class", choices=('soft', 'hard'))
+
+
+@dataclass(frozen=True)
 class LossTerm:
     """One loss term, as every layer sees it.
 
@@ -91,7 +98,8 @@ class LossTerm:
         title, short: Its name in words, alone (the card's method line) and beside ICD (``short``).
         loss: For a logit term, ``loss(student_logits, teacher_logits, target, temperature, standardize, params)``,
             a float32 scalar, the batch mean. A term whose params have ``warmup_epochs`` is ramped up linearly over
-            them; one whose params have ``batch='global'`` receives every process's logits.
+            them; one whose params have ``batch='global'`` receives every process's logits. For a ``TIMM`` term, the
+            task class that runs it (``FeatureTask``, ``TokenTask``).
         params: Its frozen parameters dataclass.
         weights: (CE, this term) when it is the method's only teacher term.
         icd_weights: (CE, this term) beside ICD (for ICD itself: ICD's weight beside a logit term).
@@ -339,6 +347,8 @@ _declare(LossTerm('dist', LOGIT, 'DIST, distillation of inter- and intra-class r
 _declare(LossTerm('icd', FEATURE, 'Invariant Consistency Distillation (ICD)', 'Invariant Consistency Distillation',
                   None, ICDParams, (1.0, 1.0), (1.0, 1.0), same_label_space=False,
                   citation='Giakoumoglou and Stathaki, 2024', arxiv='2407.11802'))
-_declare(LossTerm('feature', TIMM, "timm's feature distillation (pooled pre-logit MSE)", 'feature MSE',
-                  same_label_space=False,
+_declare(LossTerm('feature', TIMM, FeatureTask.title, 'feature MSE', FeatureTask, same_label_space=False,
                   citation='FitNets, Romero et al., ICLR 2015', arxiv='1412.6550'))
+_declare(LossTerm('token', TIMM, TokenTask.title, 'distillation-token KD', TokenTask, TokenParams,
+                  temperature=TOKEN_TEMPERATURE,
+                  citation='DeiT, Touvron et al., ICML 2021', arxiv='2012.12877'))

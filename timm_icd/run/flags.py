@@ -19,7 +19,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from ..base import UserError
 from ..data import DECODE_SCALES, PIPELINES, AugmentConfig, device_decode_reason
-from ..distill import TERMS, load_plugins, logit_loss_of, method_names, param_problems, params_of
+from ..distill import TERMS, load_plugins, logit_loss_of, method_names, param_problems, params_of, timm_methods
 from ..publish import check_collection_slug, check_push_target
 from .adapt import ADAPT_MODES
 from .loop import LoopConfig
@@ -131,7 +131,8 @@ def create_parser(prog: str = 'train_icd.py', description: str = DESCRIPTION) ->
                        help="weight of the logit term, KD, DKD or DIST (default: the method's; --distill-loss-weight "
                             "is timm's name)")
     group.add_argument('--kd-distill-type', default=None, choices=('logit', 'feature', 'token'),
-                       help="timm train.py's switch: logit is --method kd, feature is --method feature")
+                       help="timm train.py's switch: logit is --method kd, feature is --method feature, token is "
+                            "--method token")
     group.add_argument('--icd-loss-weight', type=float, default=None, help="ICD weight (default: the method's)")
     add_term_flags(group)
     group.add_argument('--loss-plugin', action='append', default=[], metavar='FILE.py',
@@ -363,8 +364,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = 'train_icd.py',
     args = parser.parse_args(argv)
     if args.lr is None:
         args.lr = default_lr(args.student)
-    if args.kd_distill_type in ('logit', 'feature') and args.method == 'auto':  # a timm train.py command
-        args.method = {'logit': 'kd', 'feature': 'feature'}[args.kd_distill_type]
+    if args.kd_distill_type and args.method == 'auto':  # a timm train.py command
+        args.method = {'logit': 'kd'}.get(args.kd_distill_type, args.kd_distill_type)
     if args.log_wandb and not args.log_with:
         args.log_with = 'wandb'
     return args
@@ -466,7 +467,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.teacher_label_map:
         _check(os.path.isfile(args.teacher_label_map), f'--teacher-label-map: no file {args.teacher_label_map}.')
     if args.teacher_cache:
-        _check(args.method not in ('vanilla', 'feature'), f'--teacher-cache holds an ICD teacher\'s outputs, which '
+        _check(args.method not in ('vanilla',) + timm_methods(), f'--teacher-cache holds an ICD teacher\'s outputs, which '
                                                           f'--method {args.method} does not use.')
         batch_level = [flag for flag, on in (('--mixup', args.mixup > 0), ('--cutmix', args.cutmix > 0),
                                              ('--cutmix-minmax', args.cutmix_minmax is not None),
@@ -482,19 +483,16 @@ def validate_args(args: argparse.Namespace) -> None:
                '--cache-features and --cache-topk apply to --teacher-cache only.')
     if args.log_with:
         check_tracker(args.log_with)
-    _check(args.kd_distill_type != 'token', "--kd-distill-type token (timm's distillation-token heads) is not "
-                                            "offered here: use logit, feature, or --method icd.")
-    _check(args.kd_distill_type != 'logit' or logit_loss_of(args.method) == 'kd',
-           f'--kd-distill-type logit contradicts --method {args.method}: drop one of them.')
-    _check(args.kd_distill_type != 'feature' or args.method == 'feature',
-           f'--kd-distill-type feature contradicts --method {args.method}: drop one of them.')
-    if args.method == 'feature':
+    _check(args.kd_distill_type in (None, args.method) or (args.kd_distill_type == 'logit' and logit_loss_of(
+        args.method) == 'kd'), f'--kd-distill-type {args.kd_distill_type} contradicts --method {args.method}: drop one '
+                               f'of them.')
+    if args.method in timm_methods():
         for flag, value in (('--student-layer', args.student_layer), ('--teacher-layer', args.teacher_layer),
                             ('--icd-loss-weight', args.icd_loss_weight)):
-            _check(value is None, f"{flag} does not apply to --method feature (timm's task matches the pre-logit "
-                                  f"features only); use --method icd.")
+            _check(value is None, f"{flag} does not apply to --method {args.method} (timm's task, which reads no "
+                                  f"chosen layer); use --method icd.")
         _check(args.teacher_dtype in ('float32', 'fp32'), '--teacher-dtype applies to the ICD teacher, not to '
-                                                          "--method feature (timm's task).")
+                                                          f"--method {args.method} (timm's task).")
     _check(not args.hub_collection or bool(args.push_to_hub),
            '--hub-collection adds the pushed student to a collection: it needs --push-to-hub ORG/NAME.')
     if args.hub_collection:
