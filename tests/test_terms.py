@@ -133,3 +133,15 @@ def test_timm_token_distillation_trains_a_distilled_deit_student(digits_small, t
     assert float(row['train_loss']) == pytest.approx(float(row['train_loss_ce']) + float(row['train_loss_kd']),
                                                      rel=1e-5)
     assert float(row['train_loss_kd']) > 0 and float(row['train_loss_icd']) == 0
+
+
+def test_a_config_file_names_plugins_too(tmp_path):
+    """``loss_plugin`` in a ``--config`` file is loaded before the flags are parsed, like ``--loss-plugin``."""
+    (tmp_path / 'run.yaml').write_text(f'loss_plugin: [{PLUGIN}]\nmethod: icd+l1\nl1_scale: 2.5\n')
+    code = ('from timm_icd.run.flags import parse_args, term_params; '
+            f"a = parse_args(['--teacher', 'test_resnet', '--config', '{tmp_path / 'run.yaml'}']); "
+            "print(a.method, term_params(a)['l1'].scale)")
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=offline_env(),
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == 'icd+l1 2.5'

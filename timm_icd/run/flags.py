@@ -357,7 +357,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = 'train_icd.py',
     config_parser.add_argument('-c', '--config', default='')
     config_parser.add_argument('--loss-plugin', action='append', default=[])
     config_args, _ = config_parser.parse_known_args(argv)
-    load_plugins(config_args.loss_plugin)  # before the parser: a plugin's term brings its method and flags
+    load_plugins(_config_plugins(config_args.config) + config_args.loss_plugin)  # before the parser: a plugin's
+    # term brings its method and flags
     parser = create_parser(prog, description)
     if config_args.config:
         parser.set_defaults(**load_config_file(parser, config_args.config))
@@ -369,6 +370,19 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = 'train_icd.py',
     if args.log_wandb and not args.log_with:
         args.log_with = 'wandb'
     return args
+
+
+def _config_plugins(path: str) -> List[str]:
+    """The ``loss_plugin`` files a YAML ``--config`` names (the whole file is checked by ``load_config_file``)."""
+    if not path or not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except yaml.YAMLError:
+        return []
+    files = cfg.get('loss_plugin', cfg.get('loss-plugin')) if isinstance(cfg, dict) else None
+    return [str(f) for f in ([files] if isinstance(files, str) else files or [])]
 
 
 def default_lr(student: str) -> float:
