@@ -253,7 +253,8 @@ class ICDDistillationTask(TrainingTask):
     def loss_record(self) -> Dict[str, Any]:
         """The loss as distillation.json records it (method, weights, temperature, ICD settings and final tau)."""
         icd, logit = self.icd, self.spec.logit_loss
-        record = record_of(self.method, logit, {**self.params, 'kd': KDParams(self.kd_temperature, self.kd_standardize)})
+        shared = KDParams(self.kd_temperature, self.kd_standardize)  # as resolved
+        record = record_of(self.method, logit, {**self.params, 'kd': shared})
         return {
             **record,
             'loss_weights': {'task': self.task_loss_weight, 'kd': self.kd_loss_weight, 'icd': self.icd_loss_weight},

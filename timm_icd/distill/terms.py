@@ -56,7 +56,8 @@ class KDParams:
 class DKDParams:
     alpha: float = _p(1.0, "DKD: weight of the target-class part TCKD (default: 1, the authors')", '>= 0')
     beta: float = _p(2.0, 'DKD: weight of the non-target part NCKD (default: 2, chosen on validation by the study, '
-                          'benchmarks/results/study_tuning.md; the authors use 8 on CIFAR-100, 0.5 on ImageNet)', '>= 0')
+                          'benchmarks/results/study_tuning.md; the authors use 8 on CIFAR-100, 0.5 on ImageNet)',
+                      '>= 0')
     warmup_epochs: int = _p(20, "DKD: its weight ramps up linearly over this many epochs (default: 20, the authors' "
                                 "CIFAR-100 setting for 240 epochs; 0: no ramp)", '>= 0')
 
@@ -85,7 +86,8 @@ class ICDParams:
 @dataclass(frozen=True)
 class TokenParams:
     distill_type: str = _p('soft', "--method token: soft (default), KL to the teacher's softmax at --kd-temperature "
-                                   "(default: 1, timm's), or hard, CE to the teacher's top class", choices=('soft', 'hard'))
+                                   "(default: 1, timm's), or hard, CE to the teacher's top class",
+                           choices=('soft', 'hard'))
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,8 @@ def params_of(term: str, settings: Mapping[str, Any], base: Optional[Any] = None
     """The parameters of ``term`` from ``settings`` keyed ``TERM_FIELD`` (flags' dests, or the task's keywords);
     fields not in ``settings`` keep ``base``'s values, or the defaults."""
     base = base if base is not None else TERMS[term].params()
-    return replace(base, **{f.name: settings[f'{term}_{f.name}'] for f in fields(base) if f'{term}_{f.name}' in settings})
+    given = {f.name: settings[f'{term}_{f.name}'] for f in fields(base) if f'{term}_{f.name}' in settings}
+    return replace(base, **given)
 
 
 def split_settings(settings: Mapping[str, Any], base: Optional[Mapping[str, Any]] = None,

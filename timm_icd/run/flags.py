@@ -303,7 +303,8 @@ def add_term_flags(group) -> None:
             if isinstance(f.default, bool):
                 group.add_argument(flag, action='store_true', help=meta.get('help'))
                 continue
-            kind = type(f.default) if f.default is not None else next(t for t in get_args(f.type) if t is not type(None))
+            kind = type(f.default) if f.default is not None else next(
+                t for t in get_args(f.type) if t is not type(None))  # Optional[float] -> float
             group.add_argument(flag, type=kind, default=f.default, choices=meta.get('choices'), help=meta.get('help'))
 
 
@@ -481,8 +482,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.teacher_label_map:
         _check(os.path.isfile(args.teacher_label_map), f'--teacher-label-map: no file {args.teacher_label_map}.')
     if args.teacher_cache:
-        _check(args.method not in ('vanilla',) + timm_methods(), f'--teacher-cache holds an ICD teacher\'s outputs, which '
-                                                          f'--method {args.method} does not use.')
+        _check(args.method not in ('vanilla',) + timm_methods(),
+               f"--teacher-cache holds an ICD teacher's outputs, which --method {args.method} does not use.")
         batch_level = [flag for flag, on in (('--mixup', args.mixup > 0), ('--cutmix', args.cutmix > 0),
                                              ('--cutmix-minmax', args.cutmix_minmax is not None),
                                              ('--reprob', args.reprob > 0)) if on]
