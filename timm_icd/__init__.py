@@ -8,12 +8,12 @@ from .base import UserError, __version__
 from .distill import (
     METHOD_WEIGHTS, METHODS, DistillationTask, FeatureHook, ICDDistillationTask, ICDLoss, ICDTeacher,
     ICDTrainableModule, Method, create_distiller, create_student, create_teacher, icd_terms, kd_loss,
-    load_weights_file, pool_features, probe_feature_dim, resolve_method)
+    load_weights_file, method_table, pool_features, probe_feature_dim, register_loss, resolve_method)
 from .publish import load_student, push_student
 
 __all__ = [
     'DistillationTask', 'FeatureHook', 'ICDDistillationTask', 'ICDLoss', 'ICDTeacher', 'ICDTrainableModule',
     'METHODS', 'METHOD_WEIGHTS', 'Method', 'UserError', 'create_distiller', 'create_student', 'create_teacher',
-    'icd_terms', 'kd_loss', 'load_student', 'load_weights_file', 'pool_features', 'probe_feature_dim',
-    'push_student', 'resolve_method',
+    'icd_terms', 'kd_loss', 'load_student', 'load_weights_file', 'method_table', 'pool_features',
+    'probe_feature_dim', 'push_student', 'register_loss', 'resolve_method',
 ]

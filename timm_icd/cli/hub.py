@@ -11,7 +11,8 @@ import json
 import sys
 from typing import List, Optional
 
-from ..publish import METHOD_NAMES, SORTS, format_students, search_students
+from ..distill import method_names
+from ..publish import SORTS, format_students, search_students
 from ..run import ArgumentParser
 from .common import run_command
 
@@ -29,8 +30,8 @@ def create_parser() -> ArgumentParser:
     search.add_argument('--dataset', default=None, metavar='NAME',
                         help='the dataset: a Hub id, or a local folder (matched by its name)')
     search.add_argument('--author', default=None, metavar='ORG', help='the user or organisation that pushed it')
-    search.add_argument('--method', default=None, choices=list(METHOD_NAMES), metavar='M',
-                        help=f"the method: {', '.join(METHOD_NAMES)}")
+    search.add_argument('--method', default=None, choices=method_names(), metavar='M',
+                        help=f"the method: {', '.join(method_names())}")
     search.add_argument('--sort', default='accuracy', choices=list(SORTS),
                         help='accuracy (top-1, default), downloads, or recent (last updated)')
     search.add_argument('--limit', type=int, default=20, metavar='N', help='students shown at most (default: 20)')

@@ -1,10 +1,10 @@
-"""Logit distillation terms: Hinton's KD, with optional logit standardisation (Sun et al., CVPR 2024).
+"""Logit distillation terms: Hinton's KD, DKD and DIST, with optional logit standardisation (Sun et al., CVPR 2024).
+
+The table of terms (``terms.py``) declares each with its parameters, weights, temperature and citation.
 
 Every term takes B x C student and teacher logits, computes in float32 whatever the autocast dtype, and returns the
 batch mean.
 """
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -13,14 +13,6 @@ LS_EPS = 1e-7
 LS_TEMPERATURE = 2.0  # standardised logits have unit std, so Sun et al.'s base temperature is 2
 KD_TEMPERATURE = 4.0  # Hinton KD's usual temperature, and DKD's authors' CIFAR-100 setting
 DIST_TEMPERATURE = 1.0  # selected on validation by the study (benchmarks/results/study_tuning.md); DIST's ImageNet T
-
-
-def default_temperature(logit_loss: Optional[str], standardize: bool = False) -> float:
-    """The temperature a logit term gets when none is given: 2 with standardisation, 1 for DIST, else 4.
-
-    Decided from the resolved logit term, so ``--method auto`` gets the temperature of the term it chose.
-    """
-    return LS_TEMPERATURE if standardize else DIST_TEMPERATURE if logit_loss == 'dist' else KD_TEMPERATURE
 
 
 def standardize_logits(logits: torch.Tensor, eps: float = LS_EPS) -> torch.Tensor:

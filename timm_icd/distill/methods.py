@@ -2,36 +2,32 @@
 
     loss = task_loss_weight * CE + kd_loss_weight * LOGIT + icd_loss_weight * ICD
 
-LOGIT is the method's logit term: Hinton KD (``kd``, ``icd+kd``), decoupled KD (``dkd``, ``icd+dkd``; Zhao et al.,
-CVPR 2022) or DIST (``dist``, ``icd+dist``; Huang et al., NeurIPS 2022); ``feature`` is timm's
-``FeatureDistillationTask`` (CE + feature MSE), run for comparison. A logit term needs a teacher that predicts the
-dataset's classes; ``auto`` adds one only then.
+The methods and their default weights are combinations of the table of terms (``terms.py``): LOGIT is the method's
+logit term (Hinton KD, DKD, DIST, or a registered one); ``feature`` (and ``token``) are timm's own tasks, run for
+comparison. A logit term needs a teacher that predicts the dataset's classes; ``auto`` adds one only then.
 """
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from ..base import UserError
 from .label_space import REINDEXED, SAME, LabelSpace, match_label_space
+from .terms import LOGIT_LOSSES, METHOD_WEIGHTS, TERMS, TIMM, method_title
 
 _logger = logging.getLogger(__name__)
 
-# (task_loss_weight, kd_loss_weight, icd_loss_weight): the ICD paper's settings for vanilla, kd, icd and icd+kd;
-# DKD's and DIST's authors add their term to CE at weight 1 (their own alpha/beta/gamma weigh its parts), and
-# icd+dkd / icd+dist add ICD at the weight icd+kd gives it
-METHOD_WEIGHTS = {
-    'vanilla': (1.0, 0.0, 0.0),
-    'kd': (0.1, 0.9, 0.0),
-    'dkd': (1.0, 1.0, 0.0),
-    'dist': (1.0, 1.0, 0.0),
-    'icd': (1.0, 0.0, 1.0),
-    'icd+kd': (1.0, 1.0, 1.0),
-    'icd+dkd': (1.0, 1.0, 1.0),
-    'icd+dist': (1.0, 1.0, 1.0),
-}
-METHODS = tuple(METHOD_WEIGHTS)
-LOGIT_LOSSES = {'kd': 'kd', 'icd+kd': 'kd', 'dkd': 'dkd', 'icd+dkd': 'dkd', 'dist': 'dist', 'icd+dist': 'dist'}
-TIMM_METHODS = ('feature',)  # timm's own tasks, run by this tool's loop
+METHODS = tuple(METHOD_WEIGHTS)  # the package's own methods (registered terms add theirs to METHOD_WEIGHTS)
+
+
+def method_names() -> Tuple[str, ...]:
+    """Every ``--method`` choice but auto: the table's combinations, then timm's own tasks."""
+    return tuple(METHOD_WEIGHTS) + timm_methods()
+
+
+def timm_methods() -> Tuple[str, ...]:
+    """The methods a timm task runs (``feature``, ``token``), from the table of terms."""
+    return tuple(t.name for t in TERMS.values() if t.kind == TIMM)
+
 
 # What ``auto`` uses, as the pre-registered study decided it (benchmarks/results/study.md, "What the results decide",
 # by benchmarks/results/protocol.md's rule); tests/test_study.py holds these to study_decision.json and the runs
@@ -57,12 +53,17 @@ class Method:
 
     @property
     def uses_teacher(self) -> bool:
-        return self.kd_loss_weight > 0 or self.icd_loss_weight > 0 or self.name in TIMM_METHODS
+        return self.kd_loss_weight > 0 or self.icd_loss_weight > 0 or self.name in timm_methods()
+
+    @property
+    def title(self) -> str:
+        """The method in words (the model card's method line)."""
+        return method_title(self.name)
 
     def describe(self) -> str:
         """The loss as a formula, for the log."""
-        if self.name == 'feature':
-            return f'{self.task_loss_weight} * ce + {self.kd_loss_weight} * feature MSE'
+        if self.name in timm_methods():
+            return f'{self.task_loss_weight} * ce + {self.kd_loss_weight} * {TERMS[self.name].short}'
         return (f'{self.task_loss_weight} * ce + {self.kd_loss_weight} * {self.logit_loss or "kd"} + '
                 f'{self.icd_loss_weight} * icd')
 
@@ -89,7 +90,7 @@ def resolve_method(
     teacher term, unless ``icd_loss_weight`` asks for ICD) for one of other classes.
 
     Args:
-        method: 'auto', one of ``METHODS`` or 'feature'.
+        method: 'auto', or one of ``method_names()``.
         num_classes: Classes of the dataset (the student's outputs).
         teacher_classes: The teacher's outputs; None when there is no teacher.
         teacher_label_names, label_names: Class names of the teacher and the dataset, where known.
@@ -97,18 +98,23 @@ def resolve_method(
         label_space: How the teacher's classes relate to the dataset's, where the caller decided it (train_icd.py
             does, after re-indexing or adapting the teacher); None: ``match_label_space`` on the names given.
     """
-    if method not in ('auto',) + METHODS + TIMM_METHODS:
-        raise UserError(f"unknown method '{method}': choose one of auto, {', '.join(METHODS + TIMM_METHODS)}.")
+    if method not in ('auto',) + method_names():
+        raise UserError(f"unknown method '{method}': choose one of auto, {', '.join(method_names())}.")
     if method == 'vanilla':
         return Method('vanilla', 1.0 if task_loss_weight is None else float(task_loss_weight), 0.0, 0.0, None,
                       'vanilla: cross-entropy only, no teacher')
     if teacher_classes is None:
         raise UserError(f"method '{method}' needs a teacher: pass --teacher NAME.")
-    if method == 'feature':  # timm's FeatureDistillationTask rule: independent weights, or distill = 1 - task
+    if method in timm_methods():  # timm's tasks' rule: independent weights, or distill = 1 - task
+        term = TERMS[method]
+        space = label_space or match_label_space(teacher_classes, num_classes, teacher_label_names, label_names)
+        if term.same_label_space and space.kind != SAME:
+            raise UserError(f"--method {method} needs a teacher that predicts the dataset's classes, but {space.why}: "
+                            f"adapt the teacher (--teacher-adapt linear) or use --method feature or icd.")
         task = 1.0 if task_loss_weight is None else float(task_loss_weight)
         distill = float(kd_loss_weight) if kd_loss_weight is not None else (
             1.0 - task if task_loss_weight is not None else 1.0)
-        return Method('feature', task, distill, 0.0, None, "feature: timm's FeatureDistillationTask")
+        return Method(method, task, distill, 0.0, None, f'{method}: {term.title}')
 
     space = label_space or match_label_space(teacher_classes, num_classes, teacher_label_names, label_names)
     if space.kind == REINDEXED:
@@ -127,7 +133,7 @@ def resolve_method(
                                          f'for ICD')
     else:
         reason = f'{method} as asked'
-    if method in LOGIT_LOSSES and not same_space:
+    if method in LOGIT_LOSSES and TERMS[LOGIT_LOSSES[method]].same_label_space and not same_space:
         raise UserError(f"--method {method} needs a teacher that predicts the dataset's classes, but {space.why}: "
                         f"adapt the teacher (--teacher-adapt linear, what auto does), say which output is which "
                         f"class (--teacher-label-map FILE, --same-label-space), or use --method icd.")

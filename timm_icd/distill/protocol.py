@@ -1,7 +1,8 @@
 """What the training loop, checkpoints and run records need of a distiller, written down.
 
-``ICDDistillationTask`` (every method of this tool) and ``FeatureTask`` (timm's ``FeatureDistillationTask``) satisfy
-it; a new task that does can be trained by ``timm_icd.run`` unchanged.
+``ICDDistillationTask`` (every method of this tool), ``FeatureTask`` and ``TokenTask`` (timm's
+``FeatureDistillationTask`` and ``TokenDistillationTask``) satisfy it; a new task that does can be trained by
+``timm_icd.run`` unchanged.
 """
 from typing import Any, Dict, Optional, Protocol, runtime_checkable
 

@@ -2,14 +2,16 @@
 
     loss = task_loss_weight * CE(student, y) + kd_loss_weight * LOGIT(student, teacher) + icd_loss_weight * ICD
 
-LOGIT is the method's logit term: Hinton KD, DKD (ramped up over ``dkd_warmup_epochs``, as its authors do) or DIST.
+LOGIT is the method's logit term from the table of terms (``terms.py``): Hinton KD, DKD (ramped up over
+``dkd_warmup_epochs``, as its authors do), DIST, or a registered one; the task runs it as a ``LogitTerm`` module.
 
 One trainable module holds the student and the ICD heads (so DDP syncs the heads with the student); the teacher
 sits outside it, in eval mode with ``requires_grad=False``, runs under ``no_grad`` and is never wrapped for DDP.
 Which terms and weights: ``methods.resolve_method``.
 """
 import logging
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from dataclasses import asdict
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,10 +21,10 @@ from timm.utils import unwrap_model
 
 from .hooks import FeatureHook, probe_feature_dim
 from ..base import UserError
-from .gather import BATCHES, gather_with_grad
+from .gather import gather_with_grad
 from .icd_loss import ICDLoss
-from .logit_losses import default_temperature, dist_loss, dkd_loss, kd_loss
 from .methods import Method, resolve_method
+from .terms import TERMS, KDParams, LossTerm, default_temperature, param_problems, record_of, split_settings
 from .models import create_student, create_teacher
 from .teacher import ICDTeacher
 
@@ -75,6 +77,30 @@ class ICDTrainableModule(nn.Module):
             self.feature_hook = None
 
 
+class LogitTerm(nn.Module):
+    """A logit term of the table with its parameters and the shared temperature, as the task runs it.
+
+    ``forward(logits, teacher_logits, target)`` is the unweighted term; ``ramp(epoch)`` its weight's factor in that
+    epoch (``warmup_epochs`` in its params: linear up to 1, as DKD's authors do; their epochs count from 1).
+    """
+
+    def __init__(self, term: LossTerm, params: Any, temperature: float, standardize: bool):
+        super().__init__()
+        self.term, self.params, self.temperature, self.standardize = term, params, temperature, standardize
+
+    def ramp(self, epoch: int) -> float:
+        warmup = getattr(self.params, 'warmup_epochs', 0)
+        return min((epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
+
+    def forward(self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.term.hard_labels and target.ndim != 1:
+            raise UserError(f'{self.term.name.upper()} {self.term.hard_labels}, which needs hard labels: drop '
+                            f'--mixup/--cutmix or use another method.')
+        if getattr(self.params, 'batch', 'local') == 'global':  # a batch-level term over every process's batch
+            logits, teacher_logits = gather_with_grad(logits), gather_with_grad(teacher_logits)
+        return self.term.loss(logits, teacher_logits, target, self.temperature, self.standardize, self.params)
+
+
 class ICDDistillationTask(TrainingTask):
     """Distill a frozen teacher into a student with CE + KD + ICD.
 
@@ -92,17 +118,16 @@ class ICDDistillationTask(TrainingTask):
             when None (so ``smoothing`` and Mixup/CutMix soft targets work as in timm).
         task_loss_weight, kd_loss_weight, icd_loss_weight: Override the method's weights (see METHOD_WEIGHTS); used
             only when ``method`` is a name.
-        kd_temperature: Temperature of the logit term (KD, DKD or DIST); None: ``default_temperature`` of the
-            resolved term (4; 1 for DIST; 2 with ``kd_standardize``).
-        kd_standardize: Z-score student and teacher logits per sample before the logit term (logit
-            standardisation, Sun et al., CVPR 2024; see ``kd_loss``).
-        dkd_alpha, dkd_beta: DKD's weights of its target and non-target parts (see ``dkd_loss``); beta 2 was
-            selected on validation by the study (benchmarks/results/study_tuning.md), the authors use 8 on CIFAR-100.
-        dkd_warmup_epochs: DKD's weight ramps up linearly over this many epochs (``set_epoch``); 0: no ramp.
-        dist_beta, dist_gamma: DIST's weights of its inter- and intra-class parts (see ``dist_loss``).
-        dist_batch: 'local' computes DIST's intra-class term over each process's batch (the authors' DDP code);
-            'global' gathers every process's logits so it is computed over the whole batch.
-        icd_feat_dim, icd_alpha, icd_init_t, icd_max_tau, icd_negatives: ICD settings (see ``ICDLoss``).
+        terms: Each term's parameters, ``{name: params}`` (``terms.KDParams`` for the temperature and logit
+            standardisation every logit term shares, ``DKDParams``, ``DISTParams``, ``ICDParams``, or a registered
+            term's); terms not given keep their defaults.
+        **term_settings: The same as keywords ``TERM_FIELD``: ``kd_temperature`` (None: ``default_temperature`` of
+            the resolved term: 4; 1 for DIST; 2 with ``kd_standardize``), ``kd_standardize`` (Z-score both logits
+            per sample first, Sun et al., CVPR 2024), ``dkd_alpha``, ``dkd_beta`` (2, the study's choice on
+            validation; the authors' 8 on CIFAR-100), ``dkd_warmup_epochs``, ``dist_beta``, ``dist_gamma``,
+            ``dist_batch`` ('local': DIST's intra-class term over each process's batch; 'global': over every
+            process's), ``icd_feat_dim``, ``icd_alpha``, ``icd_init_t``, ``icd_max_tau``, ``icd_negatives`` (see
+            ``ICDLoss``); they override ``terms``.
         student_layer, teacher_layer: Module names to take features from; None takes each classifier's input.
         student_input_size: (C, H, W) of the student's batches; None uses its pretrained_cfg.
         teacher_input_size: (C, H, W) the teacher expects; None uses its pretrained_cfg.
@@ -120,19 +145,7 @@ class ICDDistillationTask(TrainingTask):
             task_loss_weight: Optional[float] = None,
             kd_loss_weight: Optional[float] = None,
             icd_loss_weight: Optional[float] = None,
-            kd_temperature: Optional[float] = None,
-            kd_standardize: bool = False,
-            dkd_alpha: float = 1.0,
-            dkd_beta: float = 2.0,
-            dkd_warmup_epochs: int = 20,
-            dist_beta: float = 2.0,
-            dist_gamma: float = 2.0,
-            dist_batch: str = 'local',
-            icd_feat_dim: int = 128,
-            icd_alpha: float = 0.5,
-            icd_init_t: float = 1.0,
-            icd_max_tau: float = 10.0,
-            icd_negatives: str = 'local',
+            terms: Optional[Mapping[str, Any]] = None,
             student_layer: Optional[str] = None,
             teacher_layer: Optional[str] = None,
             student_input_size: Optional[Sequence[int]] = None,
@@ -143,8 +156,14 @@ class ICDDistillationTask(TrainingTask):
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
             verbose: bool = True,
+            **term_settings,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
+        params = split_settings(term_settings, terms)
+        for name, value in params.items():
+            problems = param_problems(name, value)
+            if problems:
+                raise ValueError(problems[0])
         student = unwrap_model(student_model)
         teacher_module = teacher_model.model if isinstance(teacher_model, DistillationTeacher) else teacher_model
         teacher_module = unwrap_model(teacher_module) if teacher_module is not None else None
@@ -156,20 +175,20 @@ class ICDDistillationTask(TrainingTask):
         self.method = method.name
         self.task_loss_weight, self.kd_loss_weight, self.icd_loss_weight = (
             method.task_loss_weight, method.kd_loss_weight, method.icd_loss_weight)
-        self.kd_temperature = float(kd_temperature) if kd_temperature is not None else default_temperature(
-            method.logit_loss, kd_standardize)
-        self.kd_standardize = kd_standardize
-        if dist_batch not in BATCHES:
-            raise ValueError(f'dist_batch must be one of {BATCHES}, got {dist_batch!r}')
-        self.dkd_alpha, self.dkd_beta, self.dkd_warmup_epochs = dkd_alpha, dkd_beta, dkd_warmup_epochs
-        self.dist_beta, self.dist_gamma, self.dist_batch = dist_beta, dist_gamma, dist_batch
+        self.params = params
+        shared = params.get('kd', KDParams())
+        self.kd_standardize = shared.standardize
+        self.kd_temperature = float(shared.temperature) if shared.temperature is not None else default_temperature(
+            method.logit_loss, shared.standardize)
+        self.logit = LogitTerm(TERMS[method.logit_loss], params.get(method.logit_loss, TERMS[
+            method.logit_loss].params()), self.kd_temperature, self.kd_standardize) if method.logit_loss else None
         self.logit_ramp = 1.0
         self.set_epoch(0)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         if verbose:  # a warning when a given teacher goes unused (auto across label spaces)
             log = _logger.warning if method.name == 'vanilla' and teacher_module is not None else _logger.info
             log(f'Method {method.reason}; loss = {method.describe()}'
-                + (', kd with logit standardisation' if kd_standardize and self.kd_loss_weight > 0 else ''))
+                + (', kd with logit standardisation' if self.kd_standardize and self.kd_loss_weight > 0 else ''))
 
         uses_icd = self.icd_loss_weight > 0
         self.teacher: Optional[ICDTeacher] = None
@@ -190,12 +209,11 @@ class ICDDistillationTask(TrainingTask):
             student_dim = probe_feature_dim(student, student_input_size, student_layer, role='student')
             teacher_dim = probe_feature_dim(
                 self.teacher.model, self.teacher.input_size or student_input_size, self.teacher.layer, role='teacher')
-            icd = ICDLoss(
-                student_dim, teacher_dim, feat_dim=icd_feat_dim, alpha=icd_alpha, init_t=icd_init_t,
-                max_tau=icd_max_tau, negatives=icd_negatives, device=self.device)
+            p = params.get('icd', TERMS['icd'].params())
+            icd = ICDLoss(student_dim, teacher_dim, **asdict(p), device=self.device)
             if verbose:
-                _logger.info(f'ICD heads: student {student_dim} -> {icd_feat_dim}, teacher {teacher_dim} -> '
-                             f'{icd_feat_dim}, alpha={icd_alpha}, negatives={icd_negatives}')
+                _logger.info(f'ICD heads: student {student_dim} -> {p.feat_dim}, teacher {teacher_dim} -> '
+                             f'{p.feat_dim}, alpha={p.alpha}, negatives={p.negatives}')
         self.trainable_module = ICDTrainableModule(student_model, icd, student_layer)
         self.criterion = resolve_classification_loss(criterion, self.device, criterion_kwargs=criterion_kwargs)
 
@@ -234,17 +252,12 @@ class ICDDistillationTask(TrainingTask):
 
     def loss_record(self) -> Dict[str, Any]:
         """The loss as distillation.json records it (method, weights, temperature, ICD settings and final tau)."""
-        icd, kd = self.icd, self.kd_loss_weight > 0
+        icd, logit = self.icd, self.spec.logit_loss
+        shared = KDParams(self.kd_temperature, self.kd_standardize)  # as resolved
+        record = record_of(self.method, logit, {**self.params, 'kd': shared})
         return {
-            'method': self.method,
+            **record,
             'loss_weights': {'task': self.task_loss_weight, 'kd': self.kd_loss_weight, 'icd': self.icd_loss_weight},
-            'logit_loss': self.spec.logit_loss,
-            'kd_temperature': self.kd_temperature if kd else None,
-            'kd_standardize': self.kd_standardize if kd else None,
-            'dkd': {'alpha': self.dkd_alpha, 'beta': self.dkd_beta, 'warmup_epochs': self.dkd_warmup_epochs}
-            if self.spec.logit_loss == 'dkd' else None,
-            'dist': {'beta': self.dist_beta, 'gamma': self.dist_gamma, 'batch': self.dist_batch}
-            if self.spec.logit_loss == 'dist' else None,
             'icd': None if icd is None else {
                 'feat_dim': icd.student_head.out_features, 'alpha': icd.alpha, 'negatives': icd.negatives,
                 'max_tau': icd.max_tau, 'tau_final': float(icd.tau.item()),
@@ -267,7 +280,7 @@ class ICDDistillationTask(TrainingTask):
         zero = loss_ce.new_zeros(()).detach()
         loss_kd = loss_icd = tau = zero
         if self.kd_loss_weight > 0:
-            loss_kd = self._logit_term(logits, teacher_logits, target)
+            loss_kd = self.logit(logits, teacher_logits, target)
             loss = loss + (self.kd_loss_weight * self.logit_ramp) * loss_kd
         if icd_out is not None:
             loss_icd, tau = icd_out['loss_icd'], icd_out['tau']
@@ -281,24 +294,9 @@ class ICDDistillationTask(TrainingTask):
             'tau': tau.detach(),
         }
 
-    def _logit_term(self, logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        kind, t, std = self.spec.logit_loss, self.kd_temperature, self.kd_standardize
-        if kind == 'dkd':
-            if target.ndim != 1:
-                raise UserError('DKD separates the target class from the others, which needs hard labels: drop '
-                                '--mixup/--cutmix or use another method.')
-            return dkd_loss(logits, teacher_logits, target, t, self.dkd_alpha, self.dkd_beta, standardize=std)
-        if kind == 'dist':
-            if self.dist_batch == 'global':  # the intra-class term over every process's batch (see dist_loss)
-                logits, teacher_logits = gather_with_grad(logits), gather_with_grad(teacher_logits)
-            return dist_loss(logits, teacher_logits, t, self.dist_beta, self.dist_gamma, standardize=std)
-        return kd_loss(logits, teacher_logits, t, standardize=std)
-
     def set_epoch(self, epoch: int) -> None:
-        """Tell the task which epoch (from 0) is starting: DKD's weight is ``min((epoch + 1) / warmup, 1)``, as its
-        authors ramp it (their epochs count from 1)."""
-        warmup = self.dkd_warmup_epochs if self.spec.logit_loss == 'dkd' else 0
-        self.logit_ramp = min((epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
+        """Tell the task which epoch (from 0) is starting: the logit term's weight ramps up (``LogitTerm.ramp``)."""
+        self.logit_ramp = self.logit.ramp(epoch) if self.logit is not None else 1.0
 
     def convert_sync_batchnorm(self) -> 'ICDDistillationTask':
         """Replace the student's BatchNorm layers with torch's SyncBatchNorm (before DDP wraps it, as timm does).

@@ -3,7 +3,7 @@ from .compare import (
     write_comparison)
 from .export import DISTILLATION_JSON, public_name, public_record, read_record, save_student
 from .hub import (
-    METHOD_NAMES, SEARCH_TAG, TAGS, check_collection_slug, check_push_target, load_student, method_tag, push_student,
+    SEARCH_TAG, TAGS, check_collection_slug, check_push_target, load_student, method_tag, push_student,
     render_card)
 from .report import CURVES, plot_run, plot_runs, read_run, table
 from .search import (

@@ -34,17 +34,6 @@ CARD_NAME = 'model_card.md'
 STUDENT_FILES = ('model.safetensors', 'config.json', DISTILLATION_JSON)
 SEARCH_TAG = 'timm_icd'  # every push carries it: `python -m timm_icd.hub search` lists the models with it
 TAGS = ['image-classification', 'timm', 'knowledge-distillation', 'icd', SEARCH_TAG]
-METHOD_NAMES = {
-    'icd+kd': 'Invariant Consistency Distillation plus Hinton KD (ICD+KD)',
-    'icd+dkd': 'Invariant Consistency Distillation plus Decoupled KD (ICD+DKD)',
-    'icd+dist': 'Invariant Consistency Distillation plus DIST (ICD+DIST)',
-    'icd': 'Invariant Consistency Distillation (ICD)',
-    'kd': 'Hinton knowledge distillation (KD)',
-    'dkd': 'Decoupled Knowledge Distillation (DKD)',
-    'dist': 'DIST, distillation of inter- and intra-class relations',
-    'feature': "timm's feature distillation (pooled pre-logit MSE)",
-    'vanilla': 'plain cross-entropy training (no distillation)',
-}
 LOCAL_DATASETS = ('digits', 'imagefolder:', '/', '.', '~')
 # a collection's slug as in its URL: NAMESPACE/TITLE-ID, the ID being the Hub's 24 hex digits
 COLLECTION_SLUG = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+-[0-9a-f]{24}')
@@ -140,7 +129,8 @@ def render_card(record: dict, config: dict, repo_id: str, license: str = 'apache
     """The model card for a student folder; every number in it comes from ``record`` (its distillation.json).
 
     Args:
-        record: The run's distillation.json.
+        record: The run's distillation.json (its ``method_title``, the method in words, comes from the table of loss
+            terms; a record from before it names the method by its id).
         config: The folder's timm config.json.
         repo_id: Where it is published.
         license: SPDX id for the card's license field.
@@ -164,7 +154,7 @@ def render_card(record: dict, config: dict, repo_id: str, license: str = 'apache
         base_model=record.get('student_hf_hub_id'), eval_results=eval_results or None)
     return ModelCard.from_template(
         card_data, template_path=str(card_template()), repo_id=repo_id, record=public_record(record), config=config,
-        baseline=baseline, method_name=METHOD_NAMES.get(record['method'], record['method']),
+        baseline=baseline, method_name=record.get('method_title') or record['method'],
         timm_icd_version=__version__, license=license)
 
 

@@ -19,14 +19,14 @@ from timm.data import Mixup, resolve_data_config
 from ..base import UserError
 from ..data import ImageData, Pipeline, create_pipeline, find_bad_images, load_image_data, load_stream_data
 from ..distill import (
-    DistillationTask, FeatureTask, ICDDistillationTask, ICDTeacher, LabelSpace, check_input_size, check_model_name,
+    TERMS, DistillationTask, ICDDistillationTask, ICDTeacher, LabelSpace, check_input_size, check_model_name,
     create_student, create_teacher, fixed_size_kwargs, imagenet_label_names, is_hub_or_local, match_label_space,
-    logit_loss_of, read_label_map, reindex_classes, resolve_method)
+    logit_loss_of, read_label_map, reindex_classes, resolve_method, timm_methods)
 from ..distill.label_space import REINDEXED, SAME
 from ..teacher_cache import CachedTeacher, TeacherCache, open_for_run
 from .adapt import ADAPTED_DIR, adapt_teacher, adaptation_mode
 from .checkpoint import check_output_dir, read_run_state, resolve_resume
-from .flags import augment_config, data_seed, teacher_dtype
+from .flags import augment_config, data_seed, teacher_dtype, term_params
 from .state import RunState
 
 _logger = logging.getLogger(__name__)
@@ -128,7 +128,8 @@ def _align_teacher(args: argparse.Namespace, accelerator: Accelerator, data: Ima
     label_map = read_label_map(args.teacher_label_map, data.label_names, names) if args.teacher_label_map else None
     space = match_label_space(teacher.num_classes, data.num_classes, names, data.label_names, label_map,
                               args.same_label_space)
-    uses_logits = args.method == 'auto' or logit_loss_of(args.method) is not None or bool(args.kd_loss_weight)
+    uses_logits = args.method == 'auto' or logit_loss_of(args.method) is not None or bool(args.kd_loss_weight) or (
+        args.method in timm_methods() and TERMS[args.method].same_label_space)
     mode = adaptation_mode(args.teacher_adapt if uses_logits or args.teacher_adapt != 'auto' else 'off', space)
     if mode is None:
         if space.predicts_dataset:
@@ -180,26 +181,22 @@ def _create_task(args: argparse.Namespace, accelerator: Accelerator, data: Image
         task_loss_weight=args.task_loss_weight, kd_loss_weight=args.kd_loss_weight,
         icd_loss_weight=args.icd_loss_weight, label_space=space)
     criterion_kwargs = {'smoothing': args.smoothing, 'soft_targets': mixup_active}
-    if method.name == 'feature':  # timm's own feature distillation, for comparison in the same loop
+    if method.name in timm_methods():  # timm's own tasks (feature, token), for comparison in the same loop
         input_size = tuple(teacher_input_size or teacher.pretrained_cfg.get('input_size') or data_config['input_size'])
         if input_size[1:] != tuple(data_config['input_size'])[1:]:
-            raise UserError(f"--method feature (timm's task) feeds the teacher the student's "
+            raise UserError(f"--method {method.name} (timm's task) feeds the teacher the student's "
                             f"{data_config['input_size'][1]} px batches, but the teacher expects "
                             f"{input_size[1]} px: use --method icd, which resizes.")
         _logger.info(f'Method {method.reason}.')
-        return FeatureTask(student, teacher, criterion_kwargs=criterion_kwargs,
-                           task_loss_weight=method.task_loss_weight, kd_loss_weight=method.kd_loss_weight,
-                           student_mean=data_config['mean'], student_std=data_config['std'],
-                           verbose=accelerator.is_main_process), adaptation
+        return TERMS[method.name].loss(
+            student, teacher, criterion_kwargs=criterion_kwargs, task_loss_weight=method.task_loss_weight,
+            kd_loss_weight=method.kd_loss_weight, student_mean=data_config['mean'], student_std=data_config['std'],
+            verbose=accelerator.is_main_process, terms=term_params(args)), adaptation
     if args.teacher_cache and teacher is not None:  # the cache serves icd and kd runs alike: it holds the features
         teacher = ICDTeacher(teacher, teacher_input_size, layer=args.teacher_layer, need_features=True,
                              dtype=teacher_dtype(args))
     return ICDDistillationTask(
-        student, teacher, method=method, criterion_kwargs=criterion_kwargs, kd_temperature=args.kd_temperature,
-        kd_standardize=args.kd_standardize, dkd_alpha=args.dkd_alpha, dkd_beta=args.dkd_beta,
-        dkd_warmup_epochs=args.dkd_warmup_epochs, dist_beta=args.dist_beta, dist_gamma=args.dist_gamma,
-        dist_batch=args.dist_batch, icd_feat_dim=args.icd_feat_dim, icd_alpha=args.icd_alpha,
-        icd_init_t=args.icd_init_t, icd_max_tau=args.icd_max_tau, icd_negatives=args.icd_negatives,
+        student, teacher, method=method, criterion_kwargs=criterion_kwargs, terms=term_params(args),
         student_layer=args.student_layer, teacher_layer=args.teacher_layer,
         student_input_size=data_config['input_size'], teacher_input_size=teacher_input_size,
         student_mean=data_config['mean'], student_std=data_config['std'], teacher_dtype=teacher_dtype(args),

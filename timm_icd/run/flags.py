@@ -8,7 +8,8 @@ import argparse
 import logging
 import os
 import re
-from typing import List, Optional, Sequence
+from dataclasses import fields
+from typing import Any, Dict, List, Optional, Sequence, get_args
 
 import torch
 import yaml
@@ -18,7 +19,7 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from ..base import UserError
 from ..data import DECODE_SCALES, PIPELINES, AugmentConfig, device_decode_reason
-from ..distill import BATCHES, ICD_NEGATIVES, METHODS, logit_loss_of
+from ..distill import TERMS, load_plugins, logit_loss_of, method_names, param_problems, params_of, timm_methods
 from ..publish import check_collection_slug, check_push_target
 from .adapt import ADAPT_MODES
 from .loop import LoopConfig
@@ -119,44 +120,23 @@ def create_parser(prog: str = 'train_icd.py', description: str = DESCRIPTION) ->
                        help="the teacher's classes are the dataset's, in its order, whatever their names")
 
     group = parser.add_argument_group('Method')
-    group.add_argument('--method', default='auto', choices=('auto',) + METHODS + ('feature',),
+    group.add_argument('--method', default='auto', choices=('auto',) + method_names(),
                        help="auto (default): icd+kd when the teacher has the dataset's classes, else vanilla (the "
-                            "pre-registered study's decision, benchmarks/results/study.md); kd, dkd (decoupled KD) "
-                            "and dist (DIST) are logit terms, icd+X adds ICD to one; feature is timm's feature MSE")
+                            "pre-registered study's decision, benchmarks/results/study.md); "
+                            + ', '.join(f'{t.name} ({t.short})' for t in TERMS.values() if t.kind == 'logit')
+                            + " are logit terms, icd+X adds ICD to one; "
+                            + '; '.join(f"{t.name} is timm's {t.short}" for t in TERMS.values() if t.kind == 'timm'))
     group.add_argument('--task-loss-weight', type=float, default=None, help="CE weight (default: the method's)")
     group.add_argument('--kd-loss-weight', '--distill-loss-weight', dest='kd_loss_weight', type=float, default=None,
                        help="weight of the logit term, KD, DKD or DIST (default: the method's; --distill-loss-weight "
                             "is timm's name)")
     group.add_argument('--kd-distill-type', default=None, choices=('logit', 'feature', 'token'),
-                       help="timm train.py's switch: logit is --method kd, feature is --method feature")
+                       help="timm train.py's switch: logit is --method kd, feature is --method feature, token is "
+                            "--method token")
     group.add_argument('--icd-loss-weight', type=float, default=None, help="ICD weight (default: the method's)")
-    group.add_argument('--kd-temperature', type=float, default=None,
-                       help='temperature of the logit term, KD, DKD or DIST (default: 4, the authors\' CIFAR-100 '
-                            'setting, for KD and DKD; 1 for DIST, chosen on validation by the study, '
-                            'benchmarks/results/study_tuning.md; 2 with --kd-standardize as in Sun et al.)')
-    group.add_argument('--kd-standardize', action='store_true',
-                       help='Z-score both logits per sample before KD (Sun et al., CVPR 2024); sets T to 2 if unset')
-    group.add_argument('--dkd-alpha', type=float, default=1.0,
-                       help="DKD: weight of the target-class part TCKD (default: 1, the authors')")
-    group.add_argument('--dkd-beta', type=float, default=2.0,
-                       help="DKD: weight of the non-target part NCKD (default: 2, chosen on validation by the study, "
-                            "benchmarks/results/study_tuning.md; the authors use 8 on CIFAR-100, 0.5 on ImageNet)")
-    group.add_argument('--dkd-warmup-epochs', type=int, default=20,
-                       help="DKD: its weight ramps up linearly over this many epochs (default: 20, the authors' "
-                            "CIFAR-100 setting for 240 epochs; 0: no ramp)")
-    group.add_argument('--dist-beta', type=float, default=2.0,
-                       help="DIST: weight of the inter-class relation (default: 2, the authors' CIFAR-100 setting)")
-    group.add_argument('--dist-gamma', type=float, default=2.0,
-                       help="DIST: weight of the intra-class relation (default: 2, the authors' CIFAR-100 setting)")
-    group.add_argument('--dist-batch', default='local', choices=BATCHES,
-                       help="DIST's intra-class term over each process's batch (local, default, as the authors' DDP "
-                            "code) or over every process's batch together (global: the logits are gathered)")
-    group.add_argument('--icd-feat-dim', type=int, default=128, help='ICD embedding width (default: 128)')
-    group.add_argument('--icd-alpha', type=float, default=0.5, help='weight of the invariance term (default: 0.5)')
-    group.add_argument('--icd-init-t', type=float, default=1.0, help='initial t; tau = exp(t) (default: 1)')
-    group.add_argument('--icd-max-tau', type=float, default=10.0, help='clamp of tau (default: 10)')
-    group.add_argument('--icd-negatives', default='local', choices=ICD_NEGATIVES,
-                       help='local: negatives from this process\'s batch (paper); global: gathered from all')
+    add_term_flags(group)
+    group.add_argument('--loss-plugin', action='append', default=[], metavar='FILE.py',
+                       help='a Python file that registers a loss term (timm_icd.register_loss); repeatable')
 
     group = parser.add_argument_group('Data')
     group.add_argument('--dataset', '-d', default='digits', metavar='NAME',
@@ -314,6 +294,25 @@ def create_parser(prog: str = 'train_icd.py', description: str = DESCRIPTION) ->
     return parser
 
 
+def add_term_flags(group) -> None:
+    """One ``--NAME-FIELD`` flag per field of each term's parameters, from the table of terms (``distill/terms.py``):
+    its default, type, choices and help line are the field's."""
+    for term in TERMS.values():
+        for f in fields(term.params):
+            flag, meta = f"--{term.name}-{f.name.replace('_', '-')}", f.metadata
+            if isinstance(f.default, bool):
+                group.add_argument(flag, action='store_true', help=meta.get('help'))
+                continue
+            kind = type(f.default) if f.default is not None else next(
+                t for t in get_args(f.type) if t is not type(None))  # Optional[float] -> float
+            group.add_argument(flag, type=kind, default=f.default, choices=meta.get('choices'), help=meta.get('help'))
+
+
+def term_params(args: argparse.Namespace) -> Dict[str, Any]:
+    """Each term's parameters, ``{name: params}``, from the flags (what ``ICDDistillationTask(terms=...)`` takes)."""
+    return {name: params_of(name, vars(args)) for name in TERMS}
+
+
 def _coerce(action: argparse.Action, key: str, value):
     """Apply a flag's type to a YAML value, so config files are checked like the command line."""
     if value is None or action.type is None:
@@ -355,20 +354,36 @@ def load_config_file(parser: argparse.ArgumentParser, path: str) -> dict:
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = 'train_icd.py',
                description: str = DESCRIPTION) -> argparse.Namespace:
     """Parse flags, with ``--config`` values as defaults that explicit flags override (as timm's train.py)."""
-    parser = create_parser(prog, description)
     config_parser = ArgumentParser(add_help=False)
     config_parser.add_argument('-c', '--config', default='')
+    config_parser.add_argument('--loss-plugin', action='append', default=[])
     config_args, _ = config_parser.parse_known_args(argv)
+    load_plugins(_config_plugins(config_args.config) + config_args.loss_plugin)  # before the parser: a plugin's
+    # term brings its method and flags
+    parser = create_parser(prog, description)
     if config_args.config:
         parser.set_defaults(**load_config_file(parser, config_args.config))
     args = parser.parse_args(argv)
     if args.lr is None:
         args.lr = default_lr(args.student)
-    if args.kd_distill_type in ('logit', 'feature') and args.method == 'auto':  # a timm train.py command
-        args.method = {'logit': 'kd', 'feature': 'feature'}[args.kd_distill_type]
+    if args.kd_distill_type and args.method == 'auto':  # a timm train.py command
+        args.method = {'logit': 'kd'}.get(args.kd_distill_type, args.kd_distill_type)
     if args.log_wandb and not args.log_with:
         args.log_with = 'wandb'
     return args
+
+
+def _config_plugins(path: str) -> List[str]:
+    """The ``loss_plugin`` files a YAML ``--config`` names (the whole file is checked by ``load_config_file``)."""
+    if not path or not os.path.isfile(path):
+        return []
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except yaml.YAMLError:
+        return []
+    files = cfg.get('loss_plugin', cfg.get('loss-plugin')) if isinstance(cfg, dict) else None
+    return [str(f) for f in ([files] if isinstance(files, str) else files or [])]
 
 
 def default_lr(student: str) -> float:
@@ -391,24 +406,21 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ('task_loss_weight', 'kd_loss_weight', 'icd_loss_weight'):
         value = getattr(args, name)
         _check(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")
-    _check(args.kd_temperature is None or args.kd_temperature > 0,
-           f'--kd-temperature must be > 0, got {args.kd_temperature}.')
+    for name, params in term_params(args).items():
+        problems = param_problems(name, params)
+        _check(not problems, problems[0] if problems else '')
     if args.kd_standardize:
-        no_kd = args.method in ('vanilla', 'feature') or (args.method == 'icd' and not args.kd_loss_weight)
+        no_kd = args.method != 'auto' and logit_loss_of(args.method) is None and not (
+            args.method == 'icd' and args.kd_loss_weight)
         _check(not no_kd, f'--kd-standardize needs a KD term, which --method {args.method} does not have: use '
                           f'--method kd, icd+kd or auto.')
         _check(args.kd_loss_weight != 0, '--kd-standardize needs a KD term, which --kd-loss-weight 0 turns off.')
-    for name in ('dkd_alpha', 'dkd_beta', 'dkd_warmup_epochs', 'dist_beta', 'dist_gamma'):
-        value = getattr(args, name)
-        _check(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}.")
-    if logit_loss_of(args.method) == 'dkd':
+    logit = TERMS.get(logit_loss_of(args.method) or '')
+    if logit is not None and logit.hard_labels:
         mixed = [f for f, on in (('--mixup', args.mixup > 0), ('--cutmix', args.cutmix > 0),
                                  ('--cutmix-minmax', args.cutmix_minmax is not None)) if on]
-        _check(not mixed, f'--method {args.method} separates the target class from the others, which the mixed '
-                          f'labels of {mixed[0] if mixed else ""} do not have: drop it or use another method.')
-    _check(args.icd_feat_dim >= 1, f'--icd-feat-dim must be >= 1, got {args.icd_feat_dim}.')
-    _check(args.icd_alpha >= 0, f'--icd-alpha must be >= 0, got {args.icd_alpha}.')
-    _check(args.icd_max_tau > 0, f'--icd-max-tau must be > 0, got {args.icd_max_tau}.')
+        _check(not mixed, f'--method {args.method} {logit.hard_labels}, which the mixed labels of '
+                          f'{mixed[0] if mixed else ""} do not have: drop it or use another method.')
     _check(args.lr > 0, f'--lr must be > 0, got {args.lr}.')
     _check(args.weight_decay >= 0, f'--weight-decay must be >= 0, got {args.weight_decay}.')
     _check(args.epochs >= 1, f'--epochs must be >= 1, got {args.epochs}.')
@@ -470,8 +482,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.teacher_label_map:
         _check(os.path.isfile(args.teacher_label_map), f'--teacher-label-map: no file {args.teacher_label_map}.')
     if args.teacher_cache:
-        _check(args.method not in ('vanilla', 'feature'), f'--teacher-cache holds an ICD teacher\'s outputs, which '
-                                                          f'--method {args.method} does not use.')
+        _check(args.method not in ('vanilla',) + timm_methods(),
+               f"--teacher-cache holds an ICD teacher's outputs, which --method {args.method} does not use.")
         batch_level = [flag for flag, on in (('--mixup', args.mixup > 0), ('--cutmix', args.cutmix > 0),
                                              ('--cutmix-minmax', args.cutmix_minmax is not None),
                                              ('--reprob', args.reprob > 0)) if on]
@@ -486,19 +498,16 @@ def validate_args(args: argparse.Namespace) -> None:
                '--cache-features and --cache-topk apply to --teacher-cache only.')
     if args.log_with:
         check_tracker(args.log_with)
-    _check(args.kd_distill_type != 'token', "--kd-distill-type token (timm's distillation-token heads) is not "
-                                            "offered here: use logit, feature, or --method icd.")
-    _check(args.kd_distill_type != 'logit' or logit_loss_of(args.method) == 'kd',
-           f'--kd-distill-type logit contradicts --method {args.method}: drop one of them.')
-    _check(args.kd_distill_type != 'feature' or args.method == 'feature',
-           f'--kd-distill-type feature contradicts --method {args.method}: drop one of them.')
-    if args.method == 'feature':
+    _check(args.kd_distill_type in (None, args.method) or (args.kd_distill_type == 'logit' and logit_loss_of(
+        args.method) == 'kd'), f'--kd-distill-type {args.kd_distill_type} contradicts --method {args.method}: drop one '
+                               f'of them.')
+    if args.method in timm_methods():
         for flag, value in (('--student-layer', args.student_layer), ('--teacher-layer', args.teacher_layer),
                             ('--icd-loss-weight', args.icd_loss_weight)):
-            _check(value is None, f"{flag} does not apply to --method feature (timm's task matches the pre-logit "
-                                  f"features only); use --method icd.")
+            _check(value is None, f"{flag} does not apply to --method {args.method} (timm's task, which reads no "
+                                  f"chosen layer); use --method icd.")
         _check(args.teacher_dtype in ('float32', 'fp32'), '--teacher-dtype applies to the ICD teacher, not to '
-                                                          "--method feature (timm's task).")
+                                                          f"--method {args.method} (timm's task).")
     _check(not args.hub_collection or bool(args.push_to_hub),
            '--hub-collection adds the pushed student to a collection: it needs --push-to-hub ORG/NAME.')
     if args.hub_collection:
