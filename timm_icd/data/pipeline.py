@@ -98,8 +98,7 @@ class InputStage:
         jitter: Colour jitter for uint8 batches from workers (``BatchAugment.jitter``); they then are (images, labels,
             sample ids): dataset rows, or a stream's sample seeds.
 
-    Set ``keep_unit`` to keep each batch before normalisation (values in [0, 1]) in ``unit`` until the next batch:
-    a teacher cache's writer normalises it for the teacher, so that what it stores does not depend on the student.
+    ``keep_unit``: keep each batch before normalisation ([0, 1]) in ``unit``, for a teacher cache's writer.
     """
 
     def __init__(
@@ -145,11 +144,8 @@ class InputStage:
                 x = self.augment(x, index, self._epoch_key(epoch))
             else:
                 x = x.float().div_(255)
-        if self.keep_unit:  # the batch before normalisation, for a teacher that normalises it its own way
-            self.unit = x
-            x = (x - self.mean) / self.std
-        else:
-            x = x.sub_(self.mean).div_(self.std) if x.is_contiguous() else (x - self.mean) / self.std
+        self.unit = x if self.keep_unit else None  # for a teacher that normalises the batch its own way
+        x = x.sub_(self.mean).div_(self.std) if x.is_contiguous() and not self.keep_unit else (x - self.mean) / self.std
         if self.erasing is not None:
             with seeded_rng(batch_seed(self.seed + 1, epoch, step, rank), x.device):
                 x = self.erasing(x)
