@@ -31,7 +31,6 @@ def _numbers(rows, column: str) -> set:
 
 
 @pytest.mark.long
-@pytest.mark.flaky(reruns=1)  # timing under two loaded xdist workers: failed once in 2 full runs, see issue note
 def test_sweep_is_killed_resumes_and_withholds_the_test_split(tmp_path, digits_small, teacher_run):
     out = tmp_path / 'sweep'
     args = ['--student', 'test_resnet', '--teacher', f'local-dir:{teacher_run / "student"}', '--dataset',
@@ -57,8 +56,13 @@ def test_sweep_is_killed_resumes_and_withholds_the_test_split(tmp_path, digits_s
     before = {r['key']: r for r in _rows(out / 'sweep_runs.csv') if r['kind'] == 'run'}
     assert 1 <= len(before) < 4, 'the sweep was to be killed between its first and last run'
     withheld = _rows(out / 'sweep_test_withheld.csv')
-    assert {r['key'] for r in withheld} == set(before) and all(int(r['test_images']) == 72 for r in withheld)
-    hidden = _numbers(withheld, 'test_top1')
+    # a run's test row is written just before its run row: the kill may fall between the two for the run after
+    assert set(before) <= {r['key'] for r in withheld} and len(withheld) <= len(before) + 1
+    assert all(int(r['test_images']) == 72 for r in withheld)
+    # test top-1 is k/72 of 72 images; a value a validation top-1 (j/26) or a mean of two (j/52) can also take is
+    # printed legitimately (0, 25, 50, 75, 100), so only the others must not appear
+    attainable = {f'{100 * j / n:.2f}' for n in (26, 52) for j in range(n + 1)}
+    hidden = _numbers(withheld, 'test_top1') - attainable
     printed, report = (tmp_path / 'first.out').read_text(), (out / 'sweep.md').read_text()
     assert 'validation top-1' in printed and not any(n in printed or n in report for n in hidden)
     assert f'Withheld: {len(before)} of 4 declared runs have a test result' in report
