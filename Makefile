@@ -23,7 +23,7 @@ $(FASHION_MNIST):
 	apt-get install -y -q dataset-fashion-mnist >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)
 
 demo: $(STAMP)
-	$(PY) -m timm_icd.demo
+	$(PY) -m timm_icd demo
 
 # two workers on the 2-core machine, one torch thread each (tests/conftest.py): a test that trains two processes
 # runs beside another test, never beside a multi-threaded one

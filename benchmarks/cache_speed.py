@@ -2,7 +2,7 @@
 """Teacher cache (``--teacher-cache DIR``): epoch time, disk, break-even against a live teacher, and student quality.
 
 Everything runs in ONE process, through real ``train_icd.py`` runs (``timm_icd.run.run``, what the CLI calls) and
-the ahead writer (``timm_icd.run.write_ahead``, what ``python -m timm_icd.cache`` calls).
+the ahead writer (``timm_icd.run.write_ahead``, what ``python -m timm_icd cache`` calls).
 
 1. Timing, per input size (112 and 224 px), resnet50 teacher (random weights, saved once to a file and passed with
    ``--teacher-checkpoint`` so that every run, whatever its ``--seed``, has the same teacher: a cache is keyed on the
@@ -19,7 +19,7 @@ the ahead writer (``timm_icd.run.write_ahead``, what ``python -m timm_icd.cache`
    * vanilla and cached run twice each, in the order vanilla, cached, cached, vanilla, after the other variants (runs
      later in one process were seen to run a few percent slower whatever they train); their medians pool both runs;
    * ``ahead writer``: ``write_ahead`` on another empty folder (teacher only, no student); its epoch is the time of
-     ``timm_icd.cache.finish_epoch``, which computes and stores every row of the epoch.
+     ``timm_icd.teacher_cache.finish_epoch``, which computes and stores every row of the epoch.
 
    Epoch time is what the run logs (train + eval), median over the epochs after the first. Target: cached / vanilla
    <= 1.10 at both sizes. Disk: ``TeacherCache.bytes_per_row() * rows`` and the measured size of one epoch folder,
@@ -149,7 +149,7 @@ def train_run(argv: List[str]) -> Tuple[dict, Probe]:
 
 
 def ahead_run(argv: List[str]) -> Tuple[dict, Probe, float]:
-    """``python -m timm_icd.cache`` in this process: its result, probe (``ahead``: per-epoch times) and wall time."""
+    """``python -m timm_icd cache`` in this process: its result, probe (``ahead``: per-epoch times) and wall time."""
     probe = Probe()
     started = time.perf_counter()
     with probe.active():
@@ -394,7 +394,7 @@ def report(cfg, timings: List[dict], quality: Optional[dict], quality_rows: List
               f"the target compares, run twice each in the order vanilla, cached, cached, vanilla (later runs in one "
               f"process ran a few percent slower whatever they trained); their medians pool both runs. The ahead "
               f"writer's epoch is "
-              f"the teacher alone over every row (no student), timed around `timm_icd.cache.finish_epoch`.", '',
+              f"the teacher alone over every row (no student), timed around `timm_icd.teacher_cache.finish_epoch`.", '',
               '| setting | variant | epoch (s) | / vanilla | / live | eval in epoch (s) | cache read in epoch (s) | '
               'cache fill + flush in epoch (s) |', '|---|---|---|---|---|---|---|---|']
     for t in timings:

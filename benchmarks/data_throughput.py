@@ -14,7 +14,7 @@ factory (a new path is a factory and one line there):
   with the JPEG bytes embedded (workers decode, crop, resize, flip to uint8; ``train_stage`` normalises the batch,
   and on a GPU applies the colour jitter, which on a CPU stays in the workers), and its levers one at a time:
   ``decode_scale='off'`` (full decoding) and the other place for the colour jitter (``jitter_on_device``);
-* ``--streaming`` over webdataset shards written by ``python -m timm_icd.shards`` (the main process reads, a pool
+* ``--streaming`` over webdataset shards written by ``python -m timm_icd shards`` (the main process reads, a pool
   decodes and augments), from the original JPEGs and, on the realistic set, written with ``--max-size 512``, and the
   ``--decode-device`` path (workers draw, the main process decodes the batch with torchvision on the device: on a
   CPU-only machine that is the CPU, labelled so);
@@ -69,7 +69,7 @@ from throughput_lib import max_size_fidelity, reduced_decoding_fidelity  # noqa:
 
 CLOCK_TICKS = os.sysconf('SC_CLK_TCK') if hasattr(os, 'sysconf') else 100
 SCALE, RATIO, HFLIP, COLOR_JITTER, INTERPOLATION = (0.08, 1.0), (3 / 4, 4 / 3), 0.5, 0.4, 'random'
-MAX_SIZE, QUALITY = 512, 90  # timm_icd.shards' --max-size alone, and its default quality
+MAX_SIZE, QUALITY = 512, 90  # python -m timm_icd shards' --max-size alone, and its default quality
 BULK, REALISTIC = '500x375', 'realistic mix'  # the two sets
 
 
@@ -194,7 +194,7 @@ def _current(jpegs: Path, target: Path) -> bool:
 
 
 def shards_copy(jpegs: Path, target: Path, max_size: Optional[int] = None) -> Path:
-    """The ImageFolder tree as webdataset shards of 250 images (``python -m timm_icd.shards``, with ``--max-size``
+    """The ImageFolder tree as webdataset shards of 250 images (``python -m timm_icd shards``, with ``--max-size``
     when given; reused if current)."""
     if not _current(jpegs, target):
         write_shards(f'imagefolder:{jpegs}', str(target / 'wds'), shard_size=250, max_size=max_size, quality=QUALITY)

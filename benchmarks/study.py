@@ -4,7 +4,7 @@ multiple comparisons.
 
 Every run is a real ``train_icd.py`` run (``timm_icd.run.run``) in a worker process with one torch thread, two at a
 time; the teachers are trained with ``--method vanilla`` by the same tool, and each seed's teacher outputs are paid
-for once with ``python -m timm_icd.cache`` (``timm_icd.run.write_ahead``) and read by every method of that seed.
+for once with ``python -m timm_icd cache`` (``timm_icd.run.write_ahead``) and read by every method of that seed.
 
     python benchmarks/study.py teachers    # the 3 + 3 teachers
     python benchmarks/study.py tune        # 3 configurations per family x 2 seeds, scored on the VALIDATION split
