@@ -61,7 +61,9 @@ def test_sweep_is_killed_resumes_and_withholds_the_test_split(tmp_path, digits_s
     hidden = _numbers(withheld, 'test_top1')
     printed, report = (tmp_path / 'first.out').read_text(), (out / 'sweep.md').read_text()
     assert 'validation top-1' in printed and not any(n in printed or n in report for n in hidden)
-    assert f'Withheld: {len(before)} of 4 declared runs have a test result' in report
+    # the report is rewritten after each run's row: the kill can land between a later row and its report
+    shown = int(re.search(r'Withheld: (\d+) of 4 declared runs have a test result', report).group(1))
+    assert 1 <= shown <= len(before)
     assert 'test_top1' not in (out / 'sweep_runs.csv').read_text()
 
     result = run_cli(*args, command='sweep', timeout=600)
