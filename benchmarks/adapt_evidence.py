@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study  # noqa: E402
-from quality_lib import append_csv  # noqa: E402
+from common import append_csv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = 'adapt'  # not a stage in which study.run_job evaluates the test split

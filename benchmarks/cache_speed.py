@@ -2,7 +2,7 @@
 """Teacher cache (``--teacher-cache DIR``): epoch time, disk, break-even against a live teacher, and student quality.
 
 Everything runs in ONE process, through real ``train_icd.py`` runs (``timm_icd.run.run``, what the CLI calls) and
-the ahead writer (``timm_icd.run.write_ahead``, what ``python -m timm_icd.cache`` calls).
+the ahead writer (``timm_icd.run.write_ahead``, what ``python -m timm_icd cache`` calls).
 
 1. Timing, per input size (112 and 224 px), resnet50 teacher (random weights, saved once to a file and passed with
    ``--teacher-checkpoint`` so that every run, whatever its ``--seed``, has the same teacher: a cache is keyed on the
@@ -19,19 +19,22 @@ the ahead writer (``timm_icd.run.write_ahead``, what ``python -m timm_icd.cache`
    * vanilla and cached run twice each, in the order vanilla, cached, cached, vanilla, after the other variants (runs
      later in one process were seen to run a few percent slower whatever they train); their medians pool both runs;
    * ``ahead writer``: ``write_ahead`` on another empty folder (teacher only, no student); its epoch is the time of
-     ``timm_icd.cache.finish_epoch``, which computes and stores every row of the epoch.
+     ``timm_icd.teacher_cache.finish_epoch``, which computes and stores every row of the epoch.
 
    Epoch time is what the run logs (train + eval), median over the epochs after the first. Target: cached / vanilla
    <= 1.10 at both sizes. Disk: ``TeacherCache.bytes_per_row() * rows`` and the measured size of one epoch folder,
    for fp16 features + full logits and for ``--cache-features int8`` (written ahead, one epoch, at the first size
-   only: bytes do not depend on the input size), and on paper for ImageNet-1k (also with ``--cache-topk 10``). Break-even: students
-   after which the cache has paid for itself.
-2. Quality, on Fashion-MNIST (Debian's IDX files, ``quality.py``): the resnet18 -> mobilenetv3_small_050 pair of
-   ``quality.py`` (its trained resnet18 teacher from ``quality.get_teacher``, passed with ``--teacher-checkpoint``; its
-   SGD settings and augmentation), icd+kd on a stratified 5,000-image training subset, the full 10,000-image test
-   split (used only to report), ``QUALITY_EPOCHS`` (10) epochs, 8 seeds with one shared ``--data-seed``: live teacher
-   against students reading one cache (written once, by the first cached run). Test top-1 at the final epoch per
-   seed and the paired difference cached - live with a 95% t-interval (``quality_report.paired``).
+   only: bytes do not depend on the input size), and on paper for ImageNet-1k (also with ``--cache-topk 10``).
+   Break-even: students after which the cache has paid for itself.
+2. Quality, on Fashion-MNIST (Debian's IDX files; ``cache_quality.py``): the resnet18 -> mobilenetv3_small_050 pair
+   of the v0.2 quality benchmark (its trained resnet18 teacher, ``cache_quality.quality_teacher``, passed with
+   ``--teacher-checkpoint``; its SGD settings and augmentation), icd+kd on a stratified 5,000-image training subset,
+   the full 10,000-image test split (used only to report), ``QUALITY_EPOCHS`` (10) epochs, 8 seeds with one shared
+   ``--data-seed``: live teacher against students reading one cache (written once, by the first cached run). Test
+   top-1 at the final epoch per seed and the paired difference cached - live with a 95% t-interval
+   (``common.paired_rows``).
+
+The runs and their probe are ``cache_probe.py``; this file holds the timing part, the report and the command.
 
 Timing needs an otherwise idle machine: with 2 torch threads on 2 cores, another busy process makes small ops wait
 for a core and epoch times jump by up to 10x.
@@ -40,121 +43,30 @@ for a core and epoch times jump by up to 10x.
     python benchmarks/cache_speed.py --quick   # tiny models and data, for the tests (< 1 min)
 """
 import argparse
-import contextlib
 import csv
 import math
 import statistics
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timm_icd.distill import create_teacher  # noqa: E402
-from timm_icd.run import cache_writer as cache_module  # noqa: E402
-from timm_icd.run import parse_and_validate  # noqa: E402
-from timm_icd.run import train as icd_train  # noqa: E402
-from timm_icd.teacher_cache import TeacherCache  # noqa: E402
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cache_probe import DATA_SEED, Probe, after_first, ahead_run, random_teacher, train_run  # noqa: E402
+from cache_quality import QUALITY_EPOCHS, QUALITY_SEEDS, quality_lines, quality_runs, quality_setting  # noqa: E402
 from common import imagenet_like_jpegs, machine  # noqa: E402
-from epoch_time import fashion_subset  # noqa: E402
+from timm_icd.teacher_cache import TeacherCache  # noqa: E402
 
 TARGET = 1.10
 RESULTS = Path(__file__).parent / 'results'
-PAIR = 'resnet18->mobilenetv3_small_050'
-QUALITY_EPOCHS, QUALITY_SEEDS, QUALITY_TRAIN = 10, 8, 5000
-DATA_SEED = 0
 INT8 = ('int8', 0)  # --cache-features int8, measured (top-K needs K well below the 10 classes here)
 PAPER = (('fp16', 0), ('int8', 10))  # ImageNet-1k on paper: also --cache-topk 10 of its 1000 classes
 IMAGENET = dict(rows=1281167, feature_dim=2048, num_classes=1000)  # ImageNet-1k train split, resnet50's pooled width
 VARIANTS = ('vanilla', 'live icd+kd', 'write-through icd+kd', 'cached icd+kd', 'ahead writer')
-
-
-def after_first(times: List[float]) -> float:
-    """Median of the epoch times after the first (the only one if there is one)."""
-    return statistics.median(times[1:] if len(times) > 1 else times)
-
-
-def random_teacher(name: str, num_classes: int, path: Path) -> str:
-    """Save a randomly initialised teacher once (seed 0), so that runs with any ``--seed`` share its weights."""
-    if not path.exists():
-        import safetensors.torch
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = create_teacher(name, num_classes, pretrained=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return str(path)
-
-
-class Probe:
-    """Times what a run spends in evaluation, cache reads and cache filling, and counts live teacher writes, by
-    wrapping those functions for the duration of one run (timm_icd itself is unchanged)."""
-
-    def __init__(self):
-        self.evals: List[float] = []
-        self.reads: Dict[int, float] = defaultdict(float)
-        self.fills: List[float] = []  # train.py's finish_epoch of a writing run, one per epoch
-        self.ahead: List[float] = []  # cache.finish_epoch in write_ahead, one per epoch
-        self.writes = 0
-
-    @contextlib.contextmanager
-    def active(self) -> Iterator['Probe']:
-        def timed(original: Callable, record: Callable) -> Callable:
-            def wrapper(*args, **kwargs):
-                started = time.perf_counter()
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    record(args, time.perf_counter() - started)
-            return wrapper
-
-        def count_write(original: Callable) -> Callable:
-            def wrapper(*args, **kwargs):
-                self.writes += 1
-                return original(*args, **kwargs)
-            return wrapper
-
-        patches = [
-            (icd_train, 'evaluate', lambda o: timed(o, lambda a, s: self.evals.append(s))),
-            (icd_train, 'finish_cache_epoch', lambda o: timed(o, lambda a, s: self.fills.append(s))),
-            (cache_module, 'finish_epoch', lambda o: timed(o, lambda a, s: self.ahead.append(s))),
-            (TeacherCache, 'read', lambda o: timed(o, lambda a, s: self.reads.__setitem__(a[1], self.reads[a[1]] + s))),
-            (TeacherCache, 'write', count_write),
-        ]
-        originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-        for (owner, name, wrap), (_, _, original) in zip(patches, originals):
-            setattr(owner, name, wrap(original))
-        try:
-            yield self
-        finally:
-            for owner, name, original in originals:
-                setattr(owner, name, original)
-
-
-def train_run(argv: List[str]) -> Tuple[dict, Probe]:
-    """A real train_icd.py run: its result (``epoch_seconds``, ``top1``, ...) and what the probe saw."""
-    probe = Probe()
-    with probe.active():
-        result = icd_train.run(parse_and_validate(argv), argv)
-    result.pop('model', None)
-    return result, probe
-
-
-def ahead_run(argv: List[str]) -> Tuple[dict, Probe, float]:
-    """``python -m timm_icd.cache`` in this process: its result, probe (``ahead``: per-epoch times) and wall time."""
-    probe = Probe()
-    started = time.perf_counter()
-    with probe.active():
-        result = cache_module.write_ahead(parse_and_validate(argv))
-    return result, probe, time.perf_counter() - started
 
 
 def folder_bytes(folder: Path) -> Tuple[int, int]:
@@ -288,71 +200,6 @@ def feature_error(fp16: Path, int8: Path) -> dict:
             'cosine_min': float(cosine.min())}
 
 
-# ---------------------------------------------------------------------------------------------------------- quality
-
-def quality_setting(cfg) -> dict:
-    """Dataset, teacher weights and training flags of the quality comparison."""
-    data_dir = Path(cfg.data_dir)
-    if cfg.quick:
-        folder = data_dir / 'digits_256_72'
-        if not (folder / 'dataset_dict.json').exists():
-            import datasets
-            from timm_icd.data import digits_dataset
-            dd = digits_dataset()
-            datasets.DatasetDict(train=dd['train'].select(range(256)), test=dd['test'].select(range(72))).save_to_disk(
-                str(folder))
-        teacher = random_teacher('test_resnet', 10, data_dir / 'teacher_cache_test_resnet_random.safetensors')
-        return dict(name='digits (quick)', dataset=str(folder), teacher='test_resnet', teacher_file=teacher,
-                    teacher_record=None, student='test_efficientnet', size=16, batch=32, epochs=2, seeds=1,
-                    opt=dict(opt='sgd', lr=0.01, momentum=0.9, weight_decay=5e-4))
-    from accelerate import Accelerator
-    from quality import PAIRS, TEACHER_EPOCHS, get_teacher, splits, teacher_file
-    pair = PAIRS[PAIR]
-    # quality.py's teacher, shared with it: weights in the data folder, its record in quality.py's results folder
-    qcfg = SimpleNamespace(out=str(RESULTS), data_dir=str(data_dir), name='quality', batch_size=64, train_size=6000,
-                           test_size=0)
-    _, record = get_teacher(Accelerator(), qcfg, pair['teacher'], pair['teacher'], *splits(qcfg, 'main'),
-                            TEACHER_EPOCHS)
-    return dict(name='Fashion-MNIST', dataset=fashion_subset(data_dir, QUALITY_TRAIN, 0), teacher=pair['teacher'],
-                teacher_file=str(teacher_file(qcfg, pair['teacher'])), teacher_record=record, student=pair['student'],
-                size=28, batch=64, epochs=cfg.quality_epochs, seeds=cfg.seeds, opt=pair['opt'])
-
-
-def quality_argv(q: dict, seed: int, out: Path, cache: Optional[Path]) -> List[str]:
-    """quality.py's recipe as train_icd.py flags: SGD, cosine without warmup, random resized crop 0.6-1 and flips
-    (bilinear, no colour jitter), eval at crop 1.0, the in-memory pipeline."""
-    opt = q['opt']
-    argv = ['--dataset', q['dataset'], '--student', q['student'], '--teacher', q['teacher'], '--teacher-pretrained',
-            'false', '--teacher-checkpoint', q['teacher_file'], '--method', 'icd+kd', '--input-size', '3',
-            str(q['size']), str(q['size']), '-b', str(q['batch']), '-vb', '256', '--epochs', str(q['epochs']),
-            '--opt', opt['opt'], '--lr', str(opt['lr']), '--momentum', str(opt['momentum']), '--weight-decay',
-            str(opt['weight_decay']), '--sched', 'cosine', '--warmup-epochs', '0', '--scale', '0.6', '1', '--hflip',
-            '0.5', '--color-jitter', '0', '--train-interpolation', 'bilinear', '--interpolation', 'bilinear',
-            '--crop-pct', '1.0', '--input-pipeline', 'memory', '--workers', '0', '--seed', str(seed), '--data-seed',
-            str(DATA_SEED), '--output', str(out), '--overwrite']
-    return argv + (['--teacher-cache', str(cache)] if cache is not None else [])
-
-
-def quality_runs(q: dict, tmp: Path, csv_rows: List[dict]) -> List[dict]:
-    """Live and cached icd+kd per seed: one row per run (mode, seed, test top-1, epoch times, teacher writes)."""
-    cache, rows = tmp / 'quality-cache', []
-    for seed in range(q['seeds']):
-        for mode in ('live', 'cached'):
-            result, probe = train_run(quality_argv(q, seed, tmp / f'quality-{mode}-{seed}',
-                                                   cache if mode == 'cached' else None))
-            row = dict(mode=mode, seed=seed, top1=result['top1'], teacher_top1=(result['teacher'] or {}).get('top1'),
-                       epoch=after_first(result['epoch_seconds']), writes=probe.writes)
-            rows.append(row)
-            csv_rows.append(dict(part='quality', setting=q['name'], variant=mode, seed=seed, epoch=q['epochs'] - 1,
-                                 metric='test_top1', value=row['top1']))
-            for e, t in enumerate(result['epoch_seconds']):
-                csv_rows.append(dict(part='quality', setting=q['name'], variant=mode, seed=seed, epoch=e,
-                                     metric='epoch_seconds', value=round(t, 4)))
-            print(f"quality {mode} seed {seed}: test top-1 {row['top1']:.2f}% (median epoch {row['epoch']:.2f} s, "
-                  f"teacher writes {probe.writes})", flush=True)
-    return rows
-
-
 # ----------------------------------------------------------------------------------------------------------- report
 
 def _s(seconds: float) -> str:
@@ -377,7 +224,6 @@ def payback(extra: float, saving: float) -> str:
 
 
 def report(cfg, timings: List[dict], quality: Optional[dict], quality_rows: List[dict], seconds: float) -> str:
-    from quality_report import paired
     command = 'python benchmarks/cache_speed.py' + (' --quick' if cfg.quick else '')
     lines = ['# Teacher cache: epoch time, disk, break-even and student quality', '',
              f'Generated by `{command}` on {time.strftime("%Y-%m-%d")}. Machine: '
@@ -394,7 +240,7 @@ def report(cfg, timings: List[dict], quality: Optional[dict], quality_rows: List
               f"the target compares, run twice each in the order vanilla, cached, cached, vanilla (later runs in one "
               f"process ran a few percent slower whatever they trained); their medians pool both runs. The ahead "
               f"writer's epoch is "
-              f"the teacher alone over every row (no student), timed around `timm_icd.cache.finish_epoch`.", '',
+              f"the teacher alone over every row (no student), timed around `timm_icd.teacher_cache.finish_epoch`.", '',
               '| setting | variant | epoch (s) | / vanilla | / live | eval in epoch (s) | cache read in epoch (s) | '
               'cache fill + flush in epoch (s) |', '|---|---|---|---|---|---|---|---|']
     for t in timings:
@@ -466,7 +312,7 @@ def report(cfg, timings: List[dict], quality: Optional[dict], quality_rows: List
                   'C x 2): the saving there is the int8 features. On ImageNet-1k top-10 is what shrinks the logits, '
                   '2,000 bytes to 84 per row.']
     if quality is not None:
-        lines += _quality_lines(cfg, quality, quality_rows, paired)
+        lines += quality_lines(quality, quality_rows)
     return '\n'.join(lines) + '\n'
 
 
@@ -484,41 +330,6 @@ def _verdict(timings: List[dict], met: List[bool]) -> str:
                      f"{d['cached icd+kd']['eval'] - d['vanilla']['eval']:+.3f} s eval difference; the rest is the ICD "
                      f"heads, the KD and ICD losses and their backward, which a vanilla step does not have")
     return f'Target NOT met ({TARGET:.2f}x) at ' + '; '.join(parts) + '.'
-
-
-def _quality_lines(cfg, q: dict, rows: List[dict], paired: Callable) -> List[str]:
-    teacher = next((r['teacher_top1'] for r in rows if r['teacher_top1'] is not None), None)
-    lines = ['', '## Student quality: live teacher against the cache', '',
-             f"{q['name']}: {q['teacher']} -> {q['student']}, icd+kd, {q['size']} px, batch {q['batch']}, "
-             f"{q['epochs']} epochs, {q['opt']['opt']} lr {q['opt']['lr']} momentum {q['opt']['momentum']} weight "
-             f"decay {q['opt']['weight_decay']}, cosine, random resized crop 0.6-1 and flips, in-memory pipeline; "
-             f"`--seed s`, `--data-seed {DATA_SEED}` for every run. "
-             + ('The teacher is quality.py\'s resnet18 (trained on 6,000 training images, test top-1 '
-                f"{q['teacher_record']['top1']:.2f}% in quality.py), passed with `--teacher-checkpoint`. "
-                if q['teacher_record'] else 'The teacher has random weights (quick mode). ')
-             + (f'Teacher test top-1 as the runs measure it: {teacher:.2f}%. ' if teacher is not None else '')
-             + 'Every cached run trains on the same stored values: the seed-0 cached run wrote the cache '
-               '(write-through; it trains on what it stored), the others read it and never ran the teacher. Test '
-               'top-1 at the final epoch on the test split, which is only reported, never tuned on.', '',
-             '| seed | live top-1 (%) | cached top-1 (%) | cached - live (pp) | live epoch (s) | cached epoch (s) | '
-             'cached run |', '|---|---|---|---|---|---|---|']
-    by = {(r['mode'], r['seed']): r for r in rows}
-    for seed in sorted({r['seed'] for r in rows}):
-        live, cached = by[('live', seed)], by[('cached', seed)]
-        role = 'wrote the cache' if cached['writes'] else 'read the cache'
-        lines.append(f"| {seed} | {live['top1']:.2f} | {cached['top1']:.2f} | {cached['top1'] - live['top1']:+.2f} | "
-                     f"{live['epoch']:.3f} | {cached['epoch']:.3f} | {role} |")
-    result = paired([dict(seed=r['seed'], method=r['mode'], test_top1=r['top1']) for r in rows], 'cached', 'live')
-    if result is None:
-        lines += ['', 'Mean paired difference cached - live: no interval with one seed.']
-    else:
-        mean, low, high, n = result
-        verdict = 'the interval includes 0: no difference detected' if low <= 0 <= high \
-            else 'the interval excludes 0'
-        lines += ['', f'Mean paired difference cached - live: {mean:+.2f} pp, 95% t-interval [{low:+.2f}, '
-                      f'{high:+.2f}] over n={n} seeds ({verdict}). Live runs see the teacher\'s float32 outputs, '
-                      f'cached runs the fp16-stored ones; the runs are otherwise identical per seed.']
-    return lines
 
 
 def write_csv(path: Path, rows: List[dict]) -> None:

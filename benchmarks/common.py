@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the machine's description, and peak CPU memory of a piece of work.
+"""What the benchmark scripts share: the machine, peak CPU memory of a piece of work, JPEG trees and Fashion-MNIST.
 
 Peak memory uses Linux's /proc (NaN elsewhere).
 
@@ -10,20 +10,33 @@ allocator kept, are not visible to it, so values under ~1 MiB are noise.
 
 ``imagenet_like_jpegs`` writes an ImageFolder tree of distinct ImageNet-sized JPEGs made from real photographs, for
 the data loading benchmarks; ``realistic_jpegs`` one with a mix of sizes and a tail of large photographs.
+
+Fashion-MNIST, for the studies and the quality measurements: ``fashion_mnist`` (Debian's IDX files, converted once),
+``subset`` (stratified, relabelled, disjoint from rows held out), ``fashion_subset`` (one, saved), ``append_csv`` (one
+results row at a time, so an interrupted benchmark resumes) and ``paired_rows`` (paired differences by seed of result
+rows, with ``timm_icd.publish.stats.paired``).
 """
+import csv
 import ctypes
 import ctypes.util
 import gc
+import gzip
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import datasets
 import numpy as np
 import torch
 
-__all__ = ['imagenet_like_jpegs', 'machine', 'peak_rss_mib', 'realistic_jpegs']
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repository's timm_icd, for every script
+from timm_icd.publish.stats import paired  # noqa: E402
+
+__all__ = ['LABELS', 'append_csv', 'fashion_mnist', 'fashion_subset', 'imagenet_like_jpegs', 'machine',
+           'paired_rows', 'peak_rss_mib', 'realistic_jpegs', 'subset']
 
 JPEG_SIZE = (500, 375)  # (width, height): the typical ImageNet photo
 # realistic_jpegs: (width, height, share) of the bulk, and the tail's share and long-side range (see its docstring)
@@ -31,6 +44,8 @@ BULK_SIZES = ((500, 375, 0.40), (375, 500, 0.20), (500, 333, 0.15), (333, 500, 0
               (400, 300, 0.05))
 TAIL_SHARE, TAIL_LONG_SIDE = 0.10, (1000, 3000)
 _MARKER = '.imagenet_like.json'  # hidden, so neither timm's reader nor datasets' imagefolder lists it
+FASHION_MNIST_IDX = Path('/usr/share/datasets/fashion-mnist')  # Debian's dataset-fashion-mnist
+LABELS = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
 
 
 def _status_mib(key: str) -> float:
@@ -152,3 +167,96 @@ def _write_tree(folder: Path, sizes: list, classes: int, rng: np.random.Generato
             folder / f'class_{i % classes}' / f'img_{i:05d}.jpg', quality=90)
     marker.write_text(json.dumps(settings))
     return folder
+
+
+# ----------------------------------------------------------------------------------------------------- Fashion-MNIST
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path) as f:
+        data = f.read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], 'big') for i in range(dims)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def fashion_mnist(data_dir: Path) -> datasets.DatasetDict:
+    """Fashion-MNIST as a DatasetDict (train 60,000 / test 10,000), converted once from Debian's IDX files into
+    ``data_dir/fashion_mnist`` (online, zalando-datasets/fashion_mnist on the Hub is the same data)."""
+    folder = data_dir / 'fashion_mnist'
+    if (folder / 'dataset_dict.json').exists():
+        return datasets.load_from_disk(str(folder))
+    if not FASHION_MNIST_IDX.is_dir():
+        raise SystemExit(f'{FASHION_MNIST_IDX} is missing: apt-get install dataset-fashion-mnist '
+                         f'(or save zalando-datasets/fashion_mnist from the Hub to {folder}).')
+    features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=LABELS)})
+    splits = {}
+    for split, prefix in (('train', 'train'), ('test', 't10k')):
+        images = _read_idx(FASHION_MNIST_IDX / f'{prefix}-images-idx3-ubyte.gz')
+        labels = _read_idx(FASHION_MNIST_IDX / f'{prefix}-labels-idx1-ubyte.gz')
+        splits[split] = datasets.Dataset.from_dict({'image': list(images), 'label': labels.tolist()},
+                                                   features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(folder))
+    return datasets.load_from_disk(str(folder))
+
+
+def subset(ds: datasets.Dataset, per_class: int, classes: Sequence[int] = tuple(range(len(LABELS))), seed: int = 0,
+           exclude: Optional[np.ndarray] = None) -> Tuple[datasets.Dataset, np.ndarray]:
+    """``per_class`` rows of each of ``classes`` (0: all of them), never a row of ``exclude``, relabelled
+    0..len(classes)-1; and the chosen row indices (sorted). The rows are drawn from ``seed`` alone.
+
+    Args:
+        ds: A Fashion-MNIST split (``label`` a ClassLabel of ``LABELS``).
+        per_class: Rows per class; 0 keeps every row of the class.
+        classes: The classes kept, in their new label order.
+        seed: Seed of the draw.
+        exclude: Row indices never chosen (a validation split held out of the training rows).
+    """
+    labels = np.asarray(ds['label'])
+    rng = np.random.default_rng(seed)
+    allowed = np.ones(len(labels), dtype=bool)
+    if exclude is not None:
+        allowed[exclude] = False
+    idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero((labels == c) & allowed))[:per_class or None]
+                                  for c in classes]))
+    out = ds.select(idx)
+    if tuple(classes) != tuple(range(len(LABELS))):
+        remap = {c: i for i, c in enumerate(classes)}
+        out = out.map(lambda r: {'label': remap[r['label']]}, features=datasets.Features(
+            {'image': datasets.Image(), 'label': datasets.ClassLabel(names=[LABELS[c] for c in classes])}))
+    return out, idx
+
+
+def fashion_subset(data_dir: Path, train: int, test: int) -> str:
+    """A stratified Fashion-MNIST subset of ``train`` and ``test`` rows as a save_to_disk folder, made once."""
+    folder = data_dir / f'fashion_mnist_{train}_{test}'
+    if not (folder / 'dataset_dict.json').exists():
+        dd = fashion_mnist(data_dir)
+        datasets.DatasetDict(train=subset(dd['train'], train // 10)[0],
+                             test=subset(dd['test'], test // 10)[0]).save_to_disk(str(folder))
+    return str(folder)
+
+
+def append_csv(path: Path, fields: List[str], row: dict) -> None:
+    """Append ``row`` to the CSV at ``path`` (its header first when the file is new)."""
+    new = not path.exists()
+    with open(path, 'a', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def paired_rows(rows: List[dict], a: str, b: str, value: str = 'test_top1', arm: str = 'method') -> Optional[Dict]:
+    """The paired difference ``a - b`` of result rows by seed (``timm_icd.publish.stats.paired``: mean, 95%
+    t-interval ``low``/``high``, ``n``, t-test ``p``, ...), or None with fewer than 2 seeds.
+
+    Args:
+        rows: Result rows with ``seed``, the arm's name under ``arm`` and a number under ``value``.
+        a, b: The two arms.
+    """
+    by_arm: Dict[str, Dict[int, float]] = {a: {}, b: {}}
+    for r in rows:
+        if r[arm] in by_arm:
+            by_arm[r[arm]][int(r['seed'])] = float(r[value])
+    result = paired(by_arm[a], by_arm[b])
+    return result if result['n'] >= 2 else None

@@ -14,7 +14,7 @@ factory (a new path is a factory and one line there):
   with the JPEG bytes embedded (workers decode, crop, resize, flip to uint8; ``train_stage`` normalises the batch,
   and on a GPU applies the colour jitter, which on a CPU stays in the workers), and its levers one at a time:
   ``decode_scale='off'`` (full decoding) and the other place for the colour jitter (``jitter_on_device``);
-* ``--streaming`` over webdataset shards written by ``python -m timm_icd.shards`` (the main process reads, a pool
+* ``--streaming`` over webdataset shards written by ``python -m timm_icd shards`` (the main process reads, a pool
   decodes and augments), from the original JPEGs and, on the realistic set, written with ``--max-size 512``, and the
   ``--decode-device`` path (workers draw, the main process decodes the batch with torchvision on the device: on a
   CPU-only machine that is the CPU, labelled so);
@@ -25,13 +25,10 @@ one per round; the table gives medians. A measurement builds the loader, takes `
 then times ``--batches`` (default: the rest of one epoch, at least 10; more run on into the next epoch). Workers are
 not persistent; the iterator is closed and its workers have exited before the next measurement.
 
-CPU time covers the main process and its workers over exactly the timed window: the getrusage RUSAGE_SELF +
-RUSAGE_CHILDREN delta (this process's threads; children reaped in the window) plus, per child process alive at
-either end, utime + stime from ``/proc/<pid>/stat``: end - start if alive at both ends, end if started in the
-window, minus the start reading if reaped in it (its whole life landed in RUSAGE_CHILDREN). Worker start-up and the
-skipped batches are excluded; prefetch past the window's end balances prefetch before it. NaN without /proc. Work
-moved to the device (colour jitter, normalisation, the ``--decode-device`` decode) is CPU time on a CPU-only machine
-and counted there; on a GPU it is not CPU time.
+CPU time covers the main process and its workers over exactly the timed window (``cpu_time.py``). Worker start-up
+and the skipped batches are excluded; prefetch past the window's end balances prefetch before it. NaN without
+/proc. Work moved to the device (colour jitter, normalisation, the ``--decode-device`` decode) is CPU time on a
+CPU-only machine and counted there; on a GPU it is not CPU time.
 
 Besides speed (``throughput_lib.py``): on each set, how often reduced decoding applies at ``--size`` and the PSNR
 of its crops against full decoding; on the realistic set, the PSNR of crops of the images ``--max-size 512``
@@ -45,7 +42,6 @@ import gc
 import itertools
 import math
 import os
-import resource
 import shutil
 import statistics
 import sys
@@ -65,11 +61,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timm_icd.data import AugmentConfig, create_pipeline, load_image_data, load_stream_data, write_shards  # noqa: E402
 
 from common import imagenet_like_jpegs, machine, realistic_jpegs  # noqa: E402
+from cpu_time import cpu_reading, cpu_seconds, forked_children  # noqa: E402
 from throughput_lib import max_size_fidelity, reduced_decoding_fidelity  # noqa: E402
 
-CLOCK_TICKS = os.sysconf('SC_CLK_TCK') if hasattr(os, 'sysconf') else 100
 SCALE, RATIO, HFLIP, COLOR_JITTER, INTERPOLATION = (0.08, 1.0), (3 / 4, 4 / 3), 0.5, 0.4, 'random'
-MAX_SIZE, QUALITY = 512, 90  # timm_icd.shards' --max-size alone, and its default quality
+MAX_SIZE, QUALITY = 512, 90  # python -m timm_icd shards' --max-size alone, and its default quality
 BULK, REALISTIC = '500x375', 'realistic mix'  # the two sets
 
 
@@ -194,7 +190,7 @@ def _current(jpegs: Path, target: Path) -> bool:
 
 
 def shards_copy(jpegs: Path, target: Path, max_size: Optional[int] = None) -> Path:
-    """The ImageFolder tree as webdataset shards of 250 images (``python -m timm_icd.shards``, with ``--max-size``
+    """The ImageFolder tree as webdataset shards of 250 images (``python -m timm_icd shards``, with ``--max-size``
     when given; reused if current)."""
     if not _current(jpegs, target):
         write_shards(f'imagefolder:{jpegs}', str(target / 'wds'), shard_size=250, max_size=max_size, quality=QUALITY)
@@ -214,55 +210,6 @@ def save_to_disk_copy(jpegs: Path, target: Path) -> Path:
     return target
 
 
-def _children() -> Dict[int, float]:
-    """CPU seconds (utime + stime) of each child process of this one, from /proc/<pid>/stat."""
-    me, out = str(os.getpid()), {}
-    for entry in os.scandir('/proc'):
-        if entry.name.isdigit():
-            try:
-                with open(f'/proc/{entry.name}/stat') as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(')') + 2:].split()  # after "pid (comm) ": state, ppid, ... utime, stime
-            if fields[1] == me:
-                out[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    return out
-
-
-def _forked_children() -> List[int]:
-    """Child processes that are forks of this one (DataLoader workers), not the spawned ones that live as long as
-    their owner (the multiprocessing resource tracker, a stream's shard-reading pool)."""
-    with open('/proc/self/cmdline', 'rb') as f:
-        mine = f.read()
-    forks = []
-    for pid in _children():
-        try:
-            with open(f'/proc/{pid}/cmdline', 'rb') as f:
-                if f.read() == mine:
-                    forks.append(pid)
-        except OSError:  # exited meanwhile
-            continue
-    return forks
-
-
-def cpu_reading() -> Tuple[float, Optional[Dict[int, float]]]:
-    """(RUSAGE_SELF + RUSAGE_CHILDREN CPU seconds, {child pid: CPU seconds} or None without /proc)."""
-    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for f in ('ru_utime', 'ru_stime'))
-    return own, (_children() if os.path.isdir('/proc') else None)
-
-
-def cpu_seconds(start: tuple, end: tuple) -> float:
-    """CPU seconds of this process and its children between two ``cpu_reading``s (see the module docstring)."""
-    (own0, kids0), (own1, kids1) = start, end
-    if kids0 is None:
-        return float('nan')
-    live = sum(t - kids0.get(pid, 0.0) for pid, t in kids1.items())
-    reaped = sum(t for pid, t in kids0.items() if pid not in kids1)  # already counted whole in RUSAGE_CHILDREN
-    return own1 - own0 + live - reaped
-
-
 def measure(built: Built, skip: int, batches: Optional[int], device: torch.device) -> Tuple[float, float]:
     """(images/s, CPU seconds per image) over ``batches`` batches after ``skip``; closes the workers after."""
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
@@ -278,7 +225,7 @@ def measure(built: Built, skip: int, batches: Optional[int], device: torch.devic
     del it  # frees the epoch generator and its DataLoader iterator, which joins (reaps) its workers
     gc.collect()
     for _ in range(100):  # let the loader's forked workers exit before the next path runs
-        if not os.path.isdir('/proc') or not _forked_children():
+        if not os.path.isdir('/proc') or not forked_children():
             break
         time.sleep(0.1)
     return images / elapsed, cpu_seconds(cpu0, cpu1) / images

@@ -36,21 +36,9 @@ from timm_icd.run import parse_and_validate  # noqa: E402
 from timm_icd.run import train as icd_train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import imagenet_like_jpegs, machine  # noqa: E402
+from common import fashion_subset, imagenet_like_jpegs, machine  # noqa: E402
 
 TARGET = 1.15
-
-
-def fashion_subset(data_dir: Path, train: int, test: int) -> str:
-    """A stratified Fashion-MNIST subset as a save_to_disk folder (converted once from Debian's IDX files)."""
-    folder = data_dir / f'fashion_mnist_{train}_{test}'
-    if not (folder / 'dataset_dict.json').exists():
-        import datasets
-        from quality import fashion_mnist, subset
-        dd = fashion_mnist(data_dir)
-        datasets.DatasetDict(train=subset(dd['train'], train // 10), test=subset(dd['test'], test // 10)).save_to_disk(
-            str(folder))
-    return str(folder)
 
 
 def settings(cfg):

@@ -12,7 +12,7 @@
 #                                                 # time; its length on a GPU has not been measured)
 #   GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   # seconds-long dry run of the same script on a CPU (the tests)
 #
-# Needs the Fashion-MNIST folder benchmarks/data/fashion_mnist (made by any quality/epoch_time run here; carry it).
+# Needs the Fashion-MNIST folder benchmarks/data/fashion_mnist (made by any study or epoch_time run here; carry it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}

@@ -6,7 +6,7 @@ CPU-ms per image) before this script found where the difference sat. It samples 
 (``--subprocesses --nonblocking``: the main process and its workers, unmodified code), on the same files, with the
 augmentation, batch and workers of ``data_throughput.py``, and sorts every sample into a stage by the frames on its
 stack (``STAGES``). Each loader also runs without the sampler; its CPU time per image (main process and workers,
-``data_throughput.cpu_reading``) is shared out over the stages in proportion to their samples. (py-spy counts a
+``cpu_time.cpu_reading``) is shared out over the stages in proportion to their samples. (py-spy counts a
 thread that is running or runnable, so its raw milliseconds exceed CPU time when processes outnumber cores; the
 table's last row gives them.)
 
@@ -111,7 +111,8 @@ def run_child(path: str, data_dir: str, size: int, batch_size: int, workers: int
     """The profiled process: ``epochs`` epochs of one loader, then images and CPU seconds on stdout."""
     import torch
     torch.set_num_threads(1)
-    from data_throughput import BULK, PATHS, Files, Setup, imagenet_like_jpegs, cpu_reading, cpu_seconds
+    from cpu_time import cpu_reading, cpu_seconds
+    from data_throughput import BULK, PATHS, Files, Setup, imagenet_like_jpegs
     count = int(os.environ.get('LOADER_PROFILE_IMAGES', '2000'))
     jpegs = imagenet_like_jpegs(Path(data_dir) / f'jpegs_{count}', count)
     setup = Setup({BULK: Files(jpegs)}, size, batch_size, workers, torch.device('cpu'))

@@ -4,7 +4,7 @@ multiple comparisons.
 
 Every run is a real ``train_icd.py`` run (``timm_icd.run.run``) in a worker process with one torch thread, two at a
 time; the teachers are trained with ``--method vanilla`` by the same tool, and each seed's teacher outputs are paid
-for once with ``python -m timm_icd.cache`` (``timm_icd.run.write_ahead``) and read by every method of that seed.
+for once with ``python -m timm_icd cache`` (``timm_icd.run.write_ahead``) and read by every method of that seed.
 
     python benchmarks/study.py teachers    # the 3 + 3 teachers
     python benchmarks/study.py tune        # 3 configurations per family x 2 seeds, scored on the VALIDATION split
@@ -28,14 +28,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import datasets
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_lib import LABELS, append_csv, fashion_mnist  # noqa: E402
+from common import append_csv, fashion_mnist, subset  # noqa: E402
 from study_stats import write_report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -70,23 +70,6 @@ def settings(cfg) -> dict:
         s.update(train_per_class=16, val_per_class=8, foot_train_per_class=16, epochs=2, teacher_epochs=1,
                  seeds=[0, 1], tune_seeds=[100], teachers=2, test_per_class=16, dkd_warmup=1, batch=16)
     return s
-
-
-def subset(ds, per_class: int, classes, seed: int, exclude: Optional[np.ndarray] = None):
-    """``per_class`` rows of each of ``classes`` (0: all), never a row of ``exclude``; labels 0..len(classes)-1."""
-    labels = np.asarray(ds['label'])
-    rng = np.random.default_rng(seed)
-    allowed = np.ones(len(labels), dtype=bool)
-    if exclude is not None:
-        allowed[exclude] = False
-    idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero((labels == c) & allowed))[:per_class or None]
-                                  for c in classes]))
-    out = ds.select(idx)
-    if tuple(classes) != tuple(range(len(LABELS))):
-        remap = {c: i for i, c in enumerate(classes)}
-        out = out.map(lambda r: {'label': remap[r['label']]}, features=datasets.Features(
-            {'image': datasets.Image(), 'label': datasets.ClassLabel(names=[LABELS[c] for c in classes])}))
-    return out, idx
 
 
 def data_paths(cfg) -> Dict[str, str]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The second pre-registered study (``benchmarks/results/protocol2.md``): the best student by default, as three
-``python -m timm_icd.sweep`` sweeps (one per pair of teacher and student) on the first study's Fashion-MNIST splits.
+``python -m timm_icd sweep`` sweeps (one per pair of teacher and student) on the first study's Fashion-MNIST splits.
 
 This file only defines the study: the data (``study.build_data``), the teachers (each pair's four trained by a sweep
 of ``--method vanilla`` runs), the pairs' arms, seeds and contrasts. Running, resuming, withholding the test split and
@@ -150,7 +150,7 @@ class _Withhold(io.TextIOBase):
 
 
 def run_sweep(argv: List[str]) -> int:
-    """``python -m timm_icd.sweep ARGV`` in this process, its test-split summary lines dropped."""
+    """``python -m timm_icd sweep ARGV`` in this process, its test-split summary lines dropped."""
     with contextlib.redirect_stdout(_Withhold(sys.stdout)):
         return sweep(argv)
 

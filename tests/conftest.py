@@ -136,10 +136,14 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.get_closest_marker('long') is None)
 
 
-def run_cli(*args, env=None, timeout=600, script='train_icd.py', module=None) -> subprocess.CompletedProcess:
-    """Run train_icd.py, another repo script, or ``python -m module``, as a user would (offline by default): in a
-    process forked from ``tests/zygote.py`` when the environment is the default one, else in a fresh interpreter."""
+def run_cli(*args, env=None, timeout=600, script='train_icd.py', module=None,
+            command=None) -> subprocess.CompletedProcess:
+    """Run train_icd.py, another repo script, ``python -m module``, or ``python -m timm_icd COMMAND`` (``command``), as
+    a user would (offline by default): in a process forked from ``tests/zygote.py`` when the environment is the default
+    one, else in a fresh interpreter."""
     global _zygote
+    if command:
+        module, args = 'timm_icd', (command, *args)
     target = ['-m', module] if module else [str(REPO / script)]
     argv, env = [str(a) for a in args], env or offline_env()
     cmd = [sys.executable, *target, *argv]

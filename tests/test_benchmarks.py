@@ -2,59 +2,40 @@
 import csv
 import json
 import re
+import shutil
+import sys
 
 import pytest
 
 from conftest import REPO, run_cli
 
-METHODS = {'vanilla', 'kd', 'kd+ls', 'timm_logit', 'timm_feature', 'icd', 'icd+kd', 'icd+kd+ls'}
 
-
-@pytest.mark.long
-def test_quality_quick_trains_every_method_and_writes_results(tmp_path):
-    out, data = tmp_path / 'results', tmp_path / 'data'
-    result = run_cli('--quick', '--out', out, '--data-dir', data, script='benchmarks/quality.py', timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    with open(out / 'quality_quick_runs.csv') as f:
-        rows = list(csv.DictReader(f))
-    main = [r for r in rows if r['study'] == 'main']
-    transfer = [r for r in rows if r['study'] == 'transfer']
-    assert {r['method'] for r in main} == METHODS and len(main) == 8
-    for r in main:
-        assert int(r['test_size']) == 500 and int(r['train_size']) == 320
-        assert 0.0 <= float(r['test_top1']) <= 100.0 and float(r['train_loss']) > 0
-    taus = {r['method']: float(r['tau']) for r in main}
-    assert taus['icd'] > 0 and taus['icd+kd+ls'] > 0 and taus['kd'] == 0 and taus['kd+ls'] == 0
-    # transfer: a 6-class clothing teacher, a 4-class footwear/bags student, scored on those 4 classes only
-    assert {r['method'] for r in transfer} == {'vanilla', 'timm_feature', 'icd'}
-    assert all(int(r['test_size']) == 4 * 50 and int(r['train_size']) == 4 * 40 for r in transfer)
-    teachers = json.loads((out / 'quality_quick_teachers.json').read_text())
-    assert len(teachers['clothing']['classes']) == 6 and len(teachers['resnet18']['classes']) == 10
-    report = (out / 'quality_quick.md').read_text()
-    assert '| resnet18->mobilenetv3_small_050 |' in report and 'quick mode' in report
-    assert 'Across label spaces' in report and 'Paired differences' in report
-    assert (out / 'quality_quick.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-    assert not list(out.glob('*.safetensors'))  # weights stay in the data folder
-    # a second invocation resumes: nothing is retrained, the report is rewritten
-    again = run_cli('--quick', '--out', out, '--data-dir', data, script='benchmarks/quality.py', timeout=600)
-    assert again.returncode == 0 and 'test top-1' not in again.stdout
-    assert len((out / 'quality_quick_runs.csv').read_text().strip().splitlines()) == 12
-
-
-def test_paired_confidence_interval_matches_a_hand_computed_t_interval():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
-    from quality_report import paired
+def test_paired_rows_give_a_hand_computed_t_interval():
+    sys.path.insert(0, str(REPO / 'benchmarks'))
+    from common import paired_rows
     scores = [(71.0, 70.0), (72.5, 70.5), (70.0, 70.0)]
     rows = [{'seed': s, 'method': m, 'test_top1': v}
             for s, (a, b) in enumerate(scores) for m, v in (('a', a), ('b', b))]
-    mean, low, high, n, p = paired(rows, 'a', 'b')
+    result = paired_rows(rows + [{'seed': 9, 'method': 'a', 'test_top1': 50.0}], 'a', 'b')  # seed 9: unpaired
     # differences 1, 2, 0: mean 1, sd 1, t(0.975, 2) = 4.302653, half-width 4.302653 / sqrt(3)
-    assert n == 3 and mean == 1.0
-    assert abs((high - low) / 2 - 4.302653 / 3 ** 0.5) < 1e-5
+    assert result['n'] == 3 and result['mean'] == 1.0 and result['seeds'] == [0, 1, 2]
+    assert abs((result['high'] - result['low']) / 2 - 4.302653 / 3 ** 0.5) < 1e-5
     # t = 1 / (1 / sqrt(3)) with 2 degrees of freedom: two-sided p = 1 - t / sqrt(2 + t^2) = 1 - sqrt(3 / 5)
-    assert abs(p - (1 - (3 / 5) ** 0.5)) < 1e-9
+    assert abs(result['p'] - (1 - (3 / 5) ** 0.5)) < 1e-9
+    assert paired_rows(rows[:2], 'a', 'b') is None  # one seed: no interval
+
+
+def test_archived_quality_report_is_rewritten_from_the_committed_csvs(tmp_path):
+    """The archived v0.2 benchmark's report path: the committed quality.md and quality.png come back from the
+    committed CSVs, byte for byte."""
+    results = REPO / 'benchmarks' / 'results'
+    for name in ('quality_runs.csv', 'quality_curves.csv', 'quality_teachers.json', 'quality_findings.md'):
+        shutil.copy(results / name, tmp_path / name)
+    result = run_cli(tmp_path, script='benchmarks/archive/quality_report.py', timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / 'quality.md').read_text() == (results / 'quality.md').read_text()
+    assert (tmp_path / 'quality.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert not (REPO / 'benchmarks' / 'quality.py').exists()
 
 
 def test_step_time_quick_times_every_variant(tmp_path):

@@ -100,9 +100,9 @@ def test_cached_runs_equal_the_writing_run_stay_close_to_live_and_refuse_other_s
     manifest = json.loads((cache / 'manifest.json').read_text())
     assert manifest['epochs'] == [0, 1] and manifest['rows'] == 256 and manifest['teacher_metrics']['top1'] >= 0
 
-    ahead = tmp_path / 'ahead'  # written ahead by python -m timm_icd.cache: the same arrays, to the bit
+    ahead = tmp_path / 'ahead'  # written ahead by python -m timm_icd cache: the same arrays, to the bit
     result = run_cli('test_resnet', '--dataset', digits_small, '--epochs', '2', '--teacher-cache', ahead,
-                     *RUN[2:], module='timm_icd.cache')
+                     *RUN[2:], command='cache')
     assert result.returncode == 0, result.stderr[-2000:]
     for epoch in (0, 1):
         for name in ('features', 'logits', 'written'):
@@ -141,12 +141,12 @@ def test_cached_runs_equal_the_writing_run_stay_close_to_live_and_refuse_other_s
 
 def test_two_processes_write_ahead_and_read_disjoint_rows_that_cover_each_epoch(digits_small, tmp_path):
     cache, single = tmp_path / 'cache', tmp_path / 'single'
-    written = accelerate_launch(29560, '-m', 'timm_icd.cache', 'test_resnet', '--dataset', digits_small, '--epochs',
+    written = accelerate_launch(29560, '-m', 'timm_icd', 'cache', 'test_resnet', '--dataset', digits_small, '--epochs',
                                 '2', '--teacher-cache', cache, *RUN[2:])  # each process computes half the rows
     assert written.returncode == 0, written.stderr[-4000:]
     assert written.stdout.count('done:') == 1 and 'holds epochs [0, 1] of 256 rows' in written.stdout
     alone = run_cli('test_resnet', '--dataset', digits_small, '--epochs', '1', '--teacher-cache', single, *RUN[2:],
-                    module='timm_icd.cache')
+                    command='cache')
     assert alone.returncode == 0, alone.stderr[-2000:]
     for name in ('features', 'logits'):  # the same rows as one process writes (batches differ: float tolerance)
         np.testing.assert_allclose(np.load(cache / 'epoch-0000' / f'{name}.npy').astype(np.float32),

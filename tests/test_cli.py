@@ -227,8 +227,8 @@ def test_model_ema_is_evaluated_every_epoch_and_saved_as_its_own_student(digits_
     assert refused.returncode == 2 and 'error: --push-ema needs --model-ema' in refused.stderr
     assert (out / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'  # redrawn every epoch
 
-    # python -m timm_icd.report: one row per run with the runs' own numbers, and one PNG of their curves
-    report = run_cli(out, teacher_run, '--out', tmp_path / 'runs.png', module='timm_icd.report')
+    # python -m timm_icd report: one row per run with the runs' own numbers, and one PNG of their curves
+    report = run_cli(out, teacher_run, '--out', tmp_path / 'runs.png', command='report')
     assert report.returncode == 0, report.stderr[-2000:]
     row = next(line for line in report.stdout.splitlines() if line.startswith('| ema |'))
     cells = [c.strip() for c in row.strip('|').split('|')]
@@ -237,7 +237,7 @@ def test_model_ema_is_evaluated_every_epoch_and_saved_as_its_own_student(digits_
     assert cells[8].endswith(' min') and any(line.startswith('| teacher | vanilla |') for line in
                                              report.stdout.splitlines())
     assert (tmp_path / 'runs.png').read_bytes()[:4] == b'\x89PNG'
-    bad = run_cli(tmp_path / 'nothing', module='timm_icd.report')
+    bad = run_cli(tmp_path / 'nothing', command='report')
     expected = f"error: {tmp_path / 'nothing'} is not a train_icd.py run folder (no summary.csv)."
     assert bad.returncode == 2 and bad.stderr.strip() == expected
 

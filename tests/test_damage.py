@@ -29,7 +29,7 @@ def test_a_damaged_teacher_cache_is_recomputed_where_damaged_and_refused_where_u
     args = ['--dataset', digits_small, '--epochs', '3', '--teacher-cache', cache, *RUN]
     writer = run_cli(*args, '--output', tmp_path / 'writer')
     assert writer.returncode == 0, writer.stderr[-2000:]
-    assert run_cli('--verify', cache, module='timm_icd.cache').returncode == 0
+    assert run_cli('--verify', cache, command='cache').returncode == 0
 
     # three kinds of damage after the fact, one per epoch
     logits = cache / 'epoch-0000' / 'logits.npy'
@@ -41,7 +41,7 @@ def test_a_damaged_teacher_cache_is_recomputed_where_damaged_and_refused_where_u
         f.truncate(os.path.getsize(features) // 2)
     shutil.rmtree(cache / 'epoch-0002')
 
-    check = run_cli('--verify', cache, module='timm_icd.cache')
+    check = run_cli('--verify', cache, command='cache')
     assert check.returncode == 1, check.stderr
     assert 'epoch 0: damaged: the contents of logits.npy changed' in check.stdout
     assert 'epoch 1: damaged: epoch-0001/features.npy is unreadable' in check.stdout
@@ -55,7 +55,7 @@ def test_a_damaged_teacher_cache_is_recomputed_where_damaged_and_refused_where_u
     assert 'Traceback' not in reader.stderr
     written, read = _weights(tmp_path / 'writer'), _weights(tmp_path / 'reader')
     assert written.keys() == read.keys() and all((written[k] == read[k]).all() for k in written)  # = a clean run
-    assert run_cli('--verify', cache, module='timm_icd.cache').returncode == 0
+    assert run_cli('--verify', cache, command='cache').returncode == 0
     assert json.loads((cache / 'manifest.json').read_text())['epochs'] == [0, 1, 2]
 
     # unusable: refused in one line, before any training
@@ -94,7 +94,7 @@ STREAM = ['--streaming', '--teacher', 'test_resnet', '--teacher-pretrained', 'fa
 def damaged_shards(tmp_path_factory, digits_small):
     """digits_small as 2 train shards (one per process) whose second holds one unreadable image."""
     out = tmp_path_factory.mktemp('damaged') / 'shards'
-    assert run_cli(digits_small, out, '--shard-size', '128', module='timm_icd.shards').returncode == 0
+    assert run_cli(digits_small, out, '--shard-size', '128', command='shards').returncode == 0
     name = _corrupt_one_image(out / 'train-00001-of-00002.tar')
     return out, name.split('.')[0]
 

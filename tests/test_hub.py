@@ -126,7 +126,7 @@ def test_card_names_hub_dataset_base_model_and_baseline():
 def test_second_push_updates_the_repository(hub, pushed, tmp_path):
     out, _, _ = pushed
     commits = len(hub.repos[REPO_ID]['commits'])
-    result = run_cli(out / 'student', REPO_ID, module='timm_icd.push', env=hub_env(hub, tmp_path))
+    result = run_cli(out / 'student', REPO_ID, command='push', env=hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'pushed {out / "student"} to {hub.endpoint}/{REPO_ID}/commit/' in result.stdout
     assert len(hub.repos[REPO_ID]['commits']) == commits + 1
@@ -135,7 +135,7 @@ def test_second_push_updates_the_repository(hub, pushed, tmp_path):
 def test_private_push_to_a_branch(hub, pushed, tmp_path):
     out, _, _ = pushed
     result = run_cli(out / 'student', 'icd-tests/private-one', '--private', '--revision', 'dev',
-                     module='timm_icd.push', env=hub_env(hub, tmp_path))
+                     command='push', env=hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     repo = hub.repos['icd-tests/private-one']
     assert repo['private'] and 'model.safetensors' in repo['branches']['dev']['files']
@@ -154,7 +154,7 @@ def test_the_token_is_never_printed_or_written(hub, pushed):
     ('no-token', r'error: no Hugging Face token: set HF_TOKEN or run `hf auth login`'),
     ('bad-repo-id', r"error: bad Hub repo id 'not a repo!!'"),
     ('refused', r'error: push to icd-tests/digits-student failed: cannot reach the Hub at http://127\.0\.0\.1:\d+ '
-                r'\(ConnectError.*The run folder is unchanged; retry with `python -m timm_icd.push'),
+                r'\(ConnectError.*The run folder is unchanged; retry with `python -m timm_icd push'),
     ('dropped', r'error: push to icd-tests/digits-student failed: cannot reach the Hub at .*disconnected.*The run '
                 r'folder is unchanged'),
     ('bad-token', r'error: push to icd-tests/digits-student failed: the Hub at .* rejected the token \(401\)'),
@@ -170,7 +170,7 @@ def test_push_failures_are_one_line_and_leave_the_run_unchanged(case, expected, 
     if case == 'dropped':
         hub.mode = 'drop'
     try:
-        result = run_cli(out / 'student', repo_id, module='timm_icd.push', env=env, timeout=300)
+        result = run_cli(out / 'student', repo_id, command='push', env=env, timeout=300)
     finally:
         hub.mode = 'ok'
     assert result.returncode == 2, result.stderr[-2000:]
@@ -235,7 +235,7 @@ def test_an_unusable_hub_is_refused_before_training(case, expected, hub, digits_
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith(f'error: --push-to-hub {REPO_ID}: ') and re.search(expected, lines[0]), lines[0]
     assert lines[0].endswith('checked before training, so nothing ran. Fix it, or train without --push-to-hub and '
-                             'push later with `python -m timm_icd.push`.')
+                             'push later with `python -m timm_icd push`.')
     assert not out.exists() and 'hf_wrong_token' not in result.stderr  # before epoch 0: no run folder at all
 
 
@@ -244,7 +244,7 @@ def test_validate_and_load_published_student(hub, pushed, digits_small, tmp_path
     with open(out / 'summary.csv') as f:
         last = list(csv.DictReader(f))[-1]
     result = run_cli('--model', f'hf-hub:{REPO_ID}', '--dataset', digits_small, '--results-file',
-                     tmp_path / 'r.json', '-j', '0', module='timm_icd.validate', env=hub_env(hub, tmp_path))
+                     tmp_path / 'r.json', '-j', '0', command='validate', env=hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / 'r.json').read_text())
     assert results['top1'] == pytest.approx(float(last['eval_top1']), abs=1e-9)

@@ -25,7 +25,7 @@ from timm_icd.data import digits_dataset
 from timm_icd.publish import PublishedStudent, check_claim, count_macs, count_parameters, matches, sort_students
 from timm_icd.run import parse_and_validate
 
-VANILLA = 'org-a/resnet-vanilla'  # the teacher_run fixture's student, pushed with python -m timm_icd.push
+VANILLA = 'org-a/resnet-vanilla'  # the teacher_run fixture's student, pushed with python -m timm_icd push
 EFFNET = 'org-b/effnet-icd'  # distilled from hf-hub:VANILLA, pushed by train_icd.py into a collection
 FINETUNED = 'org-b/effnet-digits-new'  # hf-hub:EFFNET fine-tuned with KD on new data
 NO_MATCH = 'no published timm_icd student matches these filters.'
@@ -62,7 +62,7 @@ def collection(hub, tmp_path_factory) -> str:
 @pytest.fixture(scope='module')
 def vanilla(hub, tmp_path_factory, teacher_run):
     tmp = tmp_path_factory.mktemp('vanilla')
-    result = run_cli(teacher_run / 'student', VANILLA, module='timm_icd.push', env=hub_env(hub, tmp))
+    result = run_cli(teacher_run / 'student', VANILLA, command='push', env=hub_env(hub, tmp))
     assert result.returncode == 0, result.stderr[-3000:]
     return teacher_run / 'student'
 
@@ -132,7 +132,7 @@ def test_hub_collection_holds_the_pushed_student(hub, next_run, collection, tmp_
 
 
 def _search(hub, tmp_path, *args, endpoint=None):
-    return run_cli('search', *args, module='timm_icd.hub', env=hub_env(hub, tmp_path, endpoint=endpoint), timeout=300)
+    return run_cli('search', *args, command='hub', env=hub_env(hub, tmp_path, endpoint=endpoint), timeout=300)
 
 
 def test_search_by_method_prints_a_table_of_the_one_match(hub, published, tmp_path):
@@ -211,7 +211,7 @@ def test_validate_compares_several_models_and_marks_a_wrong_claim(hub, published
     result = run_cli('--model', claims_more, f'hf-hub:{EFFNET}', 'hf-hub:org-c/card-only', '--dataset', digits_small,
                      '-j', '0',
                      '--results-md', md, '--results-csv', table, '--results-file', tmp_path / 'r.json',
-                     module='timm_icd.validate', env=hub_env(hub, tmp_path))
+                     command='validate', env=hub_env(hub, tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     with open(table) as f:
         local, remote, card = rows = list(csv.DictReader(f))

@@ -1,4 +1,4 @@
-"""``python -m timm_icd.shards``: real images written as webdataset/parquet shards and read back with ``datasets``."""
+"""``python -m timm_icd shards``: real images written as webdataset/parquet shards and read back with ``datasets``."""
 import io
 import json
 import tarfile
@@ -46,7 +46,7 @@ def image_folder(tmp_path_factory) -> Path:
 @pytest.mark.parametrize('fmt', ['webdataset', 'parquet'])
 def test_digits_shards_read_back(fmt, digits_small, tmp_path):
     out = tmp_path / 'shards'
-    result = run_cli(digits_small, out, '--shard-size', 100, '--format', fmt, module='timm_icd.shards')
+    result = run_cli(digits_small, out, '--shard-size', 100, '--format', fmt, command='shards')
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Split 'train': 256 rows in 3" in result.stderr and "Split 'test': 72 rows in 1" in result.stderr
     suffix = shards.SUFFIX[fmt]
@@ -127,7 +127,7 @@ def test_refuses_existing_shards_and_bad_shard_size(digits_small, tmp_path):
     out = tmp_path / 'shards'
     assert shards_main([digits_small, str(out), '--shard-size', '1000', '--splits', 'test']) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    result = run_cli(digits_small, out, '--shard-size', 10, module='timm_icd.shards')
+    result = run_cli(digits_small, out, '--shard-size', 10, command='shards')
     assert result.returncode == 2
     assert result.stderr.count('\n') == 1 and result.stderr.startswith('error: ')
     assert 'not an empty folder' in result.stderr

@@ -24,7 +24,7 @@ STREAM = ['--streaming', '--shuffle-buffer', '48', '--teacher', 'test_resnet', '
 def shards(digits_small, tmp_path_factory) -> str:
     """digits_small as webdataset shards: 8 train shards of 32 rows, 3 test shards (32, 32, 8)."""
     out = tmp_path_factory.mktemp('shards') / 'wds'
-    result = run_cli(digits_small, out, '--shard-size', '32', module='timm_icd.shards')
+    result = run_cli(digits_small, out, '--shard-size', '32', command='shards')
     assert result.returncode == 0, result.stderr[-2000:]
     return str(out)
 
@@ -78,7 +78,7 @@ def test_a_short_part_of_the_stream_starts_again_and_resumes_there_too(shards):
 def test_stream_specs_and_refusals(shards, digits_small, tmp_path):
     parquet = tmp_path / 'pq'
     assert run_cli(digits_small, parquet, '--shard-size', '100', '--format', 'parquet',
-                   module='timm_icd.shards').returncode == 0
+                   command='shards').returncode == 0
     data = load_stream_data(f'parquet:{parquet}')
     assert (data.train_rows, data.eval_rows, data.label_names[:2]) == (256, 72, ['0', '1'])
     glob_only = load_stream_data(f'parquet:{parquet}/train-*.parquet', val_split='train')

@@ -1,8 +1,8 @@
 """Write a teacher cache ahead of the runs that will read it, or check one.
 
-    python -m timm_icd.cache TEACHER --teacher-cache DIR --dataset ... --epochs E [train_icd.py's data flags]
-    accelerate launch -m timm_icd.cache TEACHER ...      # every process writes its share of the rows
-    python -m timm_icd.cache --verify DIR                # check every epoch; say what a run would compute again
+    python -m timm_icd cache TEACHER --teacher-cache DIR --dataset ... --epochs E [train_icd.py's data flags]
+    accelerate launch -m timm_icd cache TEACHER ...      # every process writes its share of the rows
+    python -m timm_icd cache --verify DIR                # check every epoch; say what a run would compute again
 
 ``--verify`` changes nothing and exits 0 when every complete epoch is intact, 1 when some are damaged (a run drops
 and recomputes them), 2 when DIR is no usable cache.
@@ -18,7 +18,7 @@ from .common import is_main_process, run_command
 
 def _verify(argv: List[str]) -> int:
     if len(argv) != 1:
-        raise UserError('usage: python -m timm_icd.cache --verify DIR')
+        raise UserError('usage: python -m timm_icd cache --verify DIR')
     root = argv[0]
     report = verify(root)
     damaged, incomplete = report['damaged'], report['incomplete']
@@ -43,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv = ['--teacher', *argv]
 
     def body() -> int:
-        args = parse_and_validate(argv, prog='python -m timm_icd.cache',
+        args = parse_and_validate(argv, prog='python -m timm_icd cache',
                                   description='Write a teacher cache ahead of the runs that read it, for every epoch '
                                               'they train, with their flags (or check one: --verify DIR).')
         if not args.teacher_cache:

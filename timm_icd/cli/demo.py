@@ -7,7 +7,7 @@
 then print one table with the held-out top-1 of each, the time taken and where the student folder is. Each stage
 is a real ``train_icd.py`` run; its log is kept next to its outputs.
 
-    python -m timm_icd.demo [--output output/demo] [--epochs 12]
+    python -m timm_icd demo [--output output/demo] [--epochs 12]
 """
 import json
 import subprocess
@@ -29,7 +29,7 @@ def stage(name: str, out: Path, args: list) -> dict:
     print(f'[{name}] train_icd.py {" ".join(args)}', flush=True)
     log = out / f'{name}.log'
     with open(log, 'w') as f:
-        result = subprocess.run([sys.executable, '-m', 'timm_icd.cli', *args, '--output', str(out / name)],
+        result = subprocess.run([sys.executable, '-m', 'timm_icd', 'train', *args, '--output', str(out / name)],
                                 stdout=f, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         tail = log.read_text().strip().splitlines()[-1:]
@@ -41,7 +41,7 @@ def stage(name: str, out: Path, args: list) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = ArgumentParser(prog='python -m timm_icd.demo', description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog='python -m timm_icd demo', description=__doc__.splitlines()[0])
     parser.add_argument('--output', default='output/demo', help='demo folder (default: output/demo)')
     parser.add_argument('--epochs', type=int, default=12, help='epochs per stage (default: 12)')
     parser.add_argument('--teacher', default='resnet18', help='teacher architecture (default: resnet18)')

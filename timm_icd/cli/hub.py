@@ -1,6 +1,6 @@
 """Find the students published with this tool on the Hugging Face Hub, with what they measured.
 
-    python -m timm_icd.hub search [--student ARCH] [--teacher ARCH] [--dataset NAME] [--author ORG] [--method M]
+    python -m timm_icd hub search [--student ARCH] [--teacher ARCH] [--dataset NAME] [--author ORG] [--method M]
                                   [--sort accuracy|downloads|recent] [--limit N] [--json]
 
 Prints a table (``--json``: a JSON list for scripts). No match is not an error: one line saying so (``[]`` with
@@ -18,7 +18,7 @@ from .common import run_command
 
 
 def create_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog='python -m timm_icd.hub', description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog='python -m timm_icd hub', description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     search = commands.add_parser(
         'search', help='list the students pushed with timm_icd',

@@ -1,6 +1,6 @@
 """Push a finished run's student folder to the Hugging Face Hub (for runs made offline, or to push again).
 
-    python -m timm_icd.push OUT/student ORG/NAME [--private] [--revision BRANCH] [--baseline VANILLA/student]
+    python -m timm_icd push OUT/student ORG/NAME [--private] [--revision BRANCH] [--baseline VANILLA/student]
                             [--hub-collection NAMESPACE/TITLE-ID]
 """
 import sys
@@ -12,7 +12,7 @@ from .common import run_command
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = ArgumentParser(prog='python -m timm_icd.push', description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog='python -m timm_icd push', description=__doc__.splitlines()[0])
     parser.add_argument('folder', help='a student folder written by train_icd.py (OUT/student)')
     parser.add_argument('repo_id', help='ORG/NAME of the Hub model repository (created if needed)')
     # train_icd.py's names (--hub-*) and the short ones both work

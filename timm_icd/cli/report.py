@@ -1,6 +1,6 @@
 """Compare finished runs: one table row per run and their eval top-1 curves in one PNG.
 
-    python -m timm_icd.report RUN [RUN ...] [--out runs.png]
+    python -m timm_icd report RUN [RUN ...] [--out runs.png]
 """
 import sys
 from pathlib import Path
@@ -13,7 +13,7 @@ from .common import run_command
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = ArgumentParser(prog='python -m timm_icd.report', description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog='python -m timm_icd report', description=__doc__.splitlines()[0])
     parser.add_argument('runs', nargs='+', help='run folders (train_icd.py --output)')
     parser.add_argument('--out', default='runs.png', help='PNG of every run\'s eval top-1 curve (default: runs.png)')
 

@@ -1,6 +1,6 @@
 """Write any dataset ``--dataset`` reads as streaming shards (webdataset tars or parquet files), in one command.
 
-    python -m timm_icd.shards SRC OUT --shard-size N [--format webdataset|parquet] [--splits train,test]
+    python -m timm_icd shards SRC OUT --shard-size N [--format webdataset|parquet] [--splits train,test]
         [--image-column C] [--label-column C] [--max-size [S]] [--quality Q]
 
 What is written, and how: ``timm_icd/data/shards.py``.
@@ -15,7 +15,7 @@ from .common import run_command
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = ArgumentParser(prog='python -m timm_icd.shards', description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog='python -m timm_icd shards', description=__doc__.splitlines()[0])
     parser.add_argument('src', help='what --dataset takes: Hub id, save_to_disk folder, imagefolder:PATH or digits')
     parser.add_argument('out', help='a new or empty folder for the shards')
     parser.add_argument('--shard-size', type=int, required=True, metavar='N', help='most rows per shard')

@@ -140,7 +140,7 @@ def _run_job(job: dict) -> dict:
     started, clock = utc_now(), time.time()
     print(f"sweep job {job['key']}: {' '.join(job['argv'])}", flush=True)
     if job['kind'] == 'cache':
-        write_ahead(parse_and_validate(job['argv'], prog='python -m timm_icd.cache'))
+        write_ahead(parse_and_validate(job['argv'], prog='python -m timm_icd cache'))
         return {'started': started, 'ended': utc_now(), 'seconds': round(time.time() - clock, 1)}
     result = run(parse_and_validate(job['argv']), job['argv'])
     record = json.loads((Path(result['student']) / 'distillation.json').read_text())

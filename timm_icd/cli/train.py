@@ -1,4 +1,4 @@
-"""``train_icd.py``: parse and check the flags, run the distillation, and print where the student is."""
+"""Distill a teacher into a student (``train_icd.py``): check the flags, run, and say where the student is."""
 import sys
 from typing import List, Optional
 

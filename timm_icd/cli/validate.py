@@ -1,7 +1,7 @@
 """Evaluate published or local students like timm's validate.py: top-1, top-5, images per second, size and compute.
 
-    python -m timm_icd.validate --model hf-hub:ORG/NAME --dataset uoft-cs/cifar100 [--split test]
-    python -m timm_icd.validate --model hf-hub:ORG/A hf-hub:ORG/B OUT/student --dataset D \\
+    python -m timm_icd validate --model hf-hub:ORG/NAME --dataset uoft-cs/cifar100 [--split test]
+    python -m timm_icd validate --model hf-hub:ORG/A hf-hub:ORG/B OUT/student --dataset D \\
         [--results-md cmp.md] [--results-csv cmp.csv]
 
 Several models are measured side by side on the same split, each with its own preprocessing; a student whose
@@ -76,7 +76,7 @@ def validate(model_name: str, dataset: str, split: Optional[str] = None, batch_s
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = ArgumentParser(prog='python -m timm_icd.validate', description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog='python -m timm_icd validate', description=__doc__.splitlines()[0])
     parser.add_argument('--model', required=True, nargs='+', action='extend', metavar='MODEL',
                         help='one or more: hf-hub:ORG/NAME, local-dir:PATH or a student folder')
     parser.add_argument('--dataset', default='digits', help='Hub id, save_to_disk folder, imagefolder:PATH, digits')

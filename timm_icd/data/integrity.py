@@ -1,7 +1,7 @@
 """Local shard files are checked before anything reads them: a truncated or unreadable tar or parquet file is named in
 one line, instead of a stream that silently ends early or a traceback from deep inside ``datasets``.
 
-* Shards written by ``python -m timm_icd.shards`` carry their byte sizes in ``timm_icd_shards.json``: a ``stat`` per
+* Shards written by ``python -m timm_icd shards`` carry their byte sizes in ``timm_icd_shards.json``: a ``stat`` per
   file tells a truncated or rewritten one (ImageNet's 1,282 shards: milliseconds).
 * Other tars: the member headers are walked (seeks, no data read) and the end-of-archive marker must follow the last
   member; a size that is not a multiple of 512 bytes is truncated.
@@ -21,20 +21,20 @@ import pyarrow.parquet as pq
 
 from ..base import UserError, first_line
 
-META_FILE = 'timm_icd_shards.json'  # what timm_icd.shards writes last, beside the shards
+META_FILE = 'timm_icd_shards.json'  # what python -m timm_icd shards writes last, beside the shards
 SHARD_SUFFIXES = {'webdataset': '.tar', 'parquet': '.parquet'}
 
 
 def shards_metadata(folder: str) -> Optional[dict]:
-    """What ``python -m timm_icd.shards`` wrote beside the shards (row counts, sizes, label names), if anything."""
+    """What ``python -m timm_icd shards`` wrote beside the shards (row counts, sizes, label names), if anything."""
     path = os.path.join(folder, META_FILE)
     if not os.path.isfile(path):
         return None
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f'{path} is unreadable ({first_line(e, 120)}); write the shards again with python -m '
-                        f'timm_icd.shards, or delete it to read the shards without it.') from e
+        raise UserError(f'{path} is unreadable ({first_line(e, 120)}); write the shards again with '
+                        f'python -m timm_icd shards, or delete it to read the shards without it.') from e
 
 
 def _tar_damage(path: Path) -> Optional[str]:
@@ -72,7 +72,7 @@ def shard_damage(path: Path, expected_bytes: Optional[int] = None) -> Optional[s
     if expected_bytes is not None:
         size = path.stat().st_size
         return None if size == expected_bytes else \
-            f'{size} bytes where timm_icd.shards wrote {expected_bytes}: truncated or replaced'
+            f'{size} bytes where python -m timm_icd shards wrote {expected_bytes}: truncated or replaced'
     return _tar_damage(path) if path.suffix == '.tar' else _parquet_damage(path) if path.suffix == '.parquet' \
         else None
 
@@ -98,5 +98,5 @@ def check_shards(builder: str, path: str) -> None:
     if damaged:
         first, reason = damaged[0]
         more = f' (and {len(damaged) - 1} more)' if len(damaged) > 1 else ''
-        raise UserError(f'shard {first} is damaged: {reason}{more}; write the shards again (python -m timm_icd.shards) '
+        raise UserError(f'shard {first} is damaged: {reason}{more}; write the shards again (python -m timm_icd shards) '
                         f'or move the file out of the folder.')

@@ -1,6 +1,6 @@
 """Write any dataset ``--dataset`` reads as streaming shards (webdataset tars or parquet files), in one command.
 
-    python -m timm_icd.shards SRC OUT --shard-size N [--format webdataset|parquet] [--splits train,test]
+    python -m timm_icd shards SRC OUT --shard-size N [--format webdataset|parquet] [--splits train,test]
         [--image-column C] [--label-column C] [--max-size [S]] [--quality Q]     (the command: ``cli/shards.py``)
 
 SRC is what ``--dataset`` takes; OUT must be new or empty. Each split becomes ``ceil(rows / N)`` contiguous shards
@@ -242,7 +242,7 @@ def _write_metadata(out: Path, meta: dict, features: datasets.Features) -> None:
     card = DatasetCardData()
     DatasetInfosDict({'default': datasets.DatasetInfo(features=features)}).to_dataset_card_data(card)
     with atomic_path(out / 'README.md') as tmp:
-        tmp.write_text(f'---\n{card}\n---\n\nShards of {meta["source"]} written by `python -m timm_icd.shards`.\n')
+        tmp.write_text(f'---\n{card}\n---\n\nShards of {meta["source"]} written by `python -m timm_icd shards`.\n')
     with atomic_path(out / META_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + '\n')
 

@@ -208,7 +208,7 @@ class StreamLoader:
                 except Exception as e:  # datasets reading a damaged file (pyarrow, tarfile): name where it stopped
                     raise UserError(f"cannot read split '{self.split}' after {ordinal} rows of process {self.rank}'s "
                                     f"part ({first_line(e, 200)}): a damaged shard; write the shards again "
-                                    f"(python -m timm_icd.shards).") from e
+                                    f"(python -m timm_icd shards).") from e
                 if not rows:
                     break
                 read_any = True
@@ -310,7 +310,7 @@ def _split_rows(spec: str, dd: datasets.IterableDatasetDict, split: str) -> Opti
 
 
 def _shards_metadata(spec: str) -> Optional[dict]:
-    """What ``python -m timm_icd.shards`` wrote next to the shards (row counts, label names), if anything."""
+    """What ``python -m timm_icd shards`` wrote next to the shards (row counts, label names), if anything."""
     _, _, path = spec.partition(':')
     return shards_metadata(path) if path and os.path.isdir(path) else None
 

@@ -1,6 +1,6 @@
 """Several models side by side on one eval split: accuracy, speed, size and compute, and what their records claim.
 
-``python -m timm_icd.validate --model A B ...`` measures (``cli/validate.py``); this module counts parameters and
+``python -m timm_icd validate --model A B ...`` measures (``cli/validate.py``); this module counts parameters and
 multiply-accumulates, reads what a student claims (its distillation.json, or its model card's model-index), marks a
 claim the measurement does not bear out, and writes the comparison as markdown and CSV.
 """

@@ -32,7 +32,7 @@ HUB_CHECK_TIMEOUT = 10.0  # seconds for the up-front round trip of --push-to-hub
 
 CARD_NAME = 'model_card.md'
 STUDENT_FILES = ('model.safetensors', 'config.json', DISTILLATION_JSON)
-SEARCH_TAG = 'timm_icd'  # every push carries it: `python -m timm_icd.hub search` lists the models with it
+SEARCH_TAG = 'timm_icd'  # every push carries it: `python -m timm_icd hub search` lists the models with it
 TAGS = ['image-classification', 'timm', 'knowledge-distillation', 'icd', SEARCH_TAG]
 LOCAL_DATASETS = ('digits', 'imagefolder:', '/', '.', '~')
 # a collection's slug as in its URL: NAMESPACE/TITLE-ID, the ID being the Hub's 24 hex digits
@@ -66,7 +66,7 @@ def check_push_target(repo_id: str, round_trip: bool = False) -> str:
         except Exception as e:  # httpx's, huggingface_hub's and JSON's errors alike: the Hub is not usable now
             raise UserError(f'--push-to-hub {repo_id}: {describe_error(e, endpoint)}; checked before training, so '
                             f'nothing ran. Fix it, or train without --push-to-hub and push later with '
-                            f'`python -m timm_icd.push`.') from e
+                            f'`python -m timm_icd push`.') from e
     return token
 
 
@@ -209,7 +209,7 @@ def push_student(folder, repo_id: str, private: bool = False, revision: Optional
                 repo_id=repo_id, folder_path=staging, revision=revision,
                 commit_message=commit_message or f"Distilled {record['student']} ({record['method']})")
         except Exception as e:
-            retry = f'python -m timm_icd.push {folder} {repo_id}'
+            retry = f'python -m timm_icd push {folder} {repo_id}'
             raise UserError(f'push to {repo_id} failed: {describe_error(e, endpoint)}. The run folder is '
                             f'unchanged; retry with `{retry}`.') from e
     _logger.info(f'Pushed {folder} to {commit.commit_url}')

@@ -3,7 +3,7 @@
 ``OUT/curves.png`` is redrawn after every epoch from the run's summary.csv rows: the train loss parts, eval top-1
 of the student (and of its EMA), tau and the learning rate per epoch.
 
-    python -m timm_icd.report RUN [RUN ...] [--out runs.png]          (the command: ``cli/report.py``)
+    python -m timm_icd report RUN [RUN ...] [--out runs.png]          (the command: ``cli/report.py``)
 
 prints one table row per run (method, student, teacher, epochs, final and best top-1, EMA top-1, wall time) and draws
 their eval top-1 curves in one PNG.

@@ -1,4 +1,4 @@
-"""The report of a sweep (``python -m timm_icd.sweep``): per arm mean and 95% CI, paired differences for the declared
+"""The report of a sweep (``python -m timm_icd sweep``): per arm mean and 95% CI, paired differences for the declared
 contrasts with Holm's correction and the sensitivity tests, the per-seed table, the cost, a plot.
 
 Test-split numbers appear only when every declared run has one; until then the report says how many are in.

@@ -1,4 +1,4 @@
-"""Write a teacher cache ahead of the training runs that will read it (``python -m timm_icd.cache``).
+"""Write a teacher cache ahead of the training runs that will read it (``python -m timm_icd cache``).
 
 The cache is valid for the data settings the training runs will use: the same --dataset, --data-seed (default
 --seed), --input-size, augmentation flags and input pipeline; so it is built from the same flags, by the same

@@ -56,7 +56,7 @@ DESCRIPTION = 'Distill any timm teacher into any timm student with ICD.'
 
 
 def create_parser(prog: str = 'train_icd.py', description: str = DESCRIPTION) -> argparse.ArgumentParser:
-    """The train_icd.py parser (also ``timm_icd.cache``'s, under its own name). Flag names follow timm's train.py
+    """The train_icd.py parser (also ``python -m timm_icd cache``'s, under its own name). Flag names follow timm's train.py
     wherever timm has the same setting."""
     parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument('-c', '--config', default='', metavar='FILE',
@@ -81,7 +81,7 @@ def create_parser(prog: str = 'train_icd.py', description: str = DESCRIPTION) ->
                        help='dtype the frozen teacher runs in (default: float32)')
     group.add_argument('--teacher-cache', default=None, metavar='DIR',
                        help="the teacher's outputs per epoch and sample: written by the first run that names DIR "
-                            "(or python -m timm_icd.cache), read by later runs with the same data settings, which "
+                            "(or python -m timm_icd cache), read by later runs with the same data settings, which "
                             "then never run the teacher")
     group.add_argument('--cache-features', default='fp16', choices=('fp16', 'int8'),
                        help='--teacher-cache: how teacher features are stored (default: fp16)')

@@ -1,6 +1,6 @@
 """The teacher cache in a run: open (or start) it for the run's settings, and complete the epochs the teacher ran.
 
-``python -m timm_icd.cache`` writes a cache ahead (``run/cache_writer.py``); what the cache holds and how:
+``python -m timm_icd cache`` writes a cache ahead (``run/cache_writer.py``); what the cache holds and how:
 ``storage.py``.
 """
 import json
@@ -63,7 +63,7 @@ def open_for_run(
         manifest = Path(root) / MANIFEST
         if not manifest.exists() or len(json.loads(manifest.read_text())['epochs']) < epochs:
             raise UserError('a --teacher-cache is written by the processes of one machine (they share its memory '
-                            'maps): write it first with python -m timm_icd.cache on one machine, then train on many.')
+                            'maps): write it first with python -m timm_icd cache on one machine, then train on many.')
     valid_for = {
         'teacher_weights': weights_hash(teacher.model), 'teacher_layer': teacher.layer,
         'teacher_input_size': list(teacher.input_size or data_config['input_size']),
@@ -179,7 +179,7 @@ def rows_to_fill(cache: TeacherCache, epoch: int, process_index: int, num_proces
 def fill_missing(cache: TeacherCache, teacher: CachedTeacher, pipeline: Pipeline, epoch: int,
                  accelerator: Accelerator, batch_size: int, workers: int = 0) -> int:
     """Compute and store the rows of ``epoch`` no training batch wrote (the last partial batch the loader drops, or
-    every row for ``python -m timm_icd.cache``), split across the processes. Returns this process's row count."""
+    every row for ``python -m timm_icd cache``), split across the processes. Returns this process's row count."""
     rows = rows_to_fill(cache, epoch, accelerator.process_index, accelerator.num_processes)
     dataset = pipeline.train_loader.dataset
     dataset.set_epoch(epoch)

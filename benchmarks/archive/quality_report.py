@@ -1,4 +1,17 @@
-"""The quality benchmark's report: tables, paired differences with 95% confidence intervals, and the plot.
+#!/usr/bin/env python3
+"""The v0.2 quality benchmark, archived: its report, rewritten from the committed results (``results/quality*``).
+
+The pre-registered studies (``study.py``, ``study2.py``) superseded this benchmark, which was not pre-registered. Its
+runner (``benchmarks/quality.py`` with ``quality_lib.py``, ``quality_investigate.py`` and ``quality_report.py``) is
+in git: the last commit that has it is named in ``RUNS``, and ``git show COMMIT:benchmarks/quality.py`` prints it. At
+that commit, ``python benchmarks/quality.py --pairs 2`` wrote ``quality_runs.csv``, ``quality_curves.csv`` and
+``quality_teachers.json`` (about 2 h on 2 CPU cores), and ``python benchmarks/quality.py --investigate
+[when-icd-hurts]`` the ``quality_investigation*`` files. This script rewrites ``quality.md`` and ``quality.png`` from
+the first three, unchanged but for the header: tables, paired differences by seed with 95% t-intervals
+(``common.paired_rows``) and Holm's adjustment over every difference in the report.
+
+    python benchmarks/archive/quality_report.py          # results/quality.md and quality.png
+    python benchmarks/archive/quality_report.py FOLDER   # from (and to) another folder
 
 A difference between two methods is paired by seed (same seed: same student initialisation, data order and
 augmentation), so seed-to-seed variation that both methods share cancels. For n seeds the 95% interval is
@@ -7,17 +20,25 @@ every difference it reports belongs to one family: Holm's step-down adjusts the 
 difference is called established only when its adjusted p is below 0.05 (the pre-registered study,
 ``study.py``, is where questions are settled).
 """
+import argparse
 import csv
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import stats as scipy_stats
 
-from common import machine
-from study_stats import holm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import paired_rows  # noqa: E402
+from timm_icd.publish.stats import holm  # noqa: E402
 
+RESULTS = Path(__file__).resolve().parents[1] / 'results'
+NAME = 'quality'
+METHODS = ('vanilla', 'kd', 'kd+ls', 'timm_logit', 'timm_feature', 'icd', 'icd+kd', 'icd+kd+ls')
+# how the committed runs were made (the machine as their report gave it)
+RUNS = dict(command='python benchmarks/quality.py --pairs 2', last_commit='5f0f10c', runs_commit='4e1e9f6',
+            machine='AMD EPYC, 2 cores, 2 threads, torch 2.14.1+cu130', batch_size=64, jobs=2)
 # (a, b): report a - b
 COMPARISONS = [
     ('kd', 'vanilla'), ('icd', 'vanilla'), ('icd+kd', 'vanilla'), ('kd+ls', 'vanilla'), ('icd+kd+ls', 'vanilla'),
@@ -29,16 +50,8 @@ COMPARISONS = [
 
 def paired(rows, a: str, b: str):
     """(mean, low, high, n, p) of the per-seed difference a - b in test top-1, or None with fewer than 2 seeds."""
-    by_seed = {}
-    for r in rows:
-        by_seed.setdefault(int(r['seed']), {})[r['method']] = float(r['test_top1'])
-    diffs = [m[a] - m[b] for m in by_seed.values() if a in m and b in m]
-    if len(diffs) < 2:
-        return None
-    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-    half = scipy_stats.t.ppf(0.975, len(diffs) - 1) * sd / len(diffs) ** 0.5
-    p = float(scipy_stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else 1.0
-    return mean, mean - half, mean + half, len(diffs), p
+    r = paired_rows(rows, a, b)
+    return None if r is None else (r['mean'], r['low'], r['high'], r['n'], r['p'])
 
 
 class Family:
@@ -101,28 +114,31 @@ def _comparisons(rows, comparisons, family: Family, adjusted=None):
     return lines
 
 
-def write_report(out: Path, cfg) -> None:
+def write_report(out: Path = RESULTS) -> None:
+    """``quality.md`` and ``quality.png`` in ``out`` from the runs, curves and teachers files there."""
     family = Family()
-    _write(out, cfg, family, None)  # first pass: every difference the report shows, for Holm's correction
-    _write(out, cfg, Family(), family.adjusted())
+    _write(out, family, None)  # first pass: every difference the report shows, for Holm's correction
+    _write(out, Family(), family.adjusted())
 
 
-def _write(out: Path, cfg, family: Family, adjusted) -> None:
-    with open(out / f'{cfg.name}_runs.csv') as f:
+def _write(out: Path, family: Family, adjusted) -> None:
+    with open(out / f'{NAME}_runs.csv') as f:
         rows = list(csv.DictReader(f))
-    teachers = json.loads((out / f'{cfg.name}_teachers.json').read_text())
+    teachers = json.loads((out / f'{NAME}_teachers.json').read_text())
     main = [r for r in rows if r['study'] == 'main']
-    methods = [m for m in cfg.methods if any(r['method'] == m for r in main)]
+    methods = [m for m in METHODS if any(r['method'] == m for r in main)]
     seconds = sum(float(r['seconds']) for r in rows) + sum(t['seconds'] for t in teachers.values())
-    command = 'python benchmarks/quality.py' + (' --quick' if cfg.quick else '') + getattr(cfg, 'pairs_flag', '')
-    lines = [f'# Quality benchmark: Fashion-MNIST ({"quick mode" if cfg.quick else "cpu preset"})', '',
-             f'Generated by `{command}`. Top-1 (%) on the test split at the final epoch; training on a stratified '
+    lines = ['# Quality benchmark: Fashion-MNIST (cpu preset)', '',
+             f'Runs: `{RUNS["command"]}` at v0.2 (the runner is archived: `git show {RUNS["last_commit"]}:benchmarks/'
+             f'quality.py`; the runs were committed in {RUNS["runs_commit"]}). This report: `python '
+             f'benchmarks/archive/quality_report.py`, from the committed CSVs. Top-1 (%) on the test split at the '
+             f'final epoch; training on a stratified '
              f'subset of {main[0]["train_size"] if main else "?"} of the 60,000 training images, batch '
-             f'{cfg.batch_size}, 28x28 '
+             f'{RUNS["batch_size"]}, 28x28 '
              f'input, cosine schedule, random resized crop (scale 0.6-1) and flips through timm_icd\'s in-memory '
              f'pipeline; the same data, augmentation, optimizer, schedule and seeds for every method.', '',
-             f'Machine: {machine()}. Compute: {seconds / 60:.1f} min, the sum of every run\'s wall-clock time '
-             f'(teachers included; {cfg.jobs} runs at a time, one thread each).', '',
+             f'Machine: {RUNS["machine"]}. Compute: {seconds / 60:.1f} min, the sum of every run\'s wall-clock time '
+             f'(teachers included; {RUNS["jobs"]} runs at a time, one thread each).', '',
              '## Teachers', '', '| teacher | architecture | classes | train images | epochs | test top-1 |',
              '|---|---|---|---|---|---|']
     for name, t in teachers.items():
@@ -159,16 +175,16 @@ def _write(out: Path, cfg, family: Family, adjusted) -> None:
         lines += ['', '## Training length', '', f'The same seeds ({", ".join(sorted(seeds))}) at both lengths.', '']
         lines += _table(both, methods_l) + [''] + _comparisons(both, [
             (a, b) for a, b in COMPARISONS if a in methods_l and b in methods_l], family, adjusted)
-    lines += ['', f'Every run: `{cfg.name}_runs.csv`; test top-1 per epoch for seed 0: `{cfg.name}_curves.csv`; '
-              f'plot: `{cfg.name}.png`.']
-    findings = out / f'{cfg.name}_findings.md'
+    lines += ['', f'Every run: `{NAME}_runs.csv`; test top-1 per epoch for seed 0: `{NAME}_curves.csv`; '
+              f'plot: `{NAME}.png`.']
+    findings = out / f'{NAME}_findings.md'
     if findings.exists():
         lines += ['', f'Findings and investigation: [{findings.name}]({findings.name}).']
     if adjusted is None:
         return
-    (out / f'{cfg.name}.md').write_text('\n'.join(lines) + '\n')
+    (out / f'{NAME}.md').write_text('\n'.join(lines) + '\n')
     if main:
-        plot(out, cfg.name, main, methods)
+        plot(out, NAME, main, methods)
 
 
 def plot(out: Path, name: str, rows, methods) -> None:
@@ -215,3 +231,15 @@ def plot(out: Path, name: str, rows, methods) -> None:
     fig.tight_layout()
     fig.savefig(out / f'{name}.png', dpi=110)
     plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('folder', nargs='?', default=str(RESULTS),
+                        help='where the runs, curves and teachers files are, and the report goes (default: results/)')
+    write_report(Path(parser.parse_args(argv).folder))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
