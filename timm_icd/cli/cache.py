@@ -45,7 +45,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     def body() -> int:
         args = parse_and_validate(argv, prog='python -m timm_icd cache',
                                   description='Write a teacher cache ahead of the runs that read it, for every epoch '
-                                              'they train, with their flags (or check one: --verify DIR).')
+                                              'they train, with their flags. The teacher may come first, without '
+                                              '--teacher: "python -m timm_icd cache TEACHER --teacher-cache DIR '
+                                              '...". Check a cache instead: "python -m timm_icd cache --verify DIR" '
+                                              '(exit 0 when every complete epoch is intact, 1 when some are damaged, '
+                                              '2 when DIR is no usable cache).')
         if not args.teacher_cache:
             raise UserError('name the cache folder with --teacher-cache DIR.')
         cache = write_ahead(args)['cache']
