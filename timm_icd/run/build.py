@@ -17,7 +17,8 @@ from accelerate.utils import broadcast_object_list
 from timm.data import Mixup, resolve_data_config
 
 from ..base import UserError
-from ..data import ImageData, Pipeline, create_pipeline, find_bad_images, load_image_data, load_stream_data
+from ..data import (
+    ImageData, Pipeline, PipelineConfig, create_pipeline, find_bad_images, load_image_data, load_stream_data)
 from ..distill import (
     TERMS, DistillationTask, ICDDistillationTask, ICDTeacher, LabelSpace, check_input_size, check_model_name,
     create_student, create_teacher, fixed_size_kwargs, imagenet_label_names, is_hub_or_local, match_label_space,
@@ -222,14 +223,13 @@ def build(args: argparse.Namespace, accelerator: Accelerator, finetune: Optional
     mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
     task, adaptation = _create_task(args, accelerator, data, data_config, student, mixup_active, output, finetune)
     augment = augment_config(args)
-    pipeline = create_pipeline(
-        data, data_config, augment, kind=args.input_pipeline, batch_size=args.batch_size,
-        eval_batch_size=args.validation_batch_size, workers=args.workers, seed=data_seed(args),
-        with_index=bool(args.teacher_cache), shuffle_buffer=args.shuffle_buffer,
-        grad_accum_steps=args.grad_accum_steps, rank=accelerator.process_index, world=accelerator.num_processes,
-        skip_bad_images=args.skip_bad_images, decode_scale=args.decode_scale,
+    pipeline = create_pipeline(data, data_config, augment, PipelineConfig(
+        kind=args.input_pipeline, batch_size=args.batch_size, eval_batch_size=args.validation_batch_size,
+        workers=args.workers, seed=data_seed(args), with_index=bool(args.teacher_cache),
+        shuffle_buffer=args.shuffle_buffer, grad_accum_steps=args.grad_accum_steps, rank=accelerator.process_index,
+        world=accelerator.num_processes, skip_bad_images=args.skip_bad_images, decode_scale=args.decode_scale,
         decode_device=None if args.decode_device == 'cpu' else args.decode_device,
-        jitter_on_device=accelerator.device.type != 'cpu')
+        jitter_on_device=accelerator.device.type != 'cpu'))
     _logger.info(f'Input pipeline: {pipeline.description}.')
     cache = None
     if args.teacher_cache and task.teacher is not None:
