@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from timm_icd.run import parse_and_validate  # noqa: E402
+from timm_icd.run import parse_and_validate, run_config  # noqa: E402
 from timm_icd.run import train as icd_train  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,7 +77,7 @@ def floor_run(argv: list, epochs: int) -> list:
     """Epoch times of the same run's step and evaluation replayed on batches kept in memory."""
     args = parse_and_validate(argv)
     accelerator = Accelerator()
-    r = icd_train.build(args, accelerator)
+    r = icd_train.build(run_config(args), accelerator)
     icd_train.start(r)
     stage_t, stage_e = r.pipeline.train_stage, r.pipeline.eval_stage
     train = [stage_t(b, 0, i) for i, b in enumerate(r.train_loader)]

@@ -11,7 +11,7 @@ import sys
 from typing import List, Optional
 
 from ..base import UserError
-from ..run import parse_and_validate, write_ahead
+from ..run import parse_and_validate, run_config, write_ahead
 from ..teacher_cache import verify
 from .common import is_main_process, run_command
 
@@ -52,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                               '2 when DIR is no usable cache).')
         if not args.teacher_cache:
             raise UserError('name the cache folder with --teacher-cache DIR.')
-        cache = write_ahead(args)['cache']
+        cache = write_ahead(run_config(args))['cache']
         if is_main_process():
             print(f"done: {args.teacher_cache} holds epochs {cache.manifest['epochs']} of {cache.rows} rows "
                   f"({cache.bytes_per_row()} bytes per row, {cache.bytes_per_row() * cache.rows / 2 ** 20:.1f} MiB "

@@ -26,7 +26,7 @@ the end of the loader one batch early for ``gather_for_metrics``, and its erasin
 import contextlib
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -239,81 +239,13 @@ def _per_sample(data_config: dict, augment: AugmentConfig, decode_scale: str, ji
     return transform, jitter, views, words
 
 
-def create_stream_pipeline(
-        data: ImageData,
-        data_config: dict,
-        augment: AugmentConfig,
-        batch_size: int,
-        eval_batch_size: Optional[int] = None,
-        workers: int = 0,
-        seed: int = 0,
-        shuffle_buffer: int = 4096,
-        grad_accum_steps: int = 1,
-        rank: int = 0,
-        world: int = 1,
-        skip_bad_images: bool = False,
-        decode_scale: str = 'auto',
-        decode_device: Optional[str] = None,
-        jitter_on_device: Optional[bool] = None,
-) -> Pipeline:
-    """Streamed train and eval batches (``streaming.StreamLoader``) for process ``rank`` of ``world``; the keywords
-    are ``create_pipeline``'s."""
-    steps = data.train_rows // (world * batch_size)
-    steps -= steps % grad_accum_steps  # whole accumulation cycles: the stream loader does not end them early
-    if steps < 1:
-        raise UserError(f"split '{data.train_split}' streams {data.train_rows} rows: too few for one step of "
-                        f"--batch-size {batch_size} on {world} processes; lower it.")
-    reason = device_decode_reason(augment) if decode_device is not None else None
-    if reason:
-        raise UserError(f'--decode-device {decode_device} crops and flips on the device and cannot apply {reason}.')
-    mean, std = data_config['mean'], data_config['std']
-    columns = (data.image_column, data.label_column, data.num_classes)
-    transform, jitter, views, words = _per_sample(data_config, augment, decode_scale, jitter_on_device,
-                                                  decode_device)
-    train = StreamLoader(data.train, *columns, transform, batch_size, steps, seed, rank, world, shuffle_buffer,
-                         workers, data.train_split, skip_bad_images, decode_device, with_ids=jitter is not None)
-    eval_loader = StreamLoader(data.eval, *columns, create_transform(**data_config, is_training=False,
-                               use_prefetcher=True), eval_batch_size or batch_size, None,
-                               seed, rank, world, None, workers, data.eval_split, skip_bad_images)
-    return Pipeline('stream', train, eval_loader, InputStage(mean, std, erasing=_erasing(augment), seed=seed,
-                                                             jitter=jitter),
-                    InputStage(mean, std), f'stream ({steps} steps of {batch_size} per process and epoch from '
-                    f'{data.train_rows} rows; shuffled in blocks of {shuffle_buffer}; {workers} decoding '
-                    f'workers per process; {words})', views)
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How the input pipeline batches the data (``create_pipeline``): the data section of a run's config
+    (``run.config.DataConfig.pipeline``); the defaults are the Python API's.
 
-
-def create_pipeline(
-        data: ImageData,
-        data_config: dict,
-        augment: AugmentConfig = AugmentConfig(),
-        kind: str = 'auto',
-        batch_size: int = 64,
-        eval_batch_size: Optional[int] = None,
-        workers: int = 0,
-        seed: int = 0,
-        with_index: bool = False,
-        shuffle_buffer: int = 4096,
-        grad_accum_steps: int = 1,
-        rank: int = 0,
-        world: int = 1,
-        skip_bad_images: bool = False,
-        decode_scale: str = 'auto',
-        decode_device: Optional[str] = None,
-        jitter_on_device: Optional[bool] = None,
-) -> Pipeline:
-    """Train and eval loaders and their device stages.
-
-    ``kind='auto'`` keeps the data in memory when the augmentation is one ``BatchAugment`` does and the decoded
-    splits (all images of one size) fit in ``MEMORY_LIMIT_BYTES``; otherwise it uses the per-sample loader
-    (``'loader'``); ``'memory'`` insists on the first. The train loader shuffles and drops the last partial batch; its
-    generator is private, so creating an iterator never draws from the global RNG (which dropout uses and checkpoints
-    restore). A streamed dataset (``data.streaming``) takes ``create_stream_pipeline``.
-
-    Args:
-        data: The splits (``sources.load_image_data`` or ``streaming.load_stream_data``).
-        data_config: timm's data config of the student (input_size, mean, std, interpolation, crop).
-        augment: timm's augmentation flags.
-        kind: 'auto', 'memory' or 'loader'.
+    Attributes:
+        kind: 'auto', 'memory' or 'loader' (a streamed dataset always takes 'stream').
         batch_size, eval_batch_size: Per process; eval defaults to the train batch size.
         workers: Loader (or stream decoding) processes.
         seed: Data seed: shuffling and every sample's augmentation.
@@ -332,11 +264,73 @@ def create_pipeline(
             float jitter of whole 224 px batches costs more CPU time than PIL's uint8 jitter in the workers, and
             runs in one process (``benchmarks/data_throughput.py`` measures both).
     """
+    kind: str = 'auto'
+    batch_size: int = 64
+    eval_batch_size: Optional[int] = None
+    workers: int = 0
+    seed: int = 0
+    with_index: bool = False
+    shuffle_buffer: int = 4096
+    grad_accum_steps: int = 1
+    rank: int = 0
+    world: int = 1
+    skip_bad_images: bool = False
+    decode_scale: str = 'auto'
+    decode_device: Optional[str] = None
+    jitter_on_device: Optional[bool] = None
+
+
+def create_stream_pipeline(data: ImageData, data_config: dict, augment: AugmentConfig,
+                           config: PipelineConfig) -> Pipeline:
+    """Streamed train and eval batches (``streaming.StreamLoader``) for process ``config.rank`` of ``config.world``."""
+    c = config
+    batch_size, world, workers, seed, shuffle_buffer = c.batch_size, c.world, c.workers, c.seed, c.shuffle_buffer
+    steps = data.train_rows // (world * batch_size)
+    steps -= steps % c.grad_accum_steps  # whole accumulation cycles: the stream loader does not end them early
+    if steps < 1:
+        raise UserError(f"split '{data.train_split}' streams {data.train_rows} rows: too few for one step of "
+                        f"--batch-size {batch_size} on {world} processes; lower it.")
+    reason = device_decode_reason(augment) if c.decode_device is not None else None
+    if reason:
+        raise UserError(f'--decode-device {c.decode_device} crops and flips on the device and cannot apply {reason}.')
+    mean, std = data_config['mean'], data_config['std']
+    columns = (data.image_column, data.label_column, data.num_classes)
+    transform, jitter, views, words = _per_sample(data_config, augment, c.decode_scale, c.jitter_on_device,
+                                                  c.decode_device)
+    train = StreamLoader(data.train, *columns, transform, batch_size, steps, seed, c.rank, world, shuffle_buffer,
+                         workers, data.train_split, c.skip_bad_images, c.decode_device, with_ids=jitter is not None)
+    eval_loader = StreamLoader(data.eval, *columns, create_transform(**data_config, is_training=False,
+                               use_prefetcher=True), c.eval_batch_size or batch_size, None,
+                               seed, c.rank, world, None, workers, data.eval_split, c.skip_bad_images)
+    return Pipeline('stream', train, eval_loader, InputStage(mean, std, erasing=_erasing(augment), seed=seed,
+                                                             jitter=jitter),
+                    InputStage(mean, std), f'stream ({steps} steps of {batch_size} per process and epoch from '
+                    f'{data.train_rows} rows; shuffled in blocks of {shuffle_buffer}; {workers} decoding '
+                    f'workers per process; {words})', views)
+
+
+def create_pipeline(data: ImageData, data_config: dict, augment: AugmentConfig = AugmentConfig(),
+                    config: Optional[PipelineConfig] = None, **settings: Any) -> Pipeline:
+    """Train and eval loaders and their device stages.
+
+    ``kind='auto'`` keeps the data in memory when the augmentation is one ``BatchAugment`` does and the decoded
+    splits (all images of one size) fit in ``MEMORY_LIMIT_BYTES``; otherwise it uses the per-sample loader
+    (``'loader'``); ``'memory'`` insists on the first. The train loader shuffles and drops the last partial batch; its
+    generator is private, so creating an iterator never draws from the global RNG (which dropout uses and checkpoints
+    restore). A streamed dataset (``data.streaming``) takes ``create_stream_pipeline``.
+
+    Args:
+        data: The splits (``sources.load_image_data`` or ``streaming.load_stream_data``).
+        data_config: timm's data config of the student (input_size, mean, std, interpolation, crop).
+        augment: timm's augmentation flags.
+        config: How to batch them (``PipelineConfig``; its defaults where None).
+        **settings: ``PipelineConfig`` fields that replace ``config``'s (the Python API's keyword form:
+            ``create_pipeline(data, data_config, kind='loader', batch_size=16)``).
+    """
+    c = replace(config or PipelineConfig(), **settings)
     if data.streaming:
-        return create_stream_pipeline(
-            data, data_config, augment, batch_size, eval_batch_size, workers, seed, shuffle_buffer, grad_accum_steps,
-            rank, world, skip_bad_images, decode_scale=decode_scale, decode_device=decode_device,
-            jitter_on_device=jitter_on_device)
+        return create_stream_pipeline(data, data_config, augment, c)
+    kind, batch_size, workers, seed, decode_device = c.kind, c.batch_size, c.workers, c.seed, c.decode_device
     if decode_device is not None:
         raise UserError(f'--decode-device {decode_device} decodes streamed batches: add --streaming (the loader '
                         f'path decodes in its workers).')
@@ -347,7 +341,7 @@ def create_pipeline(
     erasing = _erasing(augment)
     eval_tf = create_transform(**data_config, is_training=False, use_prefetcher=True)
     common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), collate_fn=collate_images)
-    eval_batch = eval_batch_size or batch_size
+    eval_batch = c.eval_batch_size or batch_size
 
     if kind in ('auto', 'memory'):
         reason = unsupported_reason(augment)
@@ -382,9 +376,9 @@ def create_pipeline(
                 f'memory ({len(train_images)} train and {len(eval_images)} eval images decoded once, {size:.1f} MiB; '
                 f'augmented in batches on the device)')
 
-    transform, jitter, views, words = _per_sample(data_config, augment, decode_scale, jitter_on_device)
+    transform, jitter, views, words = _per_sample(data_config, augment, c.decode_scale, c.jitter_on_device)
     train_set = ImageClassificationDataset(data.train, data.image_column, data.label_column, transform, seed=seed,
-                                           split_name=data.train_split, with_index=with_index or jitter is not None)
+                                           split_name=data.train_split, with_index=c.with_index or jitter is not None)
     eval_set = ImageClassificationDataset(data.eval, data.image_column, data.label_column, eval_tf,
                                           split_name=data.eval_split)
     train_loader = torch.utils.data.DataLoader(

@@ -1,10 +1,10 @@
-"""A run's parts from parsed flags: data, models, the distiller, the input pipeline and the teacher cache.
+"""A run's parts from its config (``config.RunConfig``): data, models, the distiller, the input pipeline and the
+teacher cache.
 
 Order matters for users: every check that can fail fast (names, the output folder, the dataset, teacher weights, the
 method against the teacher's label space, a resumed run's settings) runs here, before the first training step, and
 nothing in an existing run folder is changed by it.
 """
-import argparse
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,7 +17,8 @@ from accelerate.utils import broadcast_object_list
 from timm.data import Mixup, resolve_data_config
 
 from ..base import UserError
-from ..data import ImageData, Pipeline, create_pipeline, find_bad_images, load_image_data, load_stream_data
+from ..data import (
+    ImageData, Pipeline, create_pipeline, find_bad_images, load_image_data, load_stream_data)
 from ..distill import (
     TERMS, DistillationTask, ICDDistillationTask, ICDTeacher, LabelSpace, check_input_size, check_model_name,
     create_student, create_teacher, fixed_size_kwargs, imagenet_label_names, is_hub_or_local, match_label_space,
@@ -26,7 +27,7 @@ from ..distill.label_space import REINDEXED, SAME
 from ..teacher_cache import CachedTeacher, TeacherCache, open_for_run
 from .adapt import ADAPTED_DIR, adapt_teacher, adaptation_mode
 from .checkpoint import check_output_dir, read_run_state, resolve_resume
-from .flags import augment_config, data_seed, teacher_dtype, term_params
+from .config import DataConfig, RunConfig
 from .state import RunState
 
 _logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ FINGERPRINT = ('student', 'teacher', 'teacher_checkpoint', 'teacher_pretrained',
 @dataclass
 class Run:
     """Everything a run needs, built and checked before the run folder is touched."""
-    args: argparse.Namespace
+    config: RunConfig
     accelerator: Accelerator
     output: Path
     data: ImageData
@@ -65,40 +66,40 @@ class Run:
     preemption: Any = None  # run.preempt.Preemption: signals and time limit (set by run.train.run)
 
 
-def default_output(args: argparse.Namespace, accelerator: Accelerator) -> Path:
+def default_output(config: RunConfig, accelerator: Accelerator) -> Path:
     """output/train/<time>-<student>-<method> (as timm names runs), the same on every process."""
     stamp = [time.strftime('%Y%m%d-%H%M%S')]
     if accelerator.num_processes > 1:
         broadcast_object_list(stamp)
-    name = args.experiment or '-'.join([stamp[0], args.student.split(':')[-1].replace('/', '_'),
-                                        args.method.replace('+', '_')])
+    name = config.output.experiment or '-'.join([stamp[0], config.model.student.split(':')[-1].replace('/', '_'),
+                                                 config.method.method.replace('+', '_')])
     return Path('output') / 'train' / name
 
 
-def fingerprint(args: argparse.Namespace, accelerator: Accelerator, method: str, pipeline: Pipeline) -> dict:
+def fingerprint(config: RunConfig, accelerator: Accelerator, method: str, pipeline: Pipeline) -> dict:
     """The FINGERPRINT settings of this run; ``method`` and ``pipeline`` are the resolved ones (not ``auto``). The
     decoding and the colour jitter's place are the pipeline's (``Pipeline.views``: what changes the samples; the
-    jitter's place follows the device)."""
+    jitter's place follows the device). The rest are the flags as parsed (``RunConfig.flags``), as runs saved them."""
     views = pipeline.views
-    settings = {**vars(args), 'num_processes': accelerator.num_processes, 'method': method,
-                'input_pipeline': pipeline.kind, 'data_seed': data_seed(args),
+    settings = {**config.flags, 'num_processes': accelerator.num_processes, 'method': method,
+                'input_pipeline': pipeline.kind, 'data_seed': config.data.seed,
                 'decode_scale': views.get('decode_scale', 'off'), 'decode_device': views.get('decode_device', 'cpu'),
                 'color_jitter_on': views.get('color_jitter_on', 'device' if pipeline.kind == 'memory' else 'workers')}
     return {k: settings[k] for k in FINGERPRINT}
 
 
-def _load_data(args: argparse.Namespace, accelerator: Accelerator) -> ImageData:
+def _load_data(d: DataConfig, accelerator: Accelerator) -> ImageData:
     with accelerator.main_process_first():  # the hold-out of a dataset without eval split is fixed (seed 0)
-        if args.streaming:
-            data = load_stream_data(args.dataset, args.train_split, args.val_split, args.image_column,
-                                    args.label_column, args.num_classes, args.train_num_samples, args.val_num_samples)
+        if d.streaming:
+            data = load_stream_data(d.dataset, d.train_split, d.val_split, d.image_column, d.label_column,
+                                    d.num_classes, d.train_num_samples, d.val_num_samples)
         else:
-            data = load_image_data(args.dataset, args.train_split, args.val_split, args.image_column,
-                                   args.label_column, args.val_fraction)
-    if args.skip_bad_images and not args.streaming:  # a stream skips them as it reads (StreamLoader)
+            data = load_image_data(d.dataset, d.train_split, d.val_split, d.image_column, d.label_column,
+                                   d.val_fraction)
+    if d.skip_bad_images and not d.streaming:  # a stream skips them as it reads (StreamLoader)
         for split in ('train', 'eval'):
             ds = getattr(data, split)
-            bad = [find_bad_images(ds, data.image_column, args.workers) if accelerator.is_main_process else None]
+            bad = [find_bad_images(ds, data.image_column, d.workers) if accelerator.is_main_process else None]
             if accelerator.num_processes > 1:  # decode everything once, on the main process
                 broadcast_object_list(bad)
             bad = bad[0]
@@ -110,27 +111,28 @@ def _load_data(args: argparse.Namespace, accelerator: Accelerator) -> ImageData:
     return data
 
 
-def _teacher_label_names(args: argparse.Namespace, teacher: nn.Module) -> Optional[List[str]]:
+def _teacher_label_names(config: RunConfig, teacher: nn.Module) -> Optional[List[str]]:
     """The teacher's class names: its config's, else ImageNet's for timm's pretrained weights of an ImageNet class
     count (as timm's inference script reads them, ``infer_imagenet_subset``)."""
     names = teacher.pretrained_cfg.get('label_names')
-    if not names and args.teacher_pretrained and not args.teacher_checkpoint:
+    if not names and config.model.teacher_pretrained and not config.model.teacher_checkpoint:
         names = imagenet_label_names(teacher.num_classes)
     return list(names) if names else None
 
 
-def _align_teacher(args: argparse.Namespace, accelerator: Accelerator, data: ImageData, data_config: dict,
+def _align_teacher(config: RunConfig, accelerator: Accelerator, data: ImageData, data_config: dict,
                    teacher: nn.Module, teacher_input_size, output: Path,
                    finetune: Optional[FineTune]) -> Tuple[LabelSpace, Optional[dict]]:
     """Match the teacher's classes to the dataset's; re-index or adapt it (in place) so that, where it can, it
     predicts exactly the dataset's classes. Returns the label space after that and the adaptation's record."""
-    names = _teacher_label_names(args, teacher)
-    label_map = read_label_map(args.teacher_label_map, data.label_names, names) if args.teacher_label_map else None
+    m, name, d, train = config.model, config.method.method, config.data, config.train
+    names = _teacher_label_names(config, teacher)
+    label_map = read_label_map(m.teacher_label_map, data.label_names, names) if m.teacher_label_map else None
     space = match_label_space(teacher.num_classes, data.num_classes, names, data.label_names, label_map,
-                              args.same_label_space)
-    uses_logits = args.method == 'auto' or logit_loss_of(args.method) is not None or bool(args.kd_loss_weight) or (
-        args.method in timm_methods() and TERMS[args.method].same_label_space)
-    mode = adaptation_mode(args.teacher_adapt if uses_logits or args.teacher_adapt != 'auto' else 'off', space)
+                              m.same_label_space)
+    uses_logits = name == 'auto' or logit_loss_of(name) is not None or bool(config.method.kd_loss_weight) or (
+        name in timm_methods() and TERMS[name].same_label_space)
+    mode = adaptation_mode(m.teacher_adapt if uses_logits or m.teacher_adapt != 'auto' else 'off', space)
     if mode is None:
         if space.predicts_dataset:
             _logger.info(f'Teacher: {space.why}.')
@@ -139,34 +141,34 @@ def _align_teacher(args: argparse.Namespace, accelerator: Accelerator, data: Ima
         reindex_classes(teacher, space.index, list(data.label_names))
         return LabelSpace(SAME, None, space.why), None
     how = 'a linear probe on its frozen features' + (
-        f', then {args.teacher_adapt_epochs} epochs of training the whole teacher' if mode == 'finetune' else '')
+        f', then {m.teacher_adapt_epochs} epochs of training the whole teacher' if mode == 'finetune' else '')
     _logger.info(f"Teacher: {space.why}; adapting it to the dataset's {data.num_classes} classes "
-                 f"(--teacher-adapt {args.teacher_adapt}: {how}).")
+                 f"(--teacher-adapt {m.teacher_adapt}: {how}).")
     adaptation = adapt_teacher(
-        teacher, data, data_config, accelerator, Path(args.teacher_adapt_dir or output / ADAPTED_DIR),
-        teacher_input_size, teacher_dtype(args), batch_size=args.validation_batch_size or args.batch_size,
-        workers=args.workers, passes=args.teacher_adapt_augment, augment=augment_config(args), seed=data_seed(args),
-        overwrite=args.overwrite, mode=mode, finetune=finetune,
-        finetune_settings={'epochs': args.teacher_adapt_epochs, 'lr': args.teacher_adapt_lr or args.lr / 10,
-                           'opt': args.opt, 'sched': args.sched, 'batch_size': args.batch_size,
-                           'weight_decay': args.weight_decay, 'seed': args.seed,
-                           'augment': augment_config(args).per_sample()}
+        teacher, data, data_config, accelerator, Path(m.teacher_adapt_dir or output / ADAPTED_DIR),
+        teacher_input_size, m.teacher_torch_dtype, batch_size=d.eval_batch_size, workers=d.workers,
+        passes=m.teacher_adapt_augment, augment=d.augment, seed=d.seed, overwrite=config.output.overwrite, mode=mode,
+        finetune=finetune,
+        finetune_settings={'epochs': m.teacher_adapt_epochs, 'lr': m.teacher_adapt_lr or train.lr / 10,
+                           'opt': train.opt, 'sched': train.sched, 'batch_size': d.batch_size,
+                           'weight_decay': train.weight_decay, 'seed': train.seed, 'augment': d.augment.per_sample()}
         if mode == 'finetune' else None)
     return LabelSpace(SAME, None, f'the teacher was adapted to the dataset\'s classes ({space.why})'), adaptation
 
 
-def _create_task(args: argparse.Namespace, accelerator: Accelerator, data: ImageData, data_config: dict,
-                 student: nn.Module, mixup_active: bool, output: Path,
+def _create_task(config: RunConfig, accelerator: Accelerator, data: ImageData, data_config: dict,
+                 student: nn.Module, output: Path,
                  finetune: Optional[FineTune]) -> Tuple[DistillationTask, Optional[dict]]:
     """The teacher and the distiller, with the teacher aligned to the dataset's classes (re-indexed or adapted)
     and the method resolved against its label space; also the adaptation's record."""
-    teacher, teacher_input_size = None, args.teacher_input_size
-    if args.method != 'vanilla':
-        if teacher_input_size is None and (args.teacher_checkpoint or not (
-                args.teacher_pretrained or is_hub_or_local(args.teacher))):
+    m, how = config.model, config.method
+    teacher, teacher_input_size = None, m.teacher_input_size
+    if how.method != 'vanilla':
+        if teacher_input_size is None and (m.teacher_checkpoint or not (
+                m.teacher_pretrained or is_hub_or_local(m.teacher))):
             teacher_input_size = data_config['input_size']  # weights without a config: assume the student's size
-        teacher = create_teacher(args.teacher, data.num_classes, args.teacher_pretrained, args.teacher_checkpoint,
-                                 **fixed_size_kwargs(args.teacher, teacher_input_size))
+        teacher = create_teacher(m.teacher, data.num_classes, m.teacher_pretrained, m.teacher_checkpoint,
+                                 **fixed_size_kwargs(m.teacher, teacher_input_size))
         check_input_size(teacher, teacher_input_size or teacher.pretrained_cfg.get('input_size')
                          or data_config['input_size'], 'teacher')
         if teacher.pretrained_cfg.get('interpolation') not in (None, data_config['interpolation']):
@@ -174,13 +176,13 @@ def _create_task(args: argparse.Namespace, accelerator: Accelerator, data: Image
                          f"says {teacher.pretrained_cfg['interpolation']} (set --interpolation to match it).")
     space, adaptation = None, None
     if teacher is not None:
-        space, adaptation = _align_teacher(args, accelerator, data, data_config, teacher, teacher_input_size, output,
-                                           finetune)
+        space, adaptation = _align_teacher(config, accelerator, data, data_config, teacher, teacher_input_size,
+                                           output, finetune)
     method = resolve_method(
-        args.method, data.num_classes, teacher_classes=teacher.num_classes if teacher is not None else None,
-        task_loss_weight=args.task_loss_weight, kd_loss_weight=args.kd_loss_weight,
-        icd_loss_weight=args.icd_loss_weight, label_space=space)
-    criterion_kwargs = {'smoothing': args.smoothing, 'soft_targets': mixup_active}
+        how.method, data.num_classes, teacher_classes=teacher.num_classes if teacher is not None else None,
+        task_loss_weight=how.task_loss_weight, kd_loss_weight=how.kd_loss_weight,
+        icd_loss_weight=how.icd_loss_weight, label_space=space)
+    criterion_kwargs = {'smoothing': how.smoothing, 'soft_targets': config.data.mixup_active}
     if method.name in timm_methods():  # timm's own tasks (feature, token), for comparison in the same loop
         input_size = tuple(teacher_input_size or teacher.pretrained_cfg.get('input_size') or data_config['input_size'])
         if input_size[1:] != tuple(data_config['input_size'])[1:]:
@@ -191,64 +193,57 @@ def _create_task(args: argparse.Namespace, accelerator: Accelerator, data: Image
         return TERMS[method.name].loss(
             student, teacher, criterion_kwargs=criterion_kwargs, task_loss_weight=method.task_loss_weight,
             kd_loss_weight=method.kd_loss_weight, student_mean=data_config['mean'], student_std=data_config['std'],
-            verbose=accelerator.is_main_process, terms=term_params(args)), adaptation
-    if args.teacher_cache and teacher is not None:  # the cache serves icd and kd runs alike: it holds the features
-        teacher = ICDTeacher(teacher, teacher_input_size, layer=args.teacher_layer, need_features=True,
-                             dtype=teacher_dtype(args))
+            verbose=accelerator.is_main_process, terms=dict(how.terms)), adaptation
+    if config.cache.root and teacher is not None:  # the cache serves icd and kd runs alike: it holds the features
+        teacher = ICDTeacher(teacher, teacher_input_size, layer=m.teacher_layer, need_features=True,
+                             dtype=m.teacher_torch_dtype)
     return ICDDistillationTask(
-        student, teacher, method=method, criterion_kwargs=criterion_kwargs, terms=term_params(args),
-        student_layer=args.student_layer, teacher_layer=args.teacher_layer,
+        student, teacher, method=method, criterion_kwargs=criterion_kwargs, terms=dict(how.terms),
+        student_layer=m.student_layer, teacher_layer=m.teacher_layer,
         student_input_size=data_config['input_size'], teacher_input_size=teacher_input_size,
-        student_mean=data_config['mean'], student_std=data_config['std'], teacher_dtype=teacher_dtype(args),
+        student_mean=data_config['mean'], student_std=data_config['std'], teacher_dtype=m.teacher_torch_dtype,
         verbose=accelerator.is_main_process), adaptation
 
 
-def build(args: argparse.Namespace, accelerator: Accelerator, finetune: Optional[FineTune] = None) -> Run:
+def build(config: RunConfig, accelerator: Accelerator, finetune: Optional[FineTune] = None) -> Run:
     """Check names, the run folder, the data and the weights, and build the task and loaders; writes nothing but
     the adapted teacher, where the teacher needs one (``finetune`` trains it for ``--teacher-adapt finetune``)."""
-    output = Path(args.output) if args.output else default_output(args, accelerator)
-    check_model_name(args.student, 'student')
-    if args.method != 'vanilla':
-        check_model_name(args.teacher, 'teacher')
-    check_output_dir(output, args.resume, args.overwrite)
-    data = _load_data(args, accelerator)
-    student = create_student(args.student, data.num_classes, args.pretrained, args.student_checkpoint,
-                             drop_rate=args.drop, drop_path_rate=args.drop_path,
-                             **fixed_size_kwargs(args.student, args.input_size))
+    m, d, out = config.model, config.data, config.output
+    output = Path(out.output) if out.output else default_output(config, accelerator)
+    check_model_name(m.student, 'student')
+    if config.method.method != 'vanilla':
+        check_model_name(m.teacher, 'teacher')
+    check_output_dir(output, out.resume, out.overwrite)
+    data = _load_data(d, accelerator)
+    student = create_student(m.student, data.num_classes, m.pretrained, m.student_checkpoint, drop_rate=m.drop,
+                             drop_path_rate=m.drop_path, **fixed_size_kwargs(m.student, m.input_size))
     data_config = resolve_data_config(
-        {'input_size': args.input_size, 'mean': args.mean, 'std': args.std, 'interpolation': args.interpolation,
-         'crop_pct': args.crop_pct}, model=student)
+        {'input_size': m.input_size, 'mean': m.mean, 'std': m.std, 'interpolation': m.interpolation,
+         'crop_pct': m.crop_pct}, model=student)
     check_input_size(student, data_config['input_size'], 'student')
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    task, adaptation = _create_task(args, accelerator, data, data_config, student, mixup_active, output, finetune)
-    augment = augment_config(args)
-    pipeline = create_pipeline(
-        data, data_config, augment, kind=args.input_pipeline, batch_size=args.batch_size,
-        eval_batch_size=args.validation_batch_size, workers=args.workers, seed=data_seed(args),
-        with_index=bool(args.teacher_cache), shuffle_buffer=args.shuffle_buffer,
-        grad_accum_steps=args.grad_accum_steps, rank=accelerator.process_index, world=accelerator.num_processes,
-        skip_bad_images=args.skip_bad_images, decode_scale=args.decode_scale,
-        decode_device=None if args.decode_device == 'cpu' else args.decode_device,
-        jitter_on_device=accelerator.device.type != 'cpu')
+    task, adaptation = _create_task(config, accelerator, data, data_config, student, output, finetune)
+    pipeline = create_pipeline(data, data_config, d.augment, d.pipeline(
+        rank=accelerator.process_index, world=accelerator.num_processes, with_index=bool(config.cache.root),
+        jitter_on_device=accelerator.device.type != 'cpu'))
     _logger.info(f'Input pipeline: {pipeline.description}.')
     cache = None
-    if args.teacher_cache and task.teacher is not None:
+    if config.cache.root and task.teacher is not None:
         cache = open_for_run(
-            args.teacher_cache, task.teacher, data, data_config, accelerator, augment, pipeline.kind,
-            data_seed(args), args.epochs, args.teacher, teacher_dtype=args.teacher_dtype,
-            mixed_precision=args.mixed_precision, features=args.cache_features, topk=args.cache_topk,
+            config.cache.root, task.teacher, data, data_config, accelerator, d.augment, pipeline.kind, d.seed,
+            config.train.epochs, m.teacher, teacher_dtype=m.teacher_dtype,
+            mixed_precision=config.train.mixed_precision, features=config.cache.features, topk=config.cache.topk,
             views=pipeline.views)
         task.teacher = CachedTeacher(task.teacher, cache, pipeline.train_stage)
     mixup_fn = Mixup(
-        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
-        switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
-        num_classes=data.num_classes) if mixup_active else None
-    resume_from = resolve_resume(output, args.resume)
+        mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, cutmix_minmax=d.cutmix_minmax, prob=d.mixup_prob,
+        switch_prob=d.mixup_switch_prob, mode=d.mixup_mode, label_smoothing=config.method.smoothing,
+        num_classes=data.num_classes) if d.mixup_active else None
+    resume_from = resolve_resume(output, out.resume)
     if resume_from:  # before any weights are read: a precise message for a mismatched run
-        expected = fingerprint(args, accelerator, task.method, pipeline)
+        expected = fingerprint(config, accelerator, task.method, pipeline)
         saved = read_run_state(resume_from[0])['fingerprint']
         saved = {'input_pipeline': 'loader', 'model_ema': False, 'streaming': False,  # what older runs used
-                 'shuffle_buffer': args.shuffle_buffer, 'data_seed': saved['seed'], 'teacher_cache': None,
+                 'shuffle_buffer': d.shuffle_buffer, 'data_seed': saved['seed'], 'teacher_cache': None,
                  'teacher_adapt': 'off', 'teacher_adapt_augment': 0, 'teacher_label_map': None,
                  'same_label_space': False,
                  **{k: expected[k] for k in ('decode_scale', 'decode_device', 'color_jitter_on')}, **saved}
@@ -256,5 +251,5 @@ def build(args: argparse.Namespace, accelerator: Accelerator, finetune: Optional
         if changed:
             raise UserError(f'cannot resume {resume_from[0]}: it was written with different '
                             f'{", ".join(changed)}; resume with the original settings.')
-    return Run(args, accelerator, output, data, data_config, task, pipeline, pipeline.train_loader,
+    return Run(config, accelerator, output, data, data_config, task, pipeline, pipeline.train_loader,
                pipeline.eval_loader, mixup_fn, resume_from=resume_from, cache=cache, adaptation=adaptation)

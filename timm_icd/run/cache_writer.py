@@ -6,29 +6,30 @@ The cache is valid for the data settings the training runs will use: the same --
 process writes its share of the rows. Epochs other runs are computing are left to them first and waited for last, so
 writers started together on one folder share the epochs.
 """
-import argparse
-
 import torch
-from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.scheduler import create_scheduler_v2
 
 from ..base import UserError
 from ..teacher_cache import acquire_epoch, finish_epoch, release_claims
 from .build import build
+from .config import RunConfigOrFlags, run_config
 from .loop import evaluate
 from .train import create_accelerator, teacher_fine_tuner
 
 
-def write_ahead(args: argparse.Namespace) -> dict:
-    """Write the cache for ``args`` (every epoch a run with these settings trains), using every process."""
-    accelerator = create_accelerator(args)
-    r = build(args, accelerator, finetune=teacher_fine_tuner(args, accelerator))
+def write_ahead(config: RunConfigOrFlags) -> dict:
+    """Write the cache for ``config`` (a ``RunConfig`` or the parsed flags: every epoch a run with these settings
+    trains), using every process."""
+    config = run_config(config)
+    accelerator = create_accelerator(config)
+    r = build(config, accelerator, finetune=teacher_fine_tuner(config, accelerator))
     if r.cache is None:
-        raise UserError(f'--method {args.method} uses no teacher outputs to cache.')
+        raise UserError(f'--method {config.method.method} uses no teacher outputs to cache.')
     r.task.to(accelerator.device)
     r.pipeline.to(accelerator.device)
     r.task.eval()
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
-    _, epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.train.lr)
+    _, epochs = create_scheduler_v2(optimizer, **config.train.scheduler, updates_per_epoch=1)
     metrics = r.cache.manifest.get('teacher_metrics')
     if metrics is None and r.task.teacher_classes == r.data.num_classes:
         metrics = evaluate(accelerator, r.task.teacher_logits, accelerator.prepare(r.eval_loader), False,
@@ -42,7 +43,7 @@ def write_ahead(args: argparse.Namespace) -> dict:
                     busy.append(e)
                 elif got == 'record':
                     rows += finish_epoch(r.cache, r.task.teacher, r.pipeline, e, accelerator,
-                                         args.validation_batch_size or args.batch_size, args.workers, metrics)
+                                         config.data.eval_batch_size, config.data.workers, metrics)
     finally:
         release_claims(r.cache)
         r.task.remove_hooks()

@@ -1,8 +1,8 @@
 """Command-line flags of train_icd.py, with timm's train.py names, a YAML ``--config`` and up-front validation.
 
 Everything a user can get wrong in the flags alone is checked here, before any model, dataset or output folder is
-touched, and reported as one ``UserError`` line. The layers below the run never see the flags: ``augment_config``
-and ``loop_config`` turn them into the typed settings those take.
+touched, and reported as one ``UserError`` line. Beside the commands, only ``config.run_config`` reads the flags: it
+turns them into the run's frozen ``RunConfig`` (with ``augment_config``, ``loop_config`` and ``term_params`` here).
 """
 import argparse
 import logging
@@ -539,24 +539,9 @@ def check_tracker(name: str) -> None:
         _check(available[name], f'--log-with {name} needs the {name} package: pip install {name}.')
 
 
-def tracker_config(args: argparse.Namespace) -> dict:
-    """The run's settings as tracker hyperparameters (scalars only: lists become strings, None is left out)."""
-    return {k: (str(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(args).items()
-            if v is not None and isinstance(v, (int, float, str, bool, list, tuple))}
-
-
-def args_to_yaml(args: argparse.Namespace) -> str:
-    """The run's settings as YAML (what timm's train.py writes to args.yaml)."""
-    return yaml.safe_dump({k: v for k, v in vars(args).items()}, default_flow_style=False)
-
-
 def data_seed(args: argparse.Namespace) -> int:
     """The seed of the data order and augmentation: ``--data-seed``, else ``--seed``."""
     return args.seed if args.data_seed is None else args.data_seed
-
-
-def teacher_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
-    return TEACHER_DTYPES[args.teacher_dtype]
 
 
 def parse_and_validate(argv: Optional[List[str]] = None, prog: str = 'train_icd.py',

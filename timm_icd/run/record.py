@@ -15,17 +15,16 @@ def run_record(r, argv: Optional[List[str]], metrics: dict, ema: bool = False) -
 
     With ``ema`` it describes the EMA student: its own accuracy, and which weights the folder holds.
     """
-    args, task, data, state = r.args, r.task, r.data, r.state
+    m, task, data, state = r.config.model, r.task, r.data, r.state
     teacher = None
     if task.teacher is not None:
         hub_id = None  # the Hub repository the teacher's weights came from
-        if args.teacher.startswith('hf-hub:'):
-            hub_id = args.teacher[len('hf-hub:'):]
-        elif args.teacher_pretrained and not args.teacher_checkpoint and not is_hub_or_local(args.teacher):
+        if m.teacher.startswith('hf-hub:'):
+            hub_id = m.teacher[len('hf-hub:'):]
+        elif m.teacher_pretrained and not m.teacher_checkpoint and not is_hub_or_local(m.teacher):
             hub_id = task.teacher.model.pretrained_cfg.get('hf_hub_id')
         teacher = {
-            'name': args.teacher, 'source': teacher_source(args.teacher, args.teacher_pretrained,
-                                                           args.teacher_checkpoint),
+            'name': m.teacher, 'source': teacher_source(m.teacher, m.teacher_pretrained, m.teacher_checkpoint),
             'architecture': task.teacher.model.pretrained_cfg.get('architecture'),
             'hf_hub_id': hub_id, 'num_classes': task.teacher_classes,
             'top1': (state.teacher or {}).get('top1'), 'top5': (state.teacher or {}).get('top5'),
@@ -33,12 +32,12 @@ def run_record(r, argv: Optional[List[str]], metrics: dict, ema: bool = False) -
             'adapted': _adapted(r.adaptation),
         }
     student_hub_id = None  # the weights the student started from, where they came from the Hub
-    if args.student.startswith('hf-hub:'):
-        student_hub_id = args.student[len('hf-hub:'):]
-    elif args.pretrained and not args.student_checkpoint and not is_hub_or_local(args.student):
+    if m.student.startswith('hf-hub:'):
+        student_hub_id = m.student[len('hf-hub:'):]
+    elif m.pretrained and not m.student_checkpoint and not is_hub_or_local(m.student):
         student_hub_id = task.student.pretrained_cfg.get('hf_hub_id')
     return {
-        'student': args.student,
+        'student': m.student,
         'architecture': task.student.pretrained_cfg.get('architecture'),
         'parameters': sum(p.numel() for p in task.student.parameters()),  # the bare student's, no ICD heads
         'student_hf_hub_id': student_hub_id,
@@ -50,7 +49,8 @@ def run_record(r, argv: Optional[List[str]], metrics: dict, ema: bool = False) -
                     'skipped_images': data.skipped_images or None},
         'epochs': r.num_epochs,
         'epoch': metrics.get('epoch'),
-        'weights': f'EMA of the student (decay {args.model_ema_decay})' if ema else 'the student at the final epoch',
+        'weights': (f'EMA of the student (decay {r.config.train.model_ema_decay})' if ema
+                    else 'the student at the final epoch'),
         'top1': metrics.get('eval_ema_top1' if ema else 'eval_top1'),
         'top5': metrics.get('eval_ema_top5' if ema else 'eval_top5'),
         'best_top1': None if ema else state.best_top1,

@@ -1,9 +1,8 @@
-"""A distillation run from parsed flags: build it (``build.py``), then claim the run folder, train epoch by epoch,
-checkpoint, and write the student (and push it).
+"""A distillation run from its config (``config.RunConfig``): build it (``build.py``), then claim the run folder,
+train epoch by epoch, checkpoint, and write the student (and push it).
 
 If the run fails before its first checkpoint, a run it was replacing with ``--overwrite`` is put back.
 """
-import argparse
 import csv
 import io
 import logging
@@ -16,8 +15,8 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
-from timm.optim import create_optimizer_v2, optimizer_kwargs
-from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 from timm.utils import distribute_bn
 
 from ..base import UserError, write_text_atomic
@@ -27,7 +26,7 @@ from ..teacher_cache import acquire_epoch, release_claims
 from ..teacher_cache import finish_epoch as finish_cache_epoch
 from .build import Run, build, fingerprint
 from .checkpoint import claim_output_dir, load_first, save_checkpoint, settle_overwrite
-from .flags import args_to_yaml, data_seed, loop_config, tracker_config
+from .config import RunConfig, RunConfigOrFlags, run_config
 from .loop import evaluate, train_one_epoch
 from .preempt import Preempted, Preemption, job_deadline, parse_signals, parse_time_limit
 from .record import run_record
@@ -48,39 +47,39 @@ def _summary_csv(history: List[dict]) -> str:
 
 def start(r: Run) -> None:
     """Claim the run folder, move everything onto the device(s), and restore a checkpoint or measure the teacher."""
-    args, accelerator, task = r.args, r.accelerator, r.task
+    config, accelerator, task = r.config, r.accelerator, r.task
+    train, out = config.train, config.output
     if accelerator.is_main_process:
-        claim_output_dir(r.output, args.overwrite)
-        write_text_atomic(r.output / 'args.yaml', args_to_yaml(args))
+        claim_output_dir(r.output, out.overwrite)
+        write_text_atomic(r.output / 'args.yaml', config.flags_yaml())
     accelerator.wait_for_everyone()
-    if args.log_with:  # into the run folder (OUT/logs/<project>), on the main process (Accelerate decides)
+    if out.log_with:  # into the run folder (OUT/logs/<project>), on the main process (Accelerate decides)
         accelerator.project_configuration.logging_dir = str(r.output / 'logs')
-        accelerator.init_trackers(args.tracker_project, config=tracker_config(args))
+        accelerator.init_trackers(out.tracker_project, config=config.tracker_hyperparameters())
 
-    if args.grad_checkpointing:
+    if train.grad_checkpointing:
         task.student.set_grad_checkpointing(True)
-    if args.sync_bn:
+    if train.sync_bn:
         task.convert_sync_batchnorm()
     task.to(accelerator.device)
     r.pipeline.to(accelerator.device)
-    if args.channels_last:
+    if train.channels_last:
         task.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(task.trainable_module, **optimizer_kwargs(args))
-    if args.model_ema:  # on the device, before DDP or compile wrap the student (as timm's train.py)
-        r.model_ema = create_student_ema(task.student, decay=args.model_ema_decay, warmup=args.model_ema_warmup)
+    optimizer = create_optimizer_v2(task.trainable_module, **train.optimizer)
+    if train.model_ema:  # on the device, before DDP or compile wrap the student (as timm's train.py)
+        r.model_ema = create_student_ema(task.student, decay=train.model_ema_decay, warmup=train.model_ema_warmup)
         accelerator.register_for_checkpointing(r.model_ema)
-    if args.compile:  # student + heads and teacher, with their hooks, before DDP wraps the student (as timm)
+    if train.compile:  # student + heads and teacher, with their hooks, before DDP wraps the student (as timm)
         task.compile()
     if r.pipeline.kind == 'stream':  # each process streams its own part: Accelerate must not shard it again
         task.trainable_module, r.optimizer = accelerator.prepare(task.trainable_module, optimizer)
     else:
         task.trainable_module, r.optimizer, r.train_loader, r.eval_loader = accelerator.prepare(
             task.trainable_module, optimizer, r.train_loader, r.eval_loader)
-    updates_per_epoch = -(-len(r.train_loader) // args.grad_accum_steps)
-    r.scheduler, r.num_epochs = create_scheduler_v2(
-        r.optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
+    updates_per_epoch = -(-len(r.train_loader) // config.data.grad_accum_steps)
+    r.scheduler, r.num_epochs = create_scheduler_v2(r.optimizer, **train.scheduler, updates_per_epoch=updates_per_epoch)
 
-    r.state = RunState(fingerprint=fingerprint(args, accelerator, task.method, r.pipeline))
+    r.state = RunState(fingerprint=fingerprint(config, accelerator, task.method, r.pipeline))
     if r.resume_from:
         path, saved = load_first(accelerator, r.resume_from, r.scheduler)
         r.state = RunState.from_json(saved)
@@ -91,7 +90,7 @@ def start(r: Run) -> None:
         r.state.teacher = r.cache.manifest['teacher_metrics']
     elif task.teacher is not None and task.teacher_classes == r.data.num_classes:
         task.eval()
-        r.state.teacher = evaluate(accelerator, task.teacher_logits, r.eval_loader, args.channels_last,
+        r.state.teacher = evaluate(accelerator, task.teacher_logits, r.eval_loader, train.channels_last,
                                    r.pipeline.eval_stage, sharded=r.pipeline.kind == 'stream')
         _logger.info(f"Teacher on '{r.data.eval_split}': top-1 {r.state.teacher['top1']:.2f}%, "
                      f"top-5 {r.state.teacher['top5']:.2f}% (with the student's eval preprocessing)")
@@ -113,7 +112,7 @@ def checkpoint(r: Run, state: RunState) -> None:
     if accelerator.num_processes > 1 and state.step_in_epoch:  # the epoch's loss sums of all processes so far
         sums = torch.as_tensor(snapshot['epoch_sums'], dtype=torch.float64, device=accelerator.device)
         snapshot['epoch_sums'] = accelerator.reduce(sums, reduction='sum').tolist()
-    save_checkpoint(accelerator, r.output, snapshot, r.scheduler, r.args.keep_checkpoints)
+    save_checkpoint(accelerator, r.output, snapshot, r.scheduler, r.config.output.keep_checkpoints)
     if r.accelerator.is_main_process:
         settle_overwrite(r.output, keep_new=True)
     if preemption is not None:
@@ -147,16 +146,16 @@ def stop_here(r: Run, state: RunState, agree: bool) -> None:
 
 def fit(r: Run, argv: Optional[List[str]]) -> dict:
     """The epoch loop from the current state, then the student folder (and the Hub push)."""
-    args, accelerator, task, state = r.args, r.accelerator, r.task, r.state
+    config, accelerator, task, state = r.config, r.accelerator, r.task, r.state
+    train, out, every = config.train, config.output, config.output.checkpoint_steps
 
     def step_checkpoint(current: RunState) -> None:
         # every N optimizer updates, so never in the middle of a gradient accumulation cycle
-        if args.checkpoint_steps and accelerator.sync_gradients and current.num_updates % args.checkpoint_steps == 0:
+        if every and accelerator.sync_gradients and current.num_updates % every == 0:
             checkpoint(r, current)
 
     last = state.history[-1] if state.history else {}
     epoch_seconds = []  # wall time of each epoch this process ran (train + eval), for the log and benchmarks
-    config = loop_config(args)
     preemption = r.preemption
     wants_stop = None
     if preemption is not None:  # bytes a checkpoint holds, for the time limit until a save is timed (x3: moments)
@@ -177,7 +176,7 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
         if preemption is not None:
             preemption.restart_clock()
         try:
-            train_metrics = train_one_epoch(accelerator, task, loader, r.optimizer, r.scheduler, state, config,
+            train_metrics = train_one_epoch(accelerator, task, loader, r.optimizer, r.scheduler, state, train.loop,
                                             r.mixup_fn, on_step=step_checkpoint, prepare=r.pipeline.train_stage,
                                             model_ema=r.model_ema, select=task.teacher.select if r.cache else None,
                                             wants_stop=wants_stop)
@@ -186,16 +185,16 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
         evaluated = time.perf_counter()
         if recording:
             finish_cache_epoch(r.cache, task.teacher, r.pipeline, epoch, accelerator,
-                               args.validation_batch_size or args.batch_size, args.workers, state.teacher)
-        if accelerator.num_processes > 1 and args.dist_bn in ('reduce', 'broadcast'):
-            distribute_bn(task.student, accelerator.num_processes, reduce=args.dist_bn == 'reduce')
+                               config.data.eval_batch_size, config.data.workers, state.teacher)
+        if accelerator.num_processes > 1 and train.dist_bn in ('reduce', 'broadcast'):
+            distribute_bn(task.student, accelerator.num_processes, reduce=train.dist_bn == 'reduce')
         task.eval()
         sharded = r.pipeline.kind == 'stream'
-        metrics = evaluate(accelerator, task.get_eval_model(), r.eval_loader, args.channels_last,
+        metrics = evaluate(accelerator, task.get_eval_model(), r.eval_loader, train.channels_last,
                            r.pipeline.eval_stage, sharded)
         ema_metrics = {}
         if r.model_ema is not None:
-            ema_metrics = evaluate(accelerator, r.model_ema.module, r.eval_loader, args.channels_last,
+            ema_metrics = evaluate(accelerator, r.model_ema.module, r.eval_loader, train.channels_last,
                                    r.pipeline.eval_stage, sharded)
             ema_metrics = {'eval_ema_top1': ema_metrics['top1'], 'eval_ema_top5': ema_metrics['top5']}
         r.scheduler.step(epoch + 1, metrics['top1'])
@@ -206,7 +205,7 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
         last = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items() if k != 'lr'},
                 **{f'eval_{k}': v for k, v in metrics.items()}, **ema_metrics, 'lr': train_metrics['lr']}
         state.history.append(last)
-        if args.log_with:  # the summary.csv row, as epoch/<column>
+        if out.log_with:  # the summary.csv row, as epoch/<column>
             accelerator.log({f'epoch/{k}': v for k, v in {**last, 'seconds': epoch_seconds[-1]}.items()},
                             step=state.global_step)
         _logger.info(f"Epoch {epoch}: loss {train_metrics['loss']:.4f} (ce {train_metrics['loss_ce']:.4f}, "
@@ -217,7 +216,7 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
                      + f" ({epoch_seconds[-1]:.1f}s)")
         if state.best_top1 is None or metrics['top1'] > state.best_top1:
             state.best_top1, state.best_epoch = metrics['top1'], epoch
-            if args.save_best and accelerator.is_main_process:
+            if out.save_best and accelerator.is_main_process:
                 save_student(task.student, r.output / 'student_best', r.data_config, r.data.label_names,
                              run_record(r, argv, last))
         state.end_epoch()
@@ -227,9 +226,9 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
         if accelerator.is_main_process:
             if epoch + 1 < r.num_epochs:
                 write_text_atomic(r.output / 'summary.csv', _summary_csv(state.history))
-            plot_run(state.history, r.output / CURVES, f'{args.student} ({task.method})')
+            plot_run(state.history, r.output / CURVES, f'{config.model.student} ({task.method})')
 
-    if r.pipeline.kind == 'stream' and args.skip_bad_images:  # what the streams skipped in the last epoch and eval
+    if r.pipeline.kind == 'stream' and config.data.skip_bad_images:  # what the streams skipped (last epoch, eval)
         counts = torch.tensor([r.train_loader.skipped, r.eval_loader.skipped], device=accelerator.device)
         counts = (accelerator.reduce(counts, reduction='sum') if accelerator.num_processes > 1 else counts).tolist()
         r.data.skipped_images = {'train': int(counts[0]), 'eval': int(counts[1])}
@@ -245,31 +244,32 @@ def fit(r: Run, argv: Optional[List[str]]) -> dict:
             save_student(r.model_ema.module, r.output / 'student_ema', r.data_config, r.data.label_names,
                          run_record(r, argv, last, ema=True))
     accelerator.wait_for_everyone()
-    if args.push_to_hub and accelerator.is_main_process:  # after the barrier: the others need not wait for it
-        folder = r.output / ('student_ema' if args.push_ema else 'student')
-        result['hub_url'] = push_student(folder, args.push_to_hub, private=args.hub_private,
-                                         revision=args.hub_revision, collection=args.hub_collection,
-                                         license=args.hub_license)
+    if out.push_to_hub and accelerator.is_main_process:  # after the barrier: the others need not wait for it
+        folder = r.output / ('student_ema' if out.push_ema else 'student')
+        result['hub_url'] = push_student(folder, out.push_to_hub, private=out.hub_private,
+                                         revision=out.hub_revision, collection=out.hub_collection,
+                                         license=out.hub_license)
     return result
 
 
-def teacher_fine_tuner(args: argparse.Namespace, accelerator: Accelerator) -> Callable[[Path, Path], dict]:
+def teacher_fine_tuner(config: RunConfig, accelerator: Accelerator) -> Callable[[Path, Path], dict]:
     """``--teacher-adapt finetune``'s training: the teacher from its linear-probe folder trained as a ``--method
     vanilla`` student with the run's data, optimizer, schedule and augmentation, for ``--teacher-adapt-epochs`` at
     ``--teacher-adapt-lr``, in its own run folder (resumed where a killed run left it), at the teacher's own input
     size and normalisation; the Accelerator is cleared of it afterwards, so the distillation's checkpoints hold the
-    student alone."""
+    student alone. Its config is the run's with those flags changed (``RunConfig.with_flags``)."""
     def fine_tune(start_folder: Path, output: Path) -> dict:
         settings = {
             'student': f'local-dir:{start_folder}', 'pretrained': True, 'student_checkpoint': None,
-            'method': 'vanilla', 'epochs': args.teacher_adapt_epochs, 'lr': args.teacher_adapt_lr or args.lr / 10,
+            'method': 'vanilla', 'epochs': config.model.teacher_adapt_epochs,
+            'lr': config.model.teacher_adapt_lr or config.train.lr / 10,
             'output': str(output), 'experiment': '', 'resume': 'auto', 'overwrite': False, 'teacher_cache': None,
             'input_size': None, 'mean': None, 'std': None, 'interpolation': '', 'crop_pct': None,
             'drop': 0.0, 'drop_path': None, 'model_ema': False, 'save_best': False, 'push_to_hub': None,
             'hub_collection': None, 'log_with': None, 'teacher_adapt': 'off', 'task_loss_weight': None,
             'kd_loss_weight': None, 'icd_loss_weight': None}
-        sub = argparse.Namespace(**{**vars(args), **settings})
-        _logger.info(f'Fine-tuning the teacher: {sub.epochs} epochs at lr {sub.lr:g} into {output}.')
+        sub = config.with_flags(**settings)
+        _logger.info(f'Fine-tuning the teacher: {sub.train.epochs} epochs at lr {sub.train.lr:g} into {output}.')
         r = build(sub, accelerator)
         try:
             start(r)
@@ -277,7 +277,8 @@ def teacher_fine_tuner(args: argparse.Namespace, accelerator: Accelerator) -> Ca
         finally:
             r.task.remove_hooks()
             accelerator.free_memory()
-        return {'folder': str(output / 'student'), 'epochs': sub.epochs, 'lr': sub.lr, 'top1': result['top1'],
+        return {'folder': str(output / 'student'), 'epochs': sub.train.epochs, 'lr': sub.train.lr,
+                'top1': result['top1'],
                 'top5': result['top5'], 'seconds': round(r.state.seconds, 3)}
     return fine_tune
 
@@ -300,47 +301,50 @@ def join_restarted_group() -> None:
                             rank=int(os.environ['RANK']), world_size=world)
 
 
-def create_accelerator(args: argparse.Namespace) -> Accelerator:
+def create_accelerator(config: RunConfig) -> Accelerator:
     """The run's Accelerator, logging set up on every process, the watchdog started and the seed set."""
     join_restarted_group()
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum_steps, log_with=args.log_with,
+        mixed_precision=config.train.mixed_precision, gradient_accumulation_steps=config.data.grad_accum_steps,
+        log_with=config.output.log_with,
         # trackers write into the run folder, which is settled later (start() sets the final logging_dir)
-        project_config=ProjectConfiguration(logging_dir=str(Path(args.output or 'output') / 'logs')),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=data_seed(args),
+        project_config=ProjectConfiguration(logging_dir=str(Path(config.output.output or 'output') / 'logs')),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.data.seed,
                                                   non_blocking=torch.cuda.is_available()))
     start_watchdog(accelerator)  # multi-process runs: a dead peer stops the others at once, with one line
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format='%(message)s', force=True)
     logging.getLogger('accelerate').setLevel(logging.WARNING)  # one INFO line per checkpoint file otherwise
-    set_seed(args.seed)
+    set_seed(config.train.seed)
     return accelerator
 
 
-def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
-    """Train a student as ``args`` say (see train_icd.py --help) and return its results and the model.
+def run(config: RunConfigOrFlags, argv: Optional[List[str]] = None) -> dict:
+    """Train a student as ``config`` says (a ``RunConfig``, or the flags ``parse_and_validate`` returns; see
+    train_icd.py --help) and return its results and the model.
 
     Every check runs before the run folder changes. If the run fails before its first checkpoint, a run it was
     replacing with --overwrite is put back.
     """
-    preemption = None
-    if args.preempt_signal != 'none' or args.time_limit != 'none':  # before the watchdog: SIGTERM is then ours
-        deadline = job_deadline(parse_time_limit(args.time_limit) if args.time_limit else None,
-                                use_slurm=args.time_limit != 'none')
-        preemption = Preemption(parse_signals(args.preempt_signal), deadline).install()
+    config = run_config(config)
+    preemption, train = None, config.train
+    if train.preempt_signal != 'none' or train.time_limit != 'none':  # before the watchdog: SIGTERM is then ours
+        deadline = job_deadline(parse_time_limit(train.time_limit) if train.time_limit else None,
+                                use_slurm=train.time_limit != 'none')
+        preemption = Preemption(parse_signals(train.preempt_signal), deadline).install()
     try:
-        return _run(args, argv, preemption)
+        return _run(config, argv, preemption)
     finally:
         if preemption is not None:
             preemption.uninstall()
 
 
-def _run(args: argparse.Namespace, argv: Optional[List[str]], preemption: Optional[Preemption]) -> dict:
-    accelerator = create_accelerator(args)
+def _run(config: RunConfig, argv: Optional[List[str]], preemption: Optional[Preemption]) -> dict:
+    accelerator = create_accelerator(config)
     started = time.time()
     if accelerator.num_processes > 1:
         _logger.info(f'Training on {accelerator.num_processes} processes ({accelerator.distributed_type}).')
-    r = build(args, accelerator, finetune=teacher_fine_tuner(args, accelerator))
+    r = build(config, accelerator, finetune=teacher_fine_tuner(config, accelerator))
     r.preemption = preemption
     try:
         start(r)
