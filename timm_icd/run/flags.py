@@ -56,8 +56,8 @@ DESCRIPTION = 'Distill any timm teacher into any timm student with ICD.'
 
 
 def create_parser(prog: str = 'train_icd.py', description: str = DESCRIPTION) -> argparse.ArgumentParser:
-    """The train_icd.py parser (also ``python -m timm_icd cache``'s, under its own name). Flag names follow timm's train.py
-    wherever timm has the same setting."""
+    """The train_icd.py parser (also ``python -m timm_icd cache``'s, under its own name). Flag names follow timm's
+    train.py wherever timm has the same setting."""
     parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument('-c', '--config', default='', metavar='FILE',
                         help='YAML file whose keys are these flags (dest names, e.g. batch_size); flags win')
