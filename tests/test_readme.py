@@ -21,7 +21,8 @@ from conftest import REPO
 # timm train.py flags the docs name as left out, with why (docs/distill.md): they must stay unknown here
 LEFT_OUT = ('--aug-repeats', '--bce-loss', '--lr-base')
 PAGES = [REPO / 'README.md', *sorted((REPO / 'docs').glob('*.md'))]
-GUIDE = ['methods', 'data', 'teacher-cache', 'scale', 'hub', 'benchmarks', 'teacher-adaptation', 'distill']
+GUIDE = ['methods', 'data', 'teacher-cache', 'scale', 'hub', 'benchmarks', 'teacher-adaptation', 'distill',
+         'own-dataset']
 FENCE = re.compile(r'^```[^\n]*\n.*?^```[ \t]*$', flags=re.S | re.M)
 LINK = re.compile(r'!?\[[^\]]*\]\(([^)\s]+)[^)]*\)')
 FLAG = re.compile(r'(?<![\w-])--[a-z][\w-]*')
