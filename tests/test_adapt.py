@@ -12,9 +12,7 @@ import timm
 import torch
 from timm.data import ImageNetInfo
 
-from conftest import FAST, REPO, closed_port, offline_env, run_cli
-from test_cli import eval_with_timm, read_summary
-from test_distributed import accelerate_launch
+from helpers import FAST, HELPERS, accelerate_launch, eval_with_timm, offline_env, read_summary, run_cli
 from timm_icd.base import UserError
 from timm_icd.publish import save_student
 from timm_icd.distill import (
@@ -165,7 +163,7 @@ def test_two_processes_fit_the_head_one_does_and_hold_it_alike(teacher_run, digi
     assert one.returncode == 0, one.stderr[-3000:]
     dumps = tmp_path / 'dumps'
     dumps.mkdir()
-    two = accelerate_launch(closed_port(), str(REPO / 'tests' / 'dist_worker.py'), dumps, *common, '--output',
+    two = accelerate_launch(str(HELPERS / 'dist_worker.py'), dumps, *common, '--output',
                             tmp_path / 'two')
     assert two.returncode == 0, two.stderr[-4000:]
     heads = [safetensors.torch.load_file(dumps / f'teacher{rank}.safetensors') for rank in (0, 1)]
@@ -187,10 +185,10 @@ def test_a_kill_during_adaptation_leaves_nothing_half_read_and_resume_reuses_the
     out = tmp_path / 'run'
     args = ['--teacher', f'local-dir:{teacher}', '--student', 'test_resnet', '--dataset', digits_small, '--epochs',
             '2', '-b', '32', '--output', out, *FAST]
-    killed = run_cli(*args, script='tests/train_crash.py', env=offline_env(TIMM_ICD_CRASH_AT='adapt_saved:1'))
+    killed = run_cli(*args, script='tests/helpers/train_crash.py', env=offline_env(TIMM_ICD_CRASH_AT='adapt_saved:1'))
     assert killed.returncode == -9 and (out / 'teacher_adapted' / 'model.safetensors').exists()
     assert not (out / 'teacher_adapted' / 'adaptation.json').exists()  # the folder is not valid without it
-    killed = run_cli(*args, '--resume', 'auto', script='tests/train_crash.py',
+    killed = run_cli(*args, '--resume', 'auto', script='tests/helpers/train_crash.py',
                      env=offline_env(TIMM_ICD_CRASH_AT='step:10'))  # refits, then dies in epoch 1
     assert killed.returncode == -9 and 'Teacher adaptation (linear probe)' in killed.stderr
     fitted = (out / 'teacher_adapted' / 'model.safetensors').read_bytes()

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Set
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 PACKAGE = 'timm_icd'
 # what each layer of the package may import (its own modules always); the package root and its __main__ (the commands'
@@ -36,8 +36,11 @@ def _files() -> List[Path]:
 
 
 def _module(path: Path) -> str:
-    """Dotted name: timm_icd.x.y for the package, the bare file name for scripts (benchmarks, tests)."""
+    """Dotted name: timm_icd.x.y for the package, helpers.x for the tests' helpers, the bare file name for scripts
+    (benchmarks, tests)."""
     rel = path.relative_to(REPO)
+    if rel.parts[:2] == ('tests', 'helpers'):
+        return 'helpers' if path.stem == '__init__' else f'helpers.{path.stem}'
     if rel.parts[0] != PACKAGE:
         return path.stem
     parts = list(rel.with_suffix('').parts)
@@ -194,6 +197,7 @@ def test_the_checks_see_what_they_police(graph):
     assert 'timm_icd.run.build' in graph['timm_icd.run.train']
     assert 'timm_icd.distill.methods' in graph['timm_icd.distill.task']
     assert 'timm_icd.base' in graph['timm_icd.distill.methods']
+    assert 'helpers.env' in graph['helpers.launch'] and 'helpers' in graph['conftest']  # the tests' helpers
     fake = {'a': {'b': []}, 'b': {'c': []}, 'c': {'a': []}, 'd': {'a': []}}
     assert _cycles(fake) == [['a', 'b', 'c']]
     assert _layer('timm_icd.run.loop') == 'run' and _layer('timm_icd.__main__') is None and _layer('study') == 'outside'

@@ -16,8 +16,7 @@ import safetensors.torch
 import timm
 import torch
 
-from conftest import FAST, REPO, offline_env, run_cli
-from test_distributed import accelerate_launch
+from helpers import FAST, HELPERS, REPO, accelerate_launch, offline_env, run_cli
 from timm_icd.cli.train import main
 from timm_icd.base import UserError
 from timm_icd.teacher_cache import TeacherCache, verify
@@ -91,7 +90,7 @@ def test_cached_runs_equal_the_writing_run_stay_close_to_live_and_refuse_other_s
     # the writing run is killed mid-epoch 0: nothing is marked complete, and its resume finishes the cache
     killed = run_cli('--dataset', digits_small, '--epochs', '2', '--output', tmp_path / 'w', '--teacher-cache', cache,
                      '--checkpoint-steps', '3', *RUN, env=offline_env(TIMM_ICD_CRASH_AT='step:5'),
-                     script='tests/train_crash.py')
+                     script='tests/helpers/train_crash.py')
     assert killed.returncode == -signal.SIGKILL
     assert json.loads((cache / 'manifest.json').read_text())['epochs'] == []
     resumed = run_cli('--dataset', digits_small, '--epochs', '2', '--output', tmp_path / 'w', '--teacher-cache', cache,
@@ -114,7 +113,7 @@ def test_cached_runs_equal_the_writing_run_stay_close_to_live_and_refuse_other_s
     dumps = tmp_path / 'dumps'
     dumps.mkdir()
     reader = run_cli(dumps, '--dataset', digits_small, '--epochs', '2', '--output', tmp_path / 'r', '--teacher-cache',
-                     cache, *RUN, script='tests/cache_worker.py')
+                     cache, *RUN, script='tests/helpers/cache_worker.py')
     assert reader.returncode == 0, reader.stderr[-2000:]
     assert 'the teacher never runs' in reader.stderr
     assert json.loads((dumps / 'cache0.json').read_text())['writes'] == 0
@@ -141,7 +140,7 @@ def test_cached_runs_equal_the_writing_run_stay_close_to_live_and_refuse_other_s
 
 def test_two_processes_write_ahead_and_read_disjoint_rows_that_cover_each_epoch(digits_small, tmp_path):
     cache, single = tmp_path / 'cache', tmp_path / 'single'
-    written = accelerate_launch(29560, '-m', 'timm_icd', 'cache', 'test_resnet', '--dataset', digits_small, '--epochs',
+    written = accelerate_launch('-m', 'timm_icd', 'cache', 'test_resnet', '--dataset', digits_small, '--epochs',
                                 '2', '--teacher-cache', cache, *RUN[2:])  # each process computes half the rows
     assert written.returncode == 0, written.stderr[-4000:]
     assert written.stdout.count('done:') == 1 and 'holds epochs [0, 1] of 256 rows' in written.stdout
@@ -153,7 +152,7 @@ def test_two_processes_write_ahead_and_read_disjoint_rows_that_cover_each_epoch(
                                    np.load(single / 'epoch-0000' / f'{name}.npy').astype(np.float32), atol=2e-3)
     dumps = tmp_path / 'dumps'
     dumps.mkdir()
-    result = accelerate_launch(29561, REPO / 'tests' / 'cache_worker.py', dumps, '--dataset', digits_small,
+    result = accelerate_launch(HELPERS / 'cache_worker.py', dumps, '--dataset', digits_small,
                                '--epochs', '2', '--output', tmp_path / 'run', '--teacher-cache', cache,
                                *[a if a != '32' else '16' for a in RUN])  # a batch of 16 on each of 2 processes
     assert result.returncode == 0, result.stderr[-4000:]
@@ -223,7 +222,7 @@ def test_a_claim_holds_while_its_writer_lives_and_is_taken_over_when_it_is_gone(
 def _launch(digits_small, cache, tmp_path, student, teacher, extra=()):
     dumps = tmp_path / f'dumps-{student}'
     dumps.mkdir()
-    cmd = [sys.executable, str(REPO / 'tests' / 'cache_worker.py'), dumps, '--dataset', digits_small, '--epochs', '2',
+    cmd = [sys.executable, str(HELPERS / 'cache_worker.py'), dumps, '--dataset', digits_small, '--epochs', '2',
            '--output', tmp_path / f'out-{student}', '--teacher-cache', cache, '--student', student, *CONCURRENT,
            '--teacher-checkpoint', teacher, *extra]
     return subprocess.Popen([str(a) for a in cmd], cwd=REPO, env=offline_env(), stdout=subprocess.PIPE,

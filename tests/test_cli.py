@@ -1,5 +1,4 @@
 """train_icd.py as users run it: real subprocesses on real digits images, checked by value."""
-import csv
 import json
 
 import pytest
@@ -7,32 +6,8 @@ import safetensors.torch
 import timm
 import torch
 import yaml
-from timm.data import create_transform, resolve_data_config
 
-from timm_icd.data import ImageClassificationDataset, load_image_data
-from conftest import FAST, run_cli
-
-
-def read_summary(run_dir):
-    with open(run_dir / 'summary.csv') as f:
-        return list(csv.DictReader(f))
-
-
-def eval_with_timm(model_dir, dataset, data_config_of=None):
-    """Top-1 (%) of a saved student on the eval split, using only timm and its own config (or, but for the
-    normalisation, another folder's: how a run measures its teacher, with the student's eval preprocessing)."""
-    model = timm.create_model(f'local-dir:{model_dir}', pretrained=True).eval()
-    cfg = resolve_data_config(model=model)
-    if data_config_of is not None:
-        other = resolve_data_config(model=timm.create_model(f'local-dir:{data_config_of}', pretrained=False))
-        cfg = {**other, 'mean': cfg['mean'], 'std': cfg['std']}
-    data = load_image_data(dataset)
-    ds = ImageClassificationDataset(data.eval, data.image_column, data.label_column, create_transform(**cfg))
-    x = torch.stack([ds[i][0] for i in range(len(ds))])
-    y = torch.tensor([ds[i][1] for i in range(len(ds))])
-    with torch.no_grad():
-        logits = model(x)
-    return 100.0 * (logits.argmax(1) == y).sum().item() / len(y), model, x
+from helpers import FAST, eval_with_timm, read_summary, run_cli
 
 
 def test_vanilla_teacher_learns_and_writes_a_timm_folder(teacher_run, digits_small):

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 CONFIGS = sorted((REPO / 'configs').glob('*.yaml'))
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import safetensors.torch
 
-from conftest import FAST, run_cli
+from helpers import FAST, run_cli
 from timm_icd.cli.cache import main as cache_main
 from timm_icd.cli.train import main as train_main
 
@@ -102,9 +102,9 @@ def damaged_shards(tmp_path_factory, digits_small):
 def test_an_error_on_one_rank_is_one_line_on_every_rank(damaged_shards, tmp_path):
     """One process meets the bad image (which one: the epoch's shard order decides); each process ends with one line,
     and no frame of this package's code is printed (the launcher's own ChildFailedError report stays)."""
-    from test_distributed import accelerate_launch
+    from helpers import accelerate_launch
     shards, key = damaged_shards
-    result = accelerate_launch(29571, 'train_icd.py', '--dataset', f'webdataset:{shards}', '--output',
+    result = accelerate_launch('train_icd.py', '--dataset', f'webdataset:{shards}', '--output',
                                tmp_path / 'run', *STREAM, timeout=300)
     assert result.returncode != 0
     lines = _error_lines(result.stderr)
@@ -120,10 +120,10 @@ def test_an_error_on_one_rank_is_one_line_on_every_rank(damaged_shards, tmp_path
 
 
 def test_streaming_skips_unreadable_images_and_keeps_the_steps(damaged_shards, tmp_path):
-    from test_distributed import accelerate_launch
+    from helpers import accelerate_launch
     shards, key = damaged_shards
     out = tmp_path / 'run'
-    result = accelerate_launch(29572, 'train_icd.py', '--dataset', f'webdataset:{shards}', '--output', out, *STREAM,
+    result = accelerate_launch('train_icd.py', '--dataset', f'webdataset:{shards}', '--output', out, *STREAM,
                                '--skip-bad-images', timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     skipped = [line for line in result.stderr.splitlines() if 'Skipped an unreadable image' in line]
@@ -138,15 +138,15 @@ def test_streaming_skips_unreadable_images_and_keeps_the_steps(damaged_shards, t
 def test_elastic_restart_after_a_dead_rank_ends_with_an_uninterrupted_runs_weights(digits_small, tmp_path):
     import subprocess
     import sys
-    from conftest import REPO, offline_env
-    from test_distributed import accelerate_launch
+    from helpers import HELPERS, REPO, accelerate_launch, free_port, offline_env
     run = ['--dataset', digits_small, '--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student',
            'test_efficientnet', '--epochs', '2', '-b', '16', '--checkpoint-steps', '3', '--seed', '3', *FAST]
-    reference = accelerate_launch(29573, 'train_icd.py', *run, '--output', tmp_path / 'reference')
+    reference = accelerate_launch('train_icd.py', *run, '--output', tmp_path / 'reference')
     assert reference.returncode == 0, reference.stderr[-3000:]
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
-           '--num_machines', '1', '--main_process_port', '29574', '--mixed_precision', 'no', '--dynamo_backend', 'no',
-           '--max_restarts', '1', '--monitor_interval', '1', str(REPO / 'tests' / 'train_crash.py'), *map(str, run),
+           '--num_machines', '1', '--main_process_port', str(free_port()), '--mixed_precision', 'no',
+           '--dynamo_backend', 'no',
+           '--max_restarts', '1', '--monitor_interval', '1', str(HELPERS / 'train_crash.py'), *map(str, run),
            '--output', str(tmp_path / 'healed'), '--resume', 'auto']
     log = tmp_path / 'healed.log'
     with open(log, 'w') as f:  # a file, not a pipe: restarted workers must not keep the test waiting on a pipe
@@ -172,7 +172,7 @@ def test_resume_passes_over_damaged_checkpoints_to_the_newest_that_loads(digits_
     clean = run_cli(*args, '--output', tmp_path / 'clean')
     assert clean.returncode == 0, clean.stderr[-2000:]
     out = tmp_path / 'run'
-    killed = run_cli(*args, '--output', out, env=_crash_env('step:20'), script='tests/train_crash.py')
+    killed = run_cli(*args, '--output', out, env=_crash_env('step:20'), script='tests/helpers/train_crash.py')
     assert killed.returncode != 0  # 8 steps per epoch: killed in epoch 2, checkpoints at steps 8 and 16 left
     newest = out / 'checkpoints' / 'checkpoint-00000016'
     weights = newest / 'model.safetensors'
@@ -198,7 +198,7 @@ def test_resume_passes_over_damaged_checkpoints_to_the_newest_that_loads(digits_
 
 
 def _crash_env(spec):
-    from conftest import offline_env
+    from helpers import offline_env
     return offline_env(TIMM_ICD_CRASH_AT=spec)
 
 

@@ -1,32 +1,19 @@
 """Two real CPU processes under accelerate launch (--cpu alone starts one: accelerate issue 2741)."""
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 import safetensors.torch
 import torch
 
-from conftest import FAST, REPO, offline_env
-from test_cli import eval_with_timm
-
-
-def accelerate_launch(port, *args, timeout=600, env_extra=None):
-    """``accelerate launch`` of 2 CPU processes. A MULTI_CPU config file starts just one process without mpirun
-    (accelerate 1.15 sends it to its simple launcher), so use the torchrun launcher with the CPU forced by env."""
-    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
-           '--num_machines', '1', '--main_process_port', str(port), '--mixed_precision', 'no',
-           '--dynamo_backend', 'no', *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=offline_env(ACCELERATE_USE_CPU='1', **(env_extra or {})),
-                          timeout=timeout)
+from helpers import FAST, HELPERS, REPO, accelerate_launch, eval_with_timm
 
 
 def test_two_processes_sync_weights_gather_metrics_once_and_only_rank0_writes(tmp_path, digits_small):
     out, dumps = tmp_path / 'run', tmp_path / 'dumps'
     dumps.mkdir()
     result = accelerate_launch(
-        29531, str(REPO / 'tests' / 'dist_worker.py'), dumps, '--teacher', 'test_resnet',
+        str(HELPERS / 'dist_worker.py'), dumps, '--teacher', 'test_resnet',
         '--teacher-pretrained', 'false', '--student', 'test_efficientnet', '--dataset', digits_small, '--epochs',
         '1', '-b', '16', '-vb', '7', '--output', out, *FAST)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -56,7 +43,7 @@ def test_two_processes_sync_weights_gather_metrics_once_and_only_rank0_writes(tm
 
 def test_global_batches_equal_one_process_on_the_concatenated_batch(tmp_path):
     """ICD's global negatives and DIST's global intra-class term: 2 processes = 1 process on both halves."""
-    result = accelerate_launch(29532, str(REPO / 'tests' / 'global_negatives_worker.py'), tmp_path)
+    result = accelerate_launch(str(HELPERS / 'global_negatives_worker.py'), tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in (0, 1):
         r = json.loads((tmp_path / f'rank{rank}.json').read_text())
@@ -72,7 +59,7 @@ def test_global_batches_equal_one_process_on_the_concatenated_batch(tmp_path):
 def test_training_with_global_negatives_end_to_end(tmp_path, digits_small):
     out = tmp_path / 'run'
     result = accelerate_launch(
-        29533, str(REPO / 'train_icd.py'), '--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student',
+        str(REPO / 'train_icd.py'), '--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student',
         'test_efficientnet', '--method', 'icd', '--icd-negatives', 'global', '--dataset', digits_small, '--epochs',
         '1', '-b', '16', '--output', out, *FAST)
     assert result.returncode == 0, result.stderr[-4000:]

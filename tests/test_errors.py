@@ -16,7 +16,7 @@ import timm
 import torch
 import yaml
 
-from conftest import FAST, REPO, offline_env, run_cli
+from helpers import FAST, REPO, offline_env, run_cli
 from timm_icd.data import digits_dataset
 
 

@@ -11,36 +11,13 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from conftest import FAST, REPO, offline_env
-from test_distributed import accelerate_launch
+from helpers import FAST, HELPERS, REPO, accelerate_launch, offline_env, two_machines
 from timm_icd.run import watchdog
 
 RUN = ['--teacher', 'test_resnet', '--teacher-pretrained', 'false', '--student', 'test_efficientnet', '--epochs', '2',
        '-b', '16', '--checkpoint-steps', '3', '--seed', '3', *FAST]
 CRASH = 'step:5@1'  # 8 steps per epoch with 2 processes: rank 1 dies mid-epoch 0, after the checkpoint at step 3
 EXPECTED = ['args.yaml', 'checkpoints', 'curves.png', 'student', 'summary.csv']
-
-
-def two_machines(port, logs, *args, env=None, timeout=300):
-    """Two ``accelerate launch`` commands of one process each, as on two machines (both on 127.0.0.1 here); their
-    output goes to files in ``logs`` (a pipe read only after the other launch ends could fill up and block it)."""
-    procs = []
-    for rank in (0, 1):
-        with open(logs / f'machine{rank}.out', 'w') as out, open(logs / f'machine{rank}.err', 'w') as err:
-            procs.append(subprocess.Popen(
-                [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_machines', '2',
-                 '--num_processes', '2', '--machine_rank', str(rank), '--main_process_ip', '127.0.0.1',
-                 '--main_process_port', str(port), '--mixed_precision', 'no', '--dynamo_backend', 'no',
-                 *map(str, args)],
-                cwd=REPO, stdout=out, stderr=err, text=True, env=env or offline_env(ACCELERATE_USE_CPU='1')))
-    try:
-        codes = [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    return [subprocess.CompletedProcess(p.args, code, (logs / f'machine{rank}.out').read_text(),
-                                        (logs / f'machine{rank}.err').read_text())
-            for rank, (p, code) in enumerate(zip(procs, codes))]
 
 
 def error_lines(stderr: str):
@@ -58,7 +35,7 @@ def assert_same_weights(a, b, atol=0.0):
 def reference(tmp_path_factory, digits_small):
     """An uninterrupted 2-process run: its student folder."""
     out = tmp_path_factory.mktemp('faults') / 'reference'
-    result = accelerate_launch(29541, REPO / 'train_icd.py', '--dataset', digits_small, '--output', out, *RUN)
+    result = accelerate_launch(REPO / 'train_icd.py', '--dataset', digits_small, '--output', out, *RUN)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / 'student'
 
@@ -67,7 +44,7 @@ def reference(tmp_path_factory, digits_small):
 def test_dead_rank_stops_the_other_with_one_line_and_resume_matches(reference, digits_small, tmp_path):
     out = tmp_path / 'run'
     started = time.monotonic()
-    killed = accelerate_launch(29542, REPO / 'tests' / 'train_crash.py', '--dataset', digits_small, '--output', out, *RUN,
+    killed = accelerate_launch(HELPERS / 'train_crash.py', '--dataset', digits_small, '--output', out, *RUN,
                                timeout=300, env_extra={'TIMM_ICD_CRASH_AT': CRASH})
     seconds = time.monotonic() - started
     assert killed.returncode != 0
@@ -78,7 +55,7 @@ def test_dead_rank_stops_the_other_with_one_line_and_resume_matches(reference, d
     assert lines[0].endswith('Resume with the same command plus --resume auto.')
     assert 'Connection reset' not in killed.stderr and '[rank0]' not in killed.stderr  # no gloo traceback
 
-    resumed = accelerate_launch(29542, REPO / 'train_icd.py', '--dataset', digits_small, '--output', out, *RUN,
+    resumed = accelerate_launch(REPO / 'train_icd.py', '--dataset', digits_small, '--output', out, *RUN,
                                 '--resume', 'auto')
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 'Resumed from' in resumed.stderr and 'checkpoint-00000003' in resumed.stderr
@@ -89,7 +66,7 @@ def test_dead_rank_stops_the_other_with_one_line_and_resume_matches(reference, d
 def test_two_machines_train_together_and_a_dead_machine_stops_the_other(reference, digits_small, tmp_path):
     out, dumps = tmp_path / 'run', tmp_path / 'dumps'
     dumps.mkdir()
-    launches = two_machines(29543, tmp_path, REPO / 'tests' / 'dist_worker.py', dumps, '--dataset', digits_small,
+    launches = two_machines(tmp_path, HELPERS / 'dist_worker.py', dumps, '--dataset', digits_small,
                             '--output', out, *RUN)
     for launch in launches:
         assert launch.returncode == 0, launch.stderr[-3000:]
@@ -102,7 +79,7 @@ def test_two_machines_train_together_and_a_dead_machine_stops_the_other(referenc
 
     # no launcher stops rank 0 here (its own machine's agent saw nothing): rank 0 sees rank 1's death itself
     started = time.monotonic()
-    launches = two_machines(29544, tmp_path, REPO / 'tests' / 'train_crash.py', '--dataset', digits_small, '--output',
+    launches = two_machines(tmp_path, HELPERS / 'train_crash.py', '--dataset', digits_small, '--output',
                             tmp_path / 'killed', *RUN, env=offline_env(ACCELERATE_USE_CPU='1', TIMM_ICD_CRASH_AT=CRASH))
     assert time.monotonic() - started < 120
     assert launches[0].returncode != 0 and launches[1].returncode != 0

@@ -1,4 +1,4 @@
-"""The test harness itself: a command that ``conftest.run_cli`` runs in a process forked from ``tests/zygote.py``
+"""The test harness itself: a command that ``run_cli`` runs in a process forked from ``tests/helpers/zygote.py``
 behaves as the same command in a fresh interpreter (exit status, output, atexit, threads, random draws, timeouts,
 and the weights a training run writes)."""
 import os
@@ -7,14 +7,13 @@ import subprocess
 import pytest
 import safetensors.torch
 
-import conftest
-from conftest import FAST, run_cli
+from helpers import FAST, cli, run_cli
 
 
 def _both(monkeypatch, *args, **kwargs):
     """The command's result forked from the zygote, then from a fresh interpreter (TIMM_ICD_TEST_FORK=0)."""
     forked = run_cli(*args, **kwargs)
-    assert conftest._zygote.proc is not None and conftest._zygote.proc.poll() is None  # the zygote ran it
+    assert cli._zygote.proc is not None and cli._zygote.proc.poll() is None  # the zygote ran it
     with monkeypatch.context() as m:
         m.setenv('TIMM_ICD_TEST_FORK', '0')
         fresh = run_cli(*args, **kwargs)
@@ -32,7 +31,7 @@ def _settled(text: str) -> list:
     ('raise', 1, 'ValueError: the probe fails'),
 ])
 def test_a_forked_command_ends_as_a_fresh_interpreter_does(mode, returncode, last_stderr, monkeypatch):
-    forked, fresh = _both(monkeypatch, mode, script='tests/zygote_probe.py')
+    forked, fresh = _both(monkeypatch, mode, script='tests/helpers/zygote_probe.py')
     for result in (forked, fresh):
         assert result.returncode == returncode, result.stderr
         assert result.stderr.splitlines()[-1] == last_stderr
@@ -41,17 +40,18 @@ def test_a_forked_command_ends_as_a_fresh_interpreter_does(mode, returncode, las
     assert ('Traceback (most recent call last):' in forked.stderr) == (mode == 'raise')
     parents = [next(line for line in r.stdout.splitlines() if line.startswith('pid ')).split()[-1]
                for r in (forked, fresh)]
-    assert parents == [str(conftest._zygote.proc.pid), str(os.getpid())]  # forked from the zygote; started by pytest
+    assert parents == [str(cli._zygote.proc.pid), str(os.getpid())]  # forked from the zygote; started by pytest
 
 
 def test_forked_commands_draw_fresh_random_numbers_and_time_out_like_subprocess_run():
-    draws = {next(line for line in run_cli('end', script='tests/zygote_probe.py').stdout.splitlines()
+    draws = {next(line for line in run_cli('end', script='tests/helpers/zygote_probe.py').stdout.splitlines()
                   if line.startswith('draws ')) for _ in range(2)}
     assert len(draws) == 2  # random and numpy.random reseeded in every child, not inherited from the zygote
     with pytest.raises(subprocess.TimeoutExpired) as hung:
-        run_cli('hang', script='tests/zygote_probe.py', timeout=3)
+        run_cli('hang', script='tests/helpers/zygote_probe.py', timeout=3)
     assert 'pid ' in hung.value.output  # what it printed before it was killed comes back, as from subprocess.run
-    assert run_cli('exit-code', script='tests/zygote_probe.py').returncode == 3  # the zygote serves on after a kill
+    # the zygote serves on after a kill
+    assert run_cli('exit-code', script='tests/helpers/zygote_probe.py').returncode == 3
 
 
 def test_a_forked_training_run_writes_the_weights_a_fresh_interpreter_writes(digits_small, tmp_path, monkeypatch):

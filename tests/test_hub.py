@@ -14,7 +14,7 @@ import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from conftest import FAST, closed_port, hub_env, run_cli
+from helpers import FAST, closed_port, hub_env, run_cli
 from timm_icd.publish import render_card
 
 REPO_ID = 'icd-tests/digits-student'

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import FAST, closed_port, hub_env, run_cli
+from helpers import FAST, closed_port, hub_env, run_cli
 from timm_icd.base import UserError
 from timm_icd.cli.hub import main as hub_main
 from timm_icd.cli.push import main as push_main

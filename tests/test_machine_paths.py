@@ -1,7 +1,7 @@
 """No committed result or document names a path of the machine it was made on (/work/, /tmp/, /root/, /home/)."""
 import re
 
-from conftest import REPO
+from helpers import REPO
 
 MACHINE_PATH = re.compile(r'(?<![\w.~-])/(work|tmp|root|home)/')
 

@@ -5,12 +5,12 @@ import importlib
 import re
 
 from timm_icd.__main__ import COMMANDS
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 NAMES = ['train', 'sweep', 'cache', 'shards', 'report', 'validate', 'push', 'hub', 'demo']
 # where commands are written down for users and by the code (benchmarks/results/ keeps the commands that ran then)
 DOCUMENTED = ['README.md', 'Makefile', 'hub_cards/*.md', 'docs/**/*.md', 'configs/**/*', 'timm_icd/**/*.py',
-              'benchmarks/*.py', 'tests/*.py', '.ci/*']
+              'benchmarks/*.py', 'tests/**/*.py', '.ci/*']
 
 
 def test_help_lists_every_command_with_its_line_and_a_command_runs_behind_it():

@@ -7,8 +7,7 @@ import re
 import pytest
 import safetensors.torch
 
-from conftest import FAST, REPO, offline_env, run_cli
-from test_distributed import accelerate_launch
+from helpers import FAST, HELPERS, REPO, accelerate_launch, offline_env, run_cli
 from timm_icd.run import PREEMPTED_EXIT_CODE
 from timm_icd.run.checkpoint import find_latest_checkpoint
 
@@ -37,7 +36,7 @@ def test_signals_stop_at_the_step_with_a_checkpoint_and_resume_exactly(digits_sm
     def run_b(signals, resume=True):
         env = offline_env(TIMM_ICD_SIGNAL_AT=signals, TIMM_ICD_STEP_LOG=str(steps))
         return run_cli('--dataset', digits_small, '--output', b, *RUN, '-b', '32',
-                       *(['--resume', 'auto'] if resume else []), env=env, script='tests/train_crash.py')
+                       *(['--resume', 'auto'] if resume else []), env=env, script='tests/helpers/train_crash.py')
 
     # Ctrl-C during step 5, and again while its checkpoint is written: the save completes, no second save
     stopped = run_b('step:5:INT,checkpoint:1:INT', resume=False)
@@ -70,28 +69,28 @@ def test_signals_stop_at_the_step_with_a_checkpoint_and_resume_exactly(digits_sm
 def test_two_processes_stop_together_and_resume_exactly(digits_small, tmp_path):
     a, b, steps = tmp_path / 'a', tmp_path / 'b', tmp_path / 'steps.log'
     run = ['--dataset', digits_small, *RUN, '-b', '16']
-    reference = accelerate_launch(29581, REPO / 'train_icd.py', *run, '--output', a)
+    reference = accelerate_launch(REPO / 'train_icd.py', *run, '--output', a)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
-    def run_b(signals, port, **env):
-        return accelerate_launch(port, REPO / 'tests' / 'train_crash.py', *run, '--output', b, '--resume', 'auto',
+    def run_b(signals, **env):
+        return accelerate_launch(HELPERS / 'train_crash.py', *run, '--output', b, '--resume', 'auto',
                                  timeout=300, env_extra={'TIMM_ICD_SIGNAL_AT': signals,
                                                          'TIMM_ICD_STEP_LOG': str(steps), **env})
 
     # SIGTERM to rank 1 alone during step 5: rank 0 learns it through the step's reduce, both save step 5
-    stopped = run_b('step:5@1:TERM', 29582)
+    stopped = run_b('step:5@1:TERM')
     assert stopped.stderr.count(LINE.format(0, 5)) == 1, stopped.stderr[-3000:]  # printed by rank 0 only
     assert stopped.stderr.count(f'exitcode  : {PREEMPTED_EXIT_CODE}') == 2, stopped.stderr[-3000:]
     assert 'died' not in stopped.stderr and 'error: rank' not in stopped.stderr  # not a dead peer
     assert find_latest_checkpoint(b).name == 'checkpoint-00000005'
     # SIGUSR1 to the launcher (what the README's SLURM script does), which passes it on to both processes
-    stopped = run_b('step:3@0:^USR1', 29583, PET_SIGNALS_TO_HANDLE='SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1')
+    stopped = run_b('step:3@0:^USR1', PET_SIGNALS_TO_HANDLE='SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1')
     assert stopped.returncode == 128 + 10, stopped.stderr[-3000:]  # the launcher's own code: 128 + SIGUSR1
     state = run_state(b)
     assert 8 <= state['global_step'] < 16
     assert stopped.stderr.count(LINE.format(state['epoch'], state['step_in_epoch'])) == 1, stopped.stderr[-3000:]
     assert 'died' not in stopped.stderr and 'error: rank' not in stopped.stderr
-    done = run_b('', 29584)
+    done = run_b('')
     assert done.returncode == 0, done.stderr[-3000:]
 
     ranks = steps.read_text().split()

@@ -16,7 +16,7 @@ from typing import Dict, List, Set, Tuple
 
 from accelerate.commands.launch import launch_command_parser
 
-from conftest import REPO
+from helpers import REPO
 
 # timm train.py flags the docs name as left out, with why (docs/distill.md): they must stay unknown here
 LEFT_OUT = ('--aug-repeats', '--bce-loss', '--lr-base')

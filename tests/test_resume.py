@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from conftest import FAST, offline_env, run_cli
+from helpers import FAST, offline_env, run_cli
 from timm_icd.run.checkpoint import find_latest_checkpoint
 
 # dropout, drop-path, mixup and RandAugment (numpy) make the run consume every RNG stream a checkpoint must restore
@@ -26,7 +26,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(digits_small, tmp_path)
     def run_b(crash, resume=True):  # B loads data with 2 worker processes, A in the main process
         env = offline_env(TIMM_ICD_CRASH_AT=crash) if crash else offline_env()
         return run_cli('--dataset', digits_small, '--output', b, *(['--resume', 'auto'] if resume else []), *RUN,
-                       '-j', '2', env=env, script='tests/train_crash.py')
+                       '-j', '2', env=env, script='tests/helpers/train_crash.py')
 
     # 8 steps per epoch; step checkpoints every 3 global steps, epoch checkpoints at 8, 16, 24
     killed = run_b('step:5', resume=False)                     # mid-epoch 0, after checkpoint 3

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from helpers import run_cli
 from timm_icd.cli.shards import main as shards_main
 from timm_icd.data import shards
 from timm_icd.data import load_dataset_dict

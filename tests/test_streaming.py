@@ -10,8 +10,7 @@ import safetensors.torch
 import torch
 from timm.data import create_transform
 
-from conftest import FAST, REPO, run_cli
-from test_distributed import accelerate_launch
+from helpers import FAST, HELPERS, REPO, accelerate_launch, run_cli
 from timm_icd.run.checkpoint import find_latest_checkpoint
 from timm_icd.base import UserError
 from timm_icd.data.streaming import StreamLoader, load_stream_data
@@ -108,7 +107,7 @@ def test_two_processes_cover_every_sample_once_per_epoch_and_resume_exactly_afte
     a, b, dumps = tmp_path / 'a', tmp_path / 'b', tmp_path / 'dumps'
     dumps.mkdir()
     run = ['--dataset', f'webdataset:{shards}', '--epochs', '2', '--checkpoint-steps', '2', *STREAM]
-    result = accelerate_launch(29551, REPO / 'tests' / 'stream_worker.py', dumps, *run, '--output', a)
+    result = accelerate_launch(HELPERS / 'stream_worker.py', dumps, *run, '--output', a)
     assert result.returncode == 0, result.stderr[-4000:]
     assert 'Input pipeline: stream (8 steps of 16 per process' in result.stderr
 
@@ -122,14 +121,14 @@ def test_two_processes_cover_every_sample_once_per_epoch_and_resume_exactly_afte
     with open(a / 'summary.csv') as f:
         assert [int(row['eval_count']) for row in csv.DictReader(f)] == [72, 72]  # every eval image once
 
-    killed = accelerate_launch(29552, REPO / 'tests' / 'train_crash.py', *run, '--output', b, env_extra={
+    killed = accelerate_launch(HELPERS / 'train_crash.py', *run, '--output', b, env_extra={
         'TIMM_ICD_CRASH_AT': 'step:5'})  # both processes die mid-epoch 0, after checkpoint 4
     assert killed.returncode != 0
     assert find_latest_checkpoint(b).name == 'checkpoint-00000004'
     state = json.loads((find_latest_checkpoint(b) / 'run_state.json').read_text())
     # each process's place in its own stream: 64 rows read, 16 into its second block of 48
     assert [(p[0], p[1], p[3], p[4]) for p in state['stream']] == [(0, 1, 16, 64)] * 2
-    done = accelerate_launch(29553, REPO / 'train_icd.py', *run, '--output', b, '--resume', 'auto')
+    done = accelerate_launch(REPO / 'train_icd.py', *run, '--output', b, '--resume', 'auto')
     assert done.returncode == 0, done.stderr[-4000:]
     weights_a = safetensors.torch.load_file(a / 'student' / 'model.safetensors')
     weights_b = safetensors.torch.load_file(b / 'student' / 'model.safetensors')

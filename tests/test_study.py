@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 
 sys.path.insert(0, str(REPO / 'benchmarks'))
 import study  # noqa: E402

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import REPO, run_cli
+from helpers import REPO, run_cli
 from timm_icd.publish.stats import holm
 
 sys.path.insert(0, str(REPO / 'benchmarks'))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, REPO, offline_env, run_cli
+from helpers import FAST, REPO, offline_env, run_cli
 from timm_icd.cli.sweep import main as sweep_main
 from timm_icd.cli.sweep_runs import FIELDS, commit_of_package
 from timm_icd.publish.stats import holm, paired

@@ -14,10 +14,9 @@ from timm_icd.distill import (
 from timm_icd.distill.methods import AUTO_ACROSS_SPACES, AUTO_SAME_SPACE
 from timm_icd.distill.terms import split_settings
 from timm_icd import UserError
-from conftest import FAST, REPO, offline_env, run_cli
-from test_cli import read_summary
+from helpers import FAST, HELPERS, REPO, offline_env, read_summary, run_cli
 
-PLUGIN = REPO / 'tests' / 'loss_plugin.py'
+PLUGIN = HELPERS / 'loss_plugin.py'
 TABLE_HEADER = method_table().splitlines()[0]
 
 

@@ -2,8 +2,8 @@
 
 The loop emits ``step`` (after backward, before the optimizer step), ``checkpoint`` (checkpoint files written, not
 yet renamed into place) and ``eval`` (after the first eval batch). The kill-and-resume tests listen here and SIGKILL
-the process at a chosen point (``tests/crash.py``); nothing in the package listens, so an emit costs one loop over an
-empty list.
+the process at a chosen point (``tests/helpers/crash.py``); nothing in the package listens, so an emit costs one loop
+over an empty list.
 """
 from typing import Callable, List
 

@@ -3,7 +3,7 @@
 A fresh ``python train_icd.py`` spends about 5 CPU-seconds importing torch, torchvision (and through it
 torch._dynamo), timm, accelerate and datasets before it reads its first flag, and the suite starts over a hundred
 commands. This process imports them once, in the one environment the tests give every command
-(``conftest.offline_env()``, which it is started with), then forks a child per request. The child is a process of its
+(``helpers.offline_env()``, which it is started with), then forks a child per request. The child is a process of its
 own: its own pid, exit status, standard streams, working directory and ``sys.argv``, run as ``python SCRIPT ARGS`` or
 ``python -m MODULE ARGS`` would (``runpy``), with the random modules reseeded as a fresh process's are. It exits as
 the interpreter does (SystemExit's code; a traceback and status 1 for an uncaught exception; non-daemon threads
@@ -15,7 +15,7 @@ through multiprocessing's bootstrap (no atexit handlers, no interpreter-style ex
 server takes whatever environment the test process has when the first child starts.
 
 What a fork cannot give: output a fresh interpreter prints while importing (a warning at import) is not in the child's
-stderr, and settings read at import from the environment are the zygote's, so ``conftest.run_cli`` forks only for
+stderr, and settings read at import from the environment are the zygote's, so ``helpers.run_cli`` forks only for
 commands that get exactly the zygote's environment (any other environment, or ``TIMM_ICD_TEST_FORK=0``, starts a real
 interpreter).
 

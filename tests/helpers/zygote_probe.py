@@ -1,4 +1,4 @@
-"""What ``test_harness.py`` runs through ``conftest.run_cli`` to compare a forked command with a fresh interpreter:
+"""What ``test_harness.py`` runs through ``helpers.run_cli`` to compare a forked command with a fresh interpreter:
 ``zygote_probe.py MODE`` prints what a process is given, then ends the way MODE says."""
 import atexit
 import os
