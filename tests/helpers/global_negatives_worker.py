@@ -60,7 +60,8 @@ def compare(accelerator, make, x, f_t, local) -> dict:
     ref = dict(reference.named_parameters())
     grads = {name: (p.grad - ref[name].grad).abs().max().item() for name, p in net.named_parameters()}
     return {'loss': loss.item(), 'loss_ref': loss_ref.item(), 'loss_local_only': loss_local_only.item(),
-            'grad_max_abs_diff': grads, 'grad_norm_ref': {n: p.grad.norm().item() for n, p in reference.named_parameters()}}
+            'grad_max_abs_diff': grads,
+            'grad_norm_ref': {n: p.grad.norm().item() for n, p in reference.named_parameters()}}
 
 
 if __name__ == '__main__':

@@ -15,8 +15,8 @@ _batches = streaming.StreamLoader._batches
 def _recording(self, epoch, start):
     for rows, seeds, position in _batches(self, epoch, start):
         if self.train:
-            SEEN.append([epoch, [hashlib.sha1(row[self.image_column]['bytes']).hexdigest() + f':{row[self.label_column]}'
-                                 for row in rows]])
+            digests = [hashlib.sha1(row[self.image_column]['bytes']).hexdigest() for row in rows]
+            SEEN.append([epoch, [f'{d}:{row[self.label_column]}' for d, row in zip(digests, rows)]])
         yield rows, seeds, position
 
 
