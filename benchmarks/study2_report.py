@@ -21,6 +21,7 @@ from timm_icd.publish.sweep_report import ALPHA, analyse
 
 TEST_FIELDS = ['test_top1', 'test_top5', 'test_images']
 ADAPTED = 'adapted_teachers.json'
+SET_ASIDE, SET_ASIDE_TEST = 'set_aside_runs.csv', 'set_aside_test_withheld.csv'  # protocol2_execution.md
 
 
 def _f(v: Optional[float], fmt: str = '+.2f') -> str:
@@ -89,7 +90,7 @@ def _progress(pairs, loaded, declared) -> List[str]:
     return lines
 
 
-def _adapted_teachers(loaded: Mapping[str, dict], data: Mapping[str, str], sweeps: Path, mirror: Path) -> dict:
+def adapted_teachers(loaded: Mapping[str, dict], data: Mapping[str, str], sweeps: Path, mirror: Path) -> dict:
     """Exploratory: the test top-1 of each adapted teacher of pair T (its ``adaptX`` runs' ``teacher_adapted``
     folder, the same for every run of that teacher), measured once and kept in ``results/<name>/transfer/``."""
     path = mirror / 'transfer' / ADAPTED
@@ -226,12 +227,18 @@ def write_report(cfg, s: dict, pairs: Mapping[str, dict], declared: Mapping[str,
              f"(paths relative to each pair's sweep folder). {s['jobs']} runs at a time, {s['threads']} torch "
              f'thread(s) each.', '', '## Status', '']
     lines += _progress(pairs, loaded, declared)
+    aside = {pair: sum(r['kind'] == 'run' for r in read_csv(mirror / pair / SET_ASIDE)) for pair in pairs}
+    if any(aside.values()):
+        lines += ['', 'Set aside and run again, never analysed: ' + ', '.join(
+            f"{n} run(s) of pair {pairs[pair]['label']}" for pair, n in aside.items() if n) + ", taught by a teacher "
+            "whose retrained weights differed from the recorded ones ([protocol2_execution.md](protocol2_execution.md),"
+            " `teachers.json` under `replaced`)."]
     if not revealed:
         lines += ['', f'Withheld: the test numbers appear when every one of the {n} primary runs has its test result; '
                       'nothing is decided before.']
         write_text_atomic(out / f'{cfg.name}.md', '\n'.join(lines) + '\n')
         return out / f'{cfg.name}.md'
-    adapted = _adapted_teachers(loaded, data, sweeps, mirror)
+    adapted = adapted_teachers(loaded, data, sweeps, mirror)
     primary, body = _results(pairs, loaded, s, teachers, adapted)
     lines += ['', f'Every one of the {n} primary runs has its test result.', '', *body, '', '## Run time', '',
               *_cost(pairs, loaded, teachers), '', '## What the results decide', '']

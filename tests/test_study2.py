@@ -1,6 +1,7 @@
 """The second pre-registered study (benchmarks/study2.py on top of the sweep): its decision rule, and its quick mode
 end to end: the test numbers withheld until every primary run of every pair is in, Holm over C1-C4 recomputed from
-the runs CSV, the runs restored from the committed CSVs and never run again, the teachers' sha256 enforced."""
+the runs CSV, the runs restored from the committed CSVs and never run again, a retrained teacher with other weights
+setting its block's runs aside to run again."""
 import csv
 import json
 import re
@@ -123,15 +124,45 @@ def test_quick_study2_withholds_decides_restores_and_checks_its_teachers(tmp_pat
     assert result.stdout.count('runs are in') == 3 and 'jobs to do' not in result.stdout
     assert [r for r in _rows(out / 'study2_quick_runs.csv') if r['kind'] == 'run'] == runs
 
-    # a teacher retrained has the recorded weights; one recorded otherwise stops the study in one line
+    # a teacher retrained on this machine has the recorded weights
     recorded = json.loads((mirror / 'teachers.json').read_text())
     assert len(recorded) == 6 and all(len(t['sha256']) == 64 for t in recorded.values())
     shutil.rmtree(data / 'study2_quick' / 'teachers' / 'second' / 'runs' / 'vanilla-s2021')
     result = run_cli('teachers', '--quick', '--out', out, '--data-dir', data, script='benchmarks/study2.py')
     assert result.returncode == 0 and '1 jobs to do' in result.stdout, result.stderr[-3000:]
     assert json.loads((mirror / 'teachers.json').read_text()) == recorded
+
+    # a session ended in the block of seed 200 of pair A (kd1-s200 unfinished), and its teacher, retrained in a new
+    # work tree, has other weights (as on another CPU; here: another recorded sha256): the record is replaced, and the
+    # runs the recorded weights taught and its cache are set aside, their test rows unread, and run again
     (mirror / 'teachers.json').write_text(json.dumps({**recorded, 'cnn-teacher2000': {
         **recorded['cnn-teacher2000'], 'sha256': '0' * 64}}))
-    result = run_cli('teachers', '--quick', '--out', out, '--data-dir', data, script='benchmarks/study2.py')
-    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(
-        'error: teacher cnn-teacher2000 has other weights'), result.stderr[-2000:]
+    before = {r['key']: r for r in _rows(mirror / 'cnn' / 'sweep_runs.csv')}
+    for name in ('sweep_runs.csv', 'sweep_test_withheld.csv'):
+        rows = _rows(mirror / 'cnn' / name)
+        with open(mirror / 'cnn' / name, 'w', newline='') as f:
+            writer = csv.DictWriter(f, list(rows[0]), lineterminator='\n')
+            writer.writeheader()
+            writer.writerows(r for r in rows if r['key'] != 'kd1-s200')
+    shutil.rmtree(data / 'study2_quick' / 'sweeps')
+    result = run_cli('runs', '--quick', '--max-blocks', '1', '--out', out, '--data-dir', data,
+                     script='benchmarks/study2.py')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'teacher cnn-teacher2000 retrained with other weights' in result.stdout
+    assert '2 finished run(s) it taught set aside' in result.stdout and result.stdout.count('runs are in') == 3
+    assert not [line for line in result.stdout.splitlines() if line.startswith('test ')]
+    taught = ['dist-s200', 'icd+kd-s200', 'kd1-s200']
+    aside = _rows(mirror / 'cnn' / 'set_aside_runs.csv')
+    assert sorted(r['key'] for r in aside) == ['cache-t0', *taught[:2]]
+    assert {r['set_aside'] for r in aside} == {'taught by cnn-teacher2000 sha256 000000000000'}
+    assert sorted(r['key'] for r in _rows(mirror / 'cnn' / 'set_aside_test_withheld.csv')) == taught[:2]
+    after = {r['key']: r for r in _rows(mirror / 'cnn' / 'sweep_runs.csv')}
+    assert after.keys() == before.keys() and all(after[k] == before[k] for k in after if k.endswith('s201'))
+    assert all(after[k]['started'] >= before[k]['ended'] for k in [*taught, 'cache-t0'])  # run again
+    assert {r['key'] for r in _rows(mirror / 'cnn' / 'sweep_test_withheld.csv')} >= set(taught)
+    record = json.loads((mirror / 'teachers.json').read_text())['cnn-teacher2000']
+    assert record['sha256'] == recorded['cnn-teacher2000']['sha256']
+    assert [(r['sha256'], r['runs_set_aside']) for r in record['replaced']] == [('0' * 64, 2)]
+    result = run_cli('report', '--quick', '--out', out, '--data-dir', data, script='benchmarks/study2.py')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'Set aside and run again, never analysed: 2 run(s) of pair A' in (out / 'study2_quick.md').read_text()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import FAST, REPO, offline_env, run_cli
+from timm_icd.base import UserError
 from timm_icd.cli.sweep import main as sweep_main
 from timm_icd.cli.sweep_runs import FIELDS, commit_of_package
 from timm_icd.publish.stats import holm, paired
@@ -186,6 +187,14 @@ def test_plan_spreads_seeds_over_teachers_and_pays_each_teacher_once(tmp_path, d
     per_seed, _, _ = plan(create_parser().parse_args(argv + ['--data-seed', 'seed']), [], tmp_path)
     assert [j['key'] for j in per_seed if j['kind'] == 'cache'] == [f'cache-t{s % 3}-d{s}' for s in range(5)]
     assert ['--seed', '3', '--data-seed', '3'] == next(j for j in per_seed if j['key'] == 'kd-s3')['argv'][8:12]
+
+    # --only-teacher K: the K-th teacher's seeds (every arm, vanilla too) and its cache; the rest stays declared
+    from timm_icd.cli.sweep import _of_teacher
+    second = [j['key'] for j in jobs if _of_teacher(j, 1, info)]
+    assert second == ['cache-t1', 'vanilla-s1', 'kd-s1', 'kd1-s1', 'vanilla-s4', 'kd-s4', 'kd1-s4']
+    assert [j['key'] for j in per_seed if _of_teacher(j, 2, info) and j['kind'] == 'cache'] == ['cache-t2-d2']
+    with pytest.raises(UserError, match='--only-teacher 3: this sweep has 3 teacher'):
+        _of_teacher(jobs[0], 3, info)
 
 
 def test_val_split_holdout_scores_on_part_of_train_even_where_a_test_split_exists(digits_small):

@@ -4,6 +4,7 @@
         --contrast icd+kd-kd --contrast dist-icd+kd --jobs 2 --out sweep -- --epochs 24 -b 64
     python -m timm_icd sweep --teachers T1,T2,T3 ...      # seeds go round-robin over the teachers
     python -m timm_icd sweep ... --arm 'kd1=kd --task-loss-weight 1 --kd-loss-weight 1'   # an arm with its own flags
+    python -m timm_icd sweep --teachers T1,T2,T3 ... --only-teacher 1   # T2's seeds only (one job per teacher)
 
 Every run is ``train_icd.py`` with the flags after ``--``, ``--seed`` (the student's initialisation) and the shared
 ``--data-seed`` (the batches), one torch thread each. Each teacher's outputs are written once, ahead of its runs,
@@ -66,6 +67,9 @@ def create_parser() -> ArgumentParser:
                         help='the split runs are scored on (default: validation/valid/val, else a hold-out of train)')
     parser.add_argument('--test-split', default=None, metavar='NAME',
                         help='also measure each student on this split; its numbers are withheld until every run is in')
+    parser.add_argument('--only-teacher', type=int, default=None, metavar='K',
+                        help="run only the seeds of the K-th teacher (0 first) and its cache: one teacher's runs per "
+                             "job or session; every run stays declared, so the test split waits for all of them")
     parser.add_argument('--report', action='store_true', help='write the report from the CSV; run nothing')
     return parser
 
@@ -175,7 +179,7 @@ def plan(cfg, passthrough: List[str], root: Path) -> Tuple[List[dict], Dict[str,
                              log=str(root / 'logs' / f'{key}.log'), needs=cache[0], test_split=cfg.test_split,
                              dataset=cfg.dataset))
     groups = {seed: f't{k} ({relative(teachers[k], root)})' for seed, k in teacher_of.items()}
-    return jobs, groups, dict(arms=arms, seeds=seeds, val_split=val_split, teachers=teachers)
+    return jobs, groups, dict(arms=arms, seeds=seeds, val_split=val_split, teachers=teachers, teacher_of=teacher_of)
 
 
 def _header(cfg, argv: List[str], root: Path, info: dict, commits: List[str]) -> List[str]:
@@ -206,6 +210,17 @@ def _declare(root: Path, keys: List[str]) -> List[str]:
     return declared
 
 
+def _of_teacher(job: dict, k: Optional[int], info: dict) -> bool:
+    """Whether ``job`` belongs to the K-th teacher's share (``--only-teacher K``; every job when K is None)."""
+    if k is None:
+        return True
+    if not 0 <= k < len(info['teachers']):
+        raise UserError(f"--only-teacher {k}: this sweep has {len(info['teachers'])} teacher(s), numbered from 0.")
+    if job['kind'] == 'cache':
+        return job['key'].split('-')[1] == f't{k}'
+    return info['teacher_of'][job['seed']] == k
+
+
 def sweep(argv: List[str]) -> int:
     own, passthrough = split_argv(argv)
     cfg = create_parser().parse_args(own)
@@ -216,7 +231,8 @@ def sweep(argv: List[str]) -> int:
     root = Path(cfg.out).absolute()
     jobs, groups, info = plan(cfg, passthrough, root)
     contrasts = parse_contrasts(cfg.contrast, info['arms'])
-    for job in jobs:  # every flag checked before the first run starts
+    chosen = [j for j in jobs if _of_teacher(j, cfg.only_teacher, info)]
+    for job in chosen:  # every flag checked before the first run starts
         parse_and_validate(job['argv'])
     rows = read_csv(root / RUNS_CSV)
     check_same_flags(rows, jobs, root)
@@ -227,9 +243,9 @@ def sweep(argv: List[str]) -> int:
                         f"give this sweep another --out, or leave --test-split out.")
     root.mkdir(parents=True, exist_ok=True)  # every check above has passed
     declared = _declare(root, [j['key'] for j in jobs if j['kind'] == 'run'])
-    todo = [j for j in jobs if j['kind'] == 'run' and j['key'] not in finished]
+    todo = [j for j in chosen if j['kind'] == 'run' and j['key'] not in finished]
     written = {r['key'] for r in rows if r['kind'] == 'cache'}  # a cache written by an earlier call is kept
-    caches = [j for j in jobs if j['kind'] == 'cache' and j['key'] in {r['needs'] for r in todo}
+    caches = [j for j in chosen if j['kind'] == 'cache' and j['key'] in {r['needs'] for r in todo}
               and not (j['key'] in written and Path(j['cache_dir']).is_dir())]
     for job in todo:
         job['needs'] = job['needs'] if job['needs'] in {c['key'] for c in caches} else None
