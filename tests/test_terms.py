@@ -12,7 +12,8 @@ import torch
 from timm_icd.distill import (
     METHOD_WEIGHTS, TERMS, DKDParams, KDParams, method_table, method_title, param_problems, register_loss)
 from timm_icd.distill.methods import AUTO_ACROSS_SPACES, AUTO_SAME_SPACE
-from timm_icd.distill.terms import split_settings
+from timm_icd.distill.terms import record_of, split_settings
+from timm_icd.publish import render_card
 from timm_icd import UserError
 from helpers import FAST, HELPERS, REPO, offline_env, read_summary, run_cli
 
@@ -81,6 +82,23 @@ def test_the_plugins_term_matches_a_float64_reference(monkeypatch):
     assert got.dtype == torch.float32 and got.item() == pytest.approx(ref.item(), rel=1e-6)
 
 
+def test_the_model_card_names_the_logit_term_its_settings_and_its_bibtex_from_the_table():
+    base = {'student': 'test_efficientnet', 'top1': 91.5, 'top5': 99.0, 'epochs': 2, 'epoch': 1, 'command': 'x',
+            'loss_weights': {'task': 1.0, 'kd': 1.0, 'icd': 1.0}, 'teacher': None, 'icd': None,
+            'dataset': {'name': 'digits', 'num_classes': 10, 'eval_split': 'test', 'eval_rows': 72,
+                        'train_split': 'train', 'train_rows': 256}}
+    config = {'architecture': 'test_efficientnet', 'num_classes': 10, 'pretrained_cfg': {'input_size': [3, 32, 32]}}
+    dkd = str(render_card({**base, **record_of('icd+dkd', 'dkd', {'dkd': DKDParams(beta=8.0)})}, config, 'o/m'))
+    assert ('- Decoupled Knowledge Distillation (DKD) ([Zhao et al., CVPR 2022](https://arxiv.org/abs/2203.08679)): '
+            '`--dkd-alpha 1.0` `--dkd-beta 8.0` `--dkd-warmup-epochs 20`.') in dkd
+    assert '@inproceedings{zhao2022dkd,' in dkd and 'huang2022dist' not in dkd and 'giakoumoglou2024icd' in dkd
+    kd = str(render_card({**base, **record_of('kd', 'kd', {})}, config, 'o/m'))
+    assert '- Hinton knowledge distillation (KD) ([Hinton et al., 2015](https://arxiv.org/abs/1503.02531)).' in kd
+    assert '@article{hinton2015distilling,' in kd and 'zhao2022dkd' not in kd
+    alone = str(render_card({**base, **record_of('vanilla', None, {})}, config, 'o/m'))
+    assert 'hinton2015distilling' not in alone and 'Knowledge Distillation (DKD)' not in alone
+
+
 def test_a_term_registered_from_a_file_trains_through_the_cli(digits_small, tmp_path):
     out = tmp_path / 'l1'
     result = run_cli('--student', 'test_resnet', '--teacher', 'test_resnet', '--teacher-pretrained', 'false',
@@ -91,6 +109,10 @@ def test_a_term_registered_from_a_file_trains_through_the_cli(digits_small, tmp_
     assert record['method'] == 'l1' and record['logit_loss'] == 'l1' and record['l1'] == {'scale': 3.0}
     assert record['method_title'] == 'L1 between class probabilities (L1)' and record['dkd'] is None
     assert record['loss_weights'] == {'task': 0.0, 'kd': 1.0, 'icd': 0.0} and record['kd_temperature'] == 2.0
+    # the model card names the term, its settings and its BibTeX from the record: a push needs no plugin loaded
+    card = str(render_card(record, json.loads((out / 'student' / 'config.json').read_text()), 'org/l1-student'))
+    assert '- L1 between class probabilities (L1) (a test term): `--l1-scale 3.0`.' in card
+    assert '@misc{l1test, title = {A test term}}' in card and 'zhao2022dkd' not in card
     row = read_summary(out)[0]
     # CE at weight 0: the loss is the plugin's term alone, at most 3 * 2 (an L1 of two probability vectors)
     assert 0 < float(row['train_loss_kd']) <= 6.0

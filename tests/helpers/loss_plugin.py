@@ -23,4 +23,4 @@ def l1_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
 
 
 register_loss('l1', l1_loss, L1Params, title='L1 between class probabilities (L1)', temperature=2.0,
-              citation='a test term')
+              citation='a test term', bibtex='@misc{l1test, title = {A test term}}')

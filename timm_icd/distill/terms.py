@@ -109,6 +109,7 @@ class LossTerm:
         hard_labels: Why the term needs class indices, not Mixup/CutMix soft targets (None: it does not).
         same_label_space: Whether the teacher must predict the dataset's classes.
         citation, arxiv: Where it comes from.
+        bibtex: Its BibTeX entry, for the model card of a student trained with it.
     """
     name: str
     kind: str
@@ -123,6 +124,7 @@ class LossTerm:
     same_label_space: bool = True
     citation: str = ''
     arxiv: Optional[str] = None
+    bibtex: str = ''
 
 
 TERMS: Dict[str, LossTerm] = {}
@@ -171,6 +173,7 @@ def register_loss(
         hard_labels: Optional[str] = None,
         citation: str = '',
         arxiv: Optional[str] = None,
+        bibtex: str = '',
 ) -> LossTerm:
     """Add a logit term to the table: ``--method NAME`` and ``--method icd+NAME`` then train with it.
 
@@ -184,7 +187,8 @@ def register_loss(
         weights, icd_weights: (CE, term) weights alone and beside ICD.
         temperature: Its default temperature (``--kd-temperature`` overrides it).
         hard_labels: Why it needs class indices (then Mixup/CutMix are refused with it), or None.
-        citation, arxiv: Where it comes from, for the method table.
+        citation, arxiv: Where it comes from, for the method table and the model card.
+        bibtex: Its BibTeX entry, for the model card.
 
     Example (a file passed with ``train_icd.py --loss-plugin my_loss.py --method mse``)::
 
@@ -198,7 +202,7 @@ def register_loss(
         register_loss('mse', lambda s, t, y, temperature, standardize, p: p.scale * ((s - t) ** 2).mean(), MSEParams)
     """
     return _declare(LossTerm(name, LOGIT, title or name, title or name, loss, params, tuple(weights),
-                             tuple(icd_weights), float(temperature), hard_labels, True, citation, arxiv))
+                             tuple(icd_weights), float(temperature), hard_labels, True, citation, arxiv, bibtex))
 
 
 def load_plugins(files: Sequence[str] = ()) -> List[str]:
@@ -297,9 +301,13 @@ def method_title(method: str) -> str:
 
 def record_of(method: str, logit: Optional[str], params: Mapping[str, Any]) -> Dict[str, Any]:
     """The part of distillation.json each logit term writes: ``kd_FIELD`` for the settings every logit term shares,
-    ``{NAME: {field: value}}`` for the active term's own parameters, None for every other logit term."""
+    ``{NAME: {field: value}}`` for the active term's own parameters, None for every other logit term, and
+    ``logit_term``: the active one's title, citation and BibTeX entry (the model card's)."""
     shared = params.get('kd', KDParams()) if logit else None
     out: Dict[str, Any] = {'method': method, 'method_title': method_title(method), 'logit_loss': logit}
+    term = TERMS.get(logit) if logit else None  # its words for the model card, which a push without its plugin needs
+    out['logit_term'] = {'name': term.name, 'title': term.title, 'citation': cite(term),
+                         'bibtex': term.bibtex.strip()} if term else None
     out.update({f'kd_{f.name}': getattr(shared, f.name) if shared else None for f in fields(KDParams)})
     for term in TERMS.values():
         if term.kind == LOGIT and term.name != 'kd':
@@ -334,19 +342,36 @@ def method_table() -> str:
 _declare(LossTerm('kd', LOGIT, 'Hinton knowledge distillation (KD)', 'Hinton KD',
                   lambda s, t, y, temperature, standardize, p: kd_loss(s, t, temperature, standardize=standardize),
                   KDParams, (0.1, 0.9), (1.0, 1.0), KD_TEMPERATURE,
-                  citation='Hinton et al., 2015', arxiv='1503.02531'))
+                  citation='Hinton et al., 2015', arxiv='1503.02531', bibtex='''
+@article{hinton2015distilling,
+  title   = {Distilling the Knowledge in a Neural Network},
+  author  = {Hinton, Geoffrey and Vinyals, Oriol and Dean, Jeff},
+  journal = {arXiv preprint arXiv:1503.02531},
+  year    = {2015}
+}'''))
 _declare(LossTerm('dkd', LOGIT, 'Decoupled Knowledge Distillation (DKD)', 'Decoupled KD',
                   lambda s, t, y, temperature, standardize, p: dkd_loss(s, t, y, temperature, p.alpha, p.beta,
                                                                         standardize=standardize),
                   DKDParams, (1.0, 1.0), (1.0, 1.0), KD_TEMPERATURE,
                   hard_labels='separates the target class from the others',
-                  citation='Zhao et al., CVPR 2022', arxiv='2203.08679'))
+                  citation='Zhao et al., CVPR 2022', arxiv='2203.08679', bibtex='''
+@inproceedings{zhao2022dkd,
+  title     = {Decoupled Knowledge Distillation},
+  author    = {Zhao, Borui and Cui, Quan and Song, Renjie and Qiu, Yiyu and Liang, Jiajun},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2022}
+}'''))
 _declare(LossTerm('dist', LOGIT, 'DIST, distillation of inter- and intra-class relations', 'DIST',
                   lambda s, t, y, temperature, standardize, p: dist_loss(s, t, temperature, p.beta, p.gamma,
                                                                          standardize=standardize),
                   DISTParams, (1.0, 1.0), (1.0, 1.0), DIST_TEMPERATURE,
-                  citation='Huang et al., NeurIPS 2022',
-                  arxiv='2205.10536'))
+                  citation='Huang et al., NeurIPS 2022', arxiv='2205.10536', bibtex='''
+@inproceedings{huang2022dist,
+  title     = {Knowledge Distillation from A Stronger Teacher},
+  author    = {Huang, Tao and You, Shan and Wang, Fei and Qian, Chen and Xu, Chang},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2022}
+}'''))
 _declare(LossTerm('icd', FEATURE, 'Invariant Consistency Distillation (ICD)', 'Invariant Consistency Distillation',
                   None, ICDParams, (1.0, 1.0), (1.0, 1.0), same_label_space=False,
                   citation='Giakoumoglou and Stathaki, 2024', arxiv='2407.11802'))
