@@ -45,6 +45,7 @@ import study  # noqa: E402
 from study2_report import ADAPTED, SET_ASIDE, SET_ASIDE_TEST, adapted_teachers, load, write_report  # noqa: E402
 from timm_icd.base import UserError, write_text_atomic  # noqa: E402
 from timm_icd.cli.common import run_command  # noqa: E402
+from timm_icd.run import PREEMPTED_EXIT_CODE  # noqa: E402
 from timm_icd.cli.sweep import sweep  # noqa: E402
 from timm_icd.cli.sweep_runs import FIELDS, RUNS_CSV, TEST_CSV, TEST_FIELDS, read_csv, write_csv  # noqa: E402
 
@@ -298,8 +299,11 @@ def runs(cfg, s: dict, data: Dict[str, str]) -> int:
                   f"{','.join(map(str, block_seeds(s, k)))}): {len(todo)} run(s) to do", flush=True)
             argv = study_argv(cfg, s, data, pair)
             split = argv.index('--')
-            rc = run_sweep(argv[:split] + ['--only-teacher', str(k)] + argv[split:]) or rc
+            block_rc = run_sweep(argv[:split] + ['--only-teacher', str(k)] + argv[split:])
+            rc = block_rc or rc
             sync(cfg)
+            if block_rc == PREEMPTED_EXIT_CODE:  # a scheduler's signal: the runs saved a checkpoint; stop here
+                return rc
             if pair == 'transfer':  # each adapted teacher's test top-1 (exploratory), withheld, while it is here
                 adapted_teachers(load(folders(cfg)['mirror'], pairs()), data, folders(cfg)['sweeps'],
                                  folders(cfg)['mirror'])

@@ -110,6 +110,42 @@ def test_sweep_is_killed_resumes_and_withholds_the_test_split(tmp_path, digits_s
     assert (out / 'sweep.png').stat().st_size > 1000
 
 
+@pytest.mark.long
+def test_a_schedulers_signal_stops_the_sweep_with_checkpoints_and_exit_75(tmp_path, digits_small):
+    """SIGTERM to the sweep's process alone (a batch script's, say): the two running runs get it from the sweep, save
+    a checkpoint at a step boundary, the third never starts, the sweep exits 75; the same command continues them."""
+    out = tmp_path / 'sweep'
+    args = [str(a) for a in ['--student', 'test_resnet', '--dataset', digits_small, '--methods', 'vanilla', '--seeds',
+                             '0-2', '--jobs', '2', '--out', out, '--', '--epochs', '6', '-b', '8', *FAST]]
+    proc = subprocess.Popen([sys.executable, '-m', 'timm_icd', 'sweep', *args], cwd=REPO, env=offline_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    logs = [out / 'logs' / f'vanilla-s{s}.log' for s in (0, 1)]
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline and not all(
+                log.exists() and 'Epoch 0:' in log.read_text() for log in logs):  # both are in their 2nd epoch
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 75, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == ('stopped (SIGTERM): the running runs saved a checkpoint; 3 run(s) left; '
+                                               'run the same command again to continue them (exit code 75).')
+    assert not _rows(out / 'sweep_runs.csv') and not (out / 'runs' / 'vanilla-s2').exists()
+    for log in logs:
+        assert 'stopped, preempted at epoch' in log.read_text() and 'checkpoint saved' in log.read_text()
+    result = run_cli(*args, command='sweep', timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {r['key']: r for r in _rows(out / 'sweep_runs.csv')}
+    assert sorted(runs) == ['vanilla-s0', 'vanilla-s1', 'vanilla-s2'] and {r['epochs'] for r in runs.values()} == {'6'}
+    for key in ('vanilla-s0', 'vanilla-s1'):  # continued from the stop's checkpoint, not started again
+        assert 'Resumed from' in (out / 'logs' / f'{key}.log').read_text()
+
+
 def test_holm_adjusted_p_values_match_a_hand_worked_example():
     """Seeds 0-3, b - a = 1, 2, 3, 4 and c - a = 1, -1, 2, 0.5. t-tests with 3 df, whose two-sided p is
     1 - 2/pi * (t / (sqrt(3) (1 + t^2 / 3)) + atan(t / sqrt(3))): b, t = 2.5 / (sqrt(5/3) / 2) = 3.8730, p = 0.0304663;

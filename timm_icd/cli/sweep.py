@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 from ..base import UserError, write_text_atomic
 from ..data import HOLDOUT, load_dataset_dict
 from ..publish.sweep_report import REPORT, TESTS, write_sweep_report
-from ..run import ArgumentParser, parse_and_validate
+from ..run import PREEMPTED_EXIT_CODE, ArgumentParser, parse_and_validate
 from .common import run_command
 from .sweep_runs import (
     RUNS_CSV, FIELDS, add_test_row, check_same_flags, commit_of_package, execute, read_csv, relative, relative_argv,
@@ -277,13 +277,20 @@ def sweep(argv: List[str]) -> int:
         log = f" (log: {os.path.relpath(job['log'])})" if os.path.exists(job['log']) else ''
         print(f"failed: {job['key']}: {reason}{log}", file=sys.stderr, flush=True)
 
+    stopped = None
     if not cfg.report and todo:
         print(f"{len(todo)} jobs to do ({len(finished & set(declared))} of {len(declared)} runs done), {cfg.jobs} at a "
               f"time, {cfg.threads} thread(s) each", flush=True)
-        execute(todo, cfg.jobs, cfg.threads, done, fail)
+        stopped = execute(todo, cfg.jobs, cfg.threads, done, fail)
     analysed = report()
     _summary(analysed)
     print(f'report: {os.path.relpath(root / REPORT)}', flush=True)
+    if stopped:
+        finished = {r['key'] for r in rows if r['kind'] == 'run'}
+        left = sum(j['kind'] == 'run' and j['key'] not in finished for j in todo)
+        print(f'stopped ({stopped}): the running runs saved a checkpoint; {left} run(s) left; run the same command '
+              f'again to continue them (exit code {PREEMPTED_EXIT_CODE}).', file=sys.stderr, flush=True)
+        return PREEMPTED_EXIT_CODE
     if failed:
         print(f"{len(failed)} job(s) failed: {', '.join(failed)}; run the same command again to retry them.",
               file=sys.stderr)

@@ -3,6 +3,10 @@
 Workers are forked from a server process that has imported torch, timm and the package once (``multiprocessing``'s
 ``forkserver`` with a preload, one fresh process per run), so a run costs its training, not ten seconds of imports.
 A worker dies with the sweep (``PR_SET_PDEATHSIG``), so a killed sweep leaves no run writing into its folder.
+
+A scheduler's SIGTERM or SIGUSR1 to the sweep stops it as one stops a run (``run/preempt.py``): no run starts after
+it, each running run gets the signal too (where the scheduler did not send it to them already) and saves a checkpoint
+at its next step boundary, and the sweep ends with exit code 75 once they have; a requeued sweep continues them.
 """
 import csv
 import ctypes
@@ -23,11 +27,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from ..base import UserError, __version__, first_line, write_text_atomic
-from ..run import parse_and_validate, run, write_ahead
+from ..run import Preempted, parse_and_validate, run, write_ahead
 from .validate import validate
 
 RUNS_CSV = 'sweep_runs.csv'
 TEST_CSV = 'sweep_test_withheld.csv'
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 FIELDS = ['kind', 'key', 'arm', 'method', 'seed', 'data_seed', 'teacher', 'val_split', 'val_top1', 'val_top5',
           'epochs', 'train_rows', 'started', 'ended', 'seconds', 'commit', 'run_dir', 'log', 'flags']
 TEST_FIELDS = ['key', 'arm', 'seed', 'test_split', 'test_top1', 'test_top5', 'test_images']
@@ -109,8 +114,11 @@ def write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> None:
 
 def _init_worker(threads: int) -> None:
     """One torch thread (or ``threads``), and death with the sweep: the worker's parent is the fork server, which
-    exits when the sweep does."""
+    exits when the sweep does. The stop signals are ignored between runs (a run's pre-emption handler takes them while
+    it trains), so that the sweep's stop, sent to every worker, ends no idle one."""
     torch.set_num_threads(threads)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
     except (AttributeError, OSError):  # another system: a killed sweep's runs finish on their own
@@ -131,6 +139,9 @@ def run_job(job: dict) -> dict:
     _redirect(Path(job['log']))
     try:
         return _run_job(job)
+    except Preempted as e:  # a checkpoint is saved: the sweep stops, and its next call continues the run
+        print(f"sweep job {job['key']}: stopped, {e}", flush=True)
+        return {'preempted': e.reason}
     except BaseException:
         traceback.print_exc()  # into the job's log; the sweep prints its one line
         raise
@@ -163,26 +174,56 @@ def _pool(jobs: int, threads: int) -> ProcessPoolExecutor:
                                max_tasks_per_child=1)
 
 
+class _Stop:
+    """The sweep's stop (``STOP_SIGNALS``, or a run that stopped on its own ``--time-limit``): ``reason`` is what asked
+    for it. A signal is also sent on to the pool's workers: idle ones ignore it, running ones stop at a step boundary
+    with a checkpoint (CPython's pool keeps its workers' pids in ``_processes``; nothing public lists them)."""
+
+    def __init__(self, pool: ProcessPoolExecutor) -> None:
+        self.pool, self.reason, self._previous = pool, None, {}
+
+    def __enter__(self) -> '_Stop':
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread (a Python caller's worker thread): no stop by signal
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.reason = self.reason or signal.Signals(signum).name
+        for pid in list(getattr(self.pool, '_processes', None) or {}):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+
 def execute(jobs: List[dict], n_jobs: int, threads: int, on_done: Callable[[dict, dict], None],
-            on_failed: Callable[[dict, str], None]) -> None:
+            on_failed: Callable[[dict, str], None]) -> Optional[str]:
     """Run ``jobs`` ``n_jobs`` at a time: a run whose ``needs`` names a cache job starts when that job has
     finished (and never, when it failed). ``on_done(job, result)`` and ``on_failed(job, reason)`` are called in the
-    sweep's process as each ends."""
+    sweep's process as each ends. Returns what stopped the sweep before its last job (a signal's name, or a run's
+    time limit), or None."""
     done_keys = set()
     failed_keys = set()
     waiting = list(jobs)
     running: Dict[Future, dict] = {}
-    with _pool(n_jobs, threads) as pool:
+    with _pool(n_jobs, threads) as pool, _Stop(pool) as stop:
         try:
             while waiting or running:
-                for job in list(waiting):
+                for job in list(waiting) if stop.reason is None else []:
                     need = job.get('needs')
                     if need in failed_keys:
                         waiting.remove(job)
                         failed_keys.add(job['key'])
                         on_failed(job, f'its teacher cache ({need}) failed')
-                    elif need is None or need in done_keys:
-                        waiting.remove(job)
+                    elif (need is None or need in done_keys) and len(running) < n_jobs:
+                        waiting.remove(job)  # submitted only when a worker is free: a stop leaves none queued
                         running[pool.submit(run_job, job)] = job
                 if not running:
                     break
@@ -194,7 +235,9 @@ def execute(jobs: List[dict], n_jobs: int, threads: int, on_done: Callable[[dict
                         raise UserError(f"the process of {job['key']} died (killed?; its log: {job['log']}); run the "
                                         f'same command again: finished runs are kept, unfinished ones continue from '
                                         f'their last checkpoint.')
-                    if error is None:
+                    if error is None and 'preempted' in future.result():
+                        stop.reason = stop.reason or future.result()['preempted']
+                    elif error is None:
                         done_keys.add(job['key'])
                         on_done(job, future.result())
                     else:
@@ -204,6 +247,7 @@ def execute(jobs: List[dict], n_jobs: int, threads: int, on_done: Callable[[dict
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+    return stop.reason
 
 
 def result_row(job: dict, result: dict, commit: str, root: Path) -> dict:
