@@ -2,7 +2,8 @@
 
 Workers are forked from a server process that has imported torch, timm and the package once (``multiprocessing``'s
 ``forkserver`` with a preload, one fresh process per run), so a run costs its training, not ten seconds of imports.
-A worker dies with the sweep (``PR_SET_PDEATHSIG``), so a killed sweep leaves no run writing into its folder.
+A worker gets SIGTERM when the sweep dies (``PR_SET_PDEATHSIG``): a running run stops at its next step boundary
+with a checkpoint, so a killed sweep leaves no run training on in its folder.
 
 A scheduler's SIGTERM or SIGUSR1 to the sweep stops it as one stops a run (``run/preempt.py``): no run starts after
 it, each running run gets the signal too (where the scheduler did not send it to them already) and saves a checkpoint
