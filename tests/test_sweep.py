@@ -15,7 +15,7 @@ import pytest
 from helpers import FAST, REPO, offline_env, run_cli
 from timm_icd.base import UserError
 from timm_icd.cli.sweep import main as sweep_main
-from timm_icd.cli.sweep_runs import FIELDS, commit_of_package
+from timm_icd.cli.sweep_runs import FIELDS, commit_of, commit_of_package
 from timm_icd.publish.stats import holm, paired
 from timm_icd.publish.sweep_report import analyse, write_sweep_report
 
@@ -144,6 +144,27 @@ def test_a_schedulers_signal_stops_the_sweep_with_checkpoints_and_exit_75(tmp_pa
     assert sorted(runs) == ['vanilla-s0', 'vanilla-s1', 'vanilla-s2'] and {r['epochs'] for r in runs.values()} == {'6'}
     for key in ('vanilla-s0', 'vanilla-s1'):  # continued from the stop's checkpoint, not started again
         assert 'Resumed from' in (out / 'logs' / f'{key}.log').read_text()
+
+
+def test_the_runs_commit_is_dirty_for_changed_code_not_for_results_written_beside_it(tmp_path):
+    def git(*args):
+        subprocess.run(['git', '-c', 'user.name=t', '-c', 'user.email=t@t', *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    assert commit_of(tmp_path) is None  # not a git checkout: the caller falls back to the version
+    (tmp_path / 'benchmarks' / 'results').mkdir(parents=True)
+    (tmp_path / 'train.py').write_text('a = 1\n')
+    (tmp_path / 'benchmarks' / 'results' / 'runs.csv').write_text('key\n')
+    git('init', '-q')
+    git('add', '.')
+    git('commit', '-qm', 'first')
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert commit_of(tmp_path) == head
+    (tmp_path / 'benchmarks' / 'results' / 'runs.csv').write_text('key\nrun-s0\n')  # a study's mirror grows
+    (tmp_path / 'notes.txt').write_text('untracked\n')
+    assert commit_of(tmp_path) == head
+    (tmp_path / 'train.py').write_text('a = 2\n')
+    assert commit_of(tmp_path) == head + '+dirty'
 
 
 def test_holm_adjusted_p_values_match_a_hand_worked_example():

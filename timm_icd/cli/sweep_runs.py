@@ -47,18 +47,23 @@ def utc_now() -> str:
 
 
 def commit_of_package() -> str:
-    """The git commit of the code that runs (``+dirty`` with uncommitted changes), or the package version outside a
-    git checkout."""
-    here = Path(__file__).resolve().parents[2]
+    """The git commit of the code that runs (``commit_of``), or the package version outside a git checkout."""
+    return commit_of(Path(__file__).resolve().parents[2]) or f'timm_icd {__version__}'
+
+
+def commit_of(root: Path) -> Optional[str]:
+    """The git commit checked out at ``root``, ``+dirty`` with uncommitted changes to a tracked file outside
+    ``benchmarks/results`` (results written while a study runs are not code); None outside a git checkout."""
     try:
-        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=here, capture_output=True, text=True, timeout=30)
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=30)
         if head.returncode != 0:
-            return f'timm_icd {__version__}'
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=here,
+            return None
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no', '--', '.',
+                                ':(exclude)benchmarks/results'], cwd=root,
                                capture_output=True, text=True, timeout=30).stdout.strip()
         return head.stdout.strip() + ('+dirty' if dirty else '')
     except (OSError, subprocess.SubprocessError):
-        return f'timm_icd {__version__}'
+        return None
 
 
 def relative(path: str, root: Path) -> str:
