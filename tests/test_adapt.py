@@ -16,7 +16,7 @@ from helpers import FAST, HELPERS, accelerate_launch, eval_with_timm, offline_en
 from timm_icd.base import UserError
 from timm_icd.publish import save_student
 from timm_icd.distill import (
-    fit_linear_probe, match_label_space, read_label_map, reindex_classes, resolve_method, set_classifier)
+    LabelSpace, fit_linear_probe, match_label_space, read_label_map, reindex_classes, resolve_method, set_classifier)
 
 SYNSETS, DESCRIPTIONS = ImageNetInfo().label_names(), ImageNetInfo().label_descriptions()
 CIFAR10 = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
@@ -48,6 +48,25 @@ def test_a_permuted_label_list_is_re_indexed_and_a_true_mismatch_is_not():
     assert subset.kind == 'reindexed' and subset.index == [0, 217, 482, 491, 497, 566, 569, 571, 574, 701]
     assert match_label_space(1000, 2, SYNSETS, ['crane', 'crane']).index == [134, 517]
     assert match_label_space(1000, 1, SYNSETS, ['crane']).kind == 'other'  # which crane? names cannot tell
+
+
+def test_auto_with_an_adapted_teacher_uses_its_own_constant_and_says_why(monkeypatch):
+    from timm_icd.distill import methods
+    adapted = LabelSpace('adapted', None, "the teacher was adapted to the dataset's classes (other names)")
+    assert adapted.predicts_dataset and adapted.in_dataset_order
+    chosen = resolve_method('auto', 4, 6, label_space=adapted)
+    assert chosen.name == methods.AUTO_ADAPTED and chosen.reason.startswith(
+        f"auto chose {methods.AUTO_ADAPTED}: the teacher was adapted to the dataset's classes (other names), and ")
+    assert resolve_method('dist', 4, 6, label_space=adapted).logit_loss == 'dist'  # a logit term may use the head
+    other = LabelSpace('other', None, "the teacher's classes (a, b, ...) are not the dataset's (c, d, ...)")
+    assert resolve_method('auto', 4, 6, label_space=other).name == methods.AUTO_ACROSS_SPACES
+    with pytest.raises(UserError, match="needs a teacher that predicts the dataset's classes"):
+        resolve_method('dist', 4, 6, label_space=other)
+    monkeypatch.setattr(methods, 'AUTO_ADAPTED', 'vanilla')  # a study that finds adapting does not pay
+    assert not methods.auto_adapts()
+    assert resolve_method('auto', 4, 6, label_space=adapted).name == 'vanilla'
+    monkeypatch.setattr(methods, 'AUTO_ADAPTED', 'dist')
+    assert methods.auto_adapts() and resolve_method('auto', 4, 6, label_space=adapted).logit_loss == 'dist'
 
 
 def test_label_maps_and_the_users_word(tmp_path):

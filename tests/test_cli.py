@@ -165,6 +165,8 @@ def test_a_teacher_of_other_classes_is_adapted_and_distills_with_logits(teacher_
     record = json.loads((out / 'student' / 'distillation.json').read_text())
     adapted = record['teacher']['adapted']
     assert record['method'] == 'icd+kd' and record['teacher']['num_classes'] == 10
+    assert "auto chose icd+kd: the teacher was adapted to the dataset's classes (the teacher's classes (fashion_0" \
+           in result.stderr and 'protocol2.md, C3' in result.stderr  # AUTO_ADAPTED, until the second study decides
     assert adapted['mode'] == 'linear'
     assert adapted['features'] == {'rows': 256, 'dim': 96, 'view': 'eval transform, one pass'}
     assert float(read_summary(out)[0]['train_loss_kd']) > 0

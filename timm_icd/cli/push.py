@@ -31,8 +31,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
         url = push_student(args.folder, args.repo_id, private=args.private, revision=args.revision,
                            license=args.license, baseline=args.baseline, collection=args.collection)
-        print(f'pushed {args.folder} to {url}' + (f' and added it to collection {args.collection}'
-                                                   if args.collection else ''))
+        also = f' and added it to collection {args.collection}' if args.collection else ''
+        print(f'pushed {args.folder} to {url}{also}')
         return 0
 
     return run_command(body)

@@ -26,7 +26,7 @@ from ..base import UserError
 _logger = logging.getLogger(__name__)
 
 _SYNSET = re.compile(r'^n\d{8}$')
-SAME, REINDEXED, OTHER, UNKNOWN = 'same', 'reindexed', 'other', 'unknown'
+SAME, REINDEXED, OTHER, UNKNOWN, ADAPTED = 'same', 'reindexed', 'other', 'unknown', 'adapted'
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,9 @@ class LabelSpace:
 
     Attributes:
         kind: 'same' (the dataset's classes in its order), 'reindexed' (the dataset's classes among the teacher's, in
-            another order or as a subset: ``index`` says where), 'other' (not the dataset's classes) or 'unknown' (no
-            names to compare, and the class counts differ).
+            another order or as a subset: ``index`` says where), 'other' (not the dataset's classes), 'unknown' (no
+            names to compare, and the class counts differ) or 'adapted' (other classes, but the tool fitted the teacher
+            a head for the dataset's: ``--teacher-adapt``).
         index: For 'reindexed', the teacher's output for each of the dataset's classes (``logits[:, index]``).
         why: One sentence for the log.
     """
@@ -47,7 +48,13 @@ class LabelSpace:
     @property
     def predicts_dataset(self) -> bool:
         """The teacher predicts the dataset's classes, possibly after ``index`` re-indexes its logits."""
-        return self.kind in (SAME, REINDEXED)
+        return self.kind in (SAME, REINDEXED, ADAPTED)
+
+    @property
+    def in_dataset_order(self) -> bool:
+        """The teacher's logits are the dataset's classes in its order, as they are or through an adapted head: a
+        logit term can use them."""
+        return self.kind in (SAME, ADAPTED)
 
 
 @lru_cache(maxsize=None)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 from ..base import UserError
-from .label_space import REINDEXED, SAME, LabelSpace, match_label_space
+from .label_space import ADAPTED, REINDEXED, LabelSpace, match_label_space
 from .terms import LOGIT_LOSSES, METHOD_WEIGHTS, TERMS, TIMM, method_title
 
 _logger = logging.getLogger(__name__)
@@ -35,10 +35,20 @@ STUDY = 'benchmarks/results/study.md'
 AUTO_SAME_SPACE = 'icd+kd'  # the teacher predicts the dataset's classes
 AUTO_SAME_SPACE_WHY = ('the pre-registered study established that ICD adds to KD (icd+kd - kd +0.88 points, Holm p '
                        '0.046) but not that it adds to DIST')
-AUTO_ACROSS_SPACES = 'vanilla'  # the teacher predicts other classes: no logit term is possible
+# The teacher predicts other classes and --teacher-adapt (auto: a linear probe) fitted it a head for the dataset's:
+# what auto trains with then. 'vanilla' means auto does not adapt the teacher (no teacher pass is paid).
+AUTO_ADAPTED = AUTO_SAME_SPACE
+AUTO_ADAPTED_WHY = ('its adapted head predicts them, so auto makes the same-space choice; no study has yet tested an '
+                    'adapted teacher against training alone (the second pre-registered study does: protocol2.md, C3)')
+AUTO_ACROSS_SPACES = 'vanilla'  # the teacher predicts other classes and is not adapted: no logit term is possible
 AUTO_ACROSS_SPACES_WHY = ('no feature method is established across label spaces: in the pre-registered study icd - '
                           'vanilla was -0.48 points (Holm p 1.0), so the teacher is not used; --method icd still '
                           'distills its features')
+
+
+def auto_adapts() -> bool:
+    """Whether ``auto`` has ``--teacher-adapt auto`` fit a teacher of other classes a head (``AUTO_ADAPTED``)."""
+    return AUTO_ADAPTED != 'vanilla'
 
 
 @dataclass(frozen=True)
@@ -85,9 +95,9 @@ def resolve_method(
     case, whitespace and ImageNet synsets read as descriptions) in the same order, or as many classes and no names to
     compare. The same classes in another order are refused here: the teacher must be re-indexed first
     (``reindex_classes``, as train_icd.py does). A method with a logit term is refused for a teacher of other
-    classes, and ``auto`` follows the
-    pre-registered study: ``AUTO_SAME_SPACE`` for a teacher of the dataset's classes, ``AUTO_ACROSS_SPACES`` (no
-    teacher term, unless ``icd_loss_weight`` asks for ICD) for one of other classes.
+    classes, unless the tool adapted it (``label_space.kind`` 'adapted'). ``auto`` follows the pre-registered studies:
+    ``AUTO_SAME_SPACE`` for a teacher of the dataset's classes, ``AUTO_ADAPTED`` for an adapted one,
+    ``AUTO_ACROSS_SPACES`` (no teacher term, unless ``icd_loss_weight`` asks for ICD) for one of other classes.
 
     Args:
         method: 'auto', or one of ``method_names()``.
@@ -108,7 +118,7 @@ def resolve_method(
     if method in timm_methods():  # timm's tasks' rule: independent weights, or distill = 1 - task
         term = TERMS[method]
         space = label_space or match_label_space(teacher_classes, num_classes, teacher_label_names, label_names)
-        if term.same_label_space and space.kind != SAME:
+        if term.same_label_space and not space.in_dataset_order:
             raise UserError(f"--method {method} needs a teacher that predicts the dataset's classes, but {space.why}: "
                             f"adapt the teacher (--teacher-adapt linear) or use --method feature or icd.")
         task = 1.0 if task_loss_weight is None else float(task_loss_weight)
@@ -120,9 +130,11 @@ def resolve_method(
     if space.kind == REINDEXED:
         raise UserError(f'{space.why}: re-index the teacher first (timm_icd.distill.reindex_classes(teacher, '
                         f'{space.index[:3]}...)), as train_icd.py does.')
-    same_space = space.kind == SAME
+    same_space = space.in_dataset_order
     if method == 'auto':
-        if same_space:
+        if space.kind == ADAPTED:
+            method, reason = AUTO_ADAPTED, (f"auto chose {AUTO_ADAPTED}: {space.why}, and {AUTO_ADAPTED_WHY}")
+        elif same_space:
             method, reason = AUTO_SAME_SPACE, (f"auto chose {AUTO_SAME_SPACE}: the teacher predicts the dataset's "
                                                f"{num_classes} classes, and {AUTO_SAME_SPACE_WHY} ({STUDY})")
         else:

@@ -56,8 +56,7 @@ class KDParams:
 class DKDParams:
     alpha: float = _p(1.0, "DKD: weight of the target-class part TCKD (default: 1, the authors')", '>= 0')
     beta: float = _p(2.0, 'DKD: weight of the non-target part NCKD (default: 2, chosen on validation by the study, '
-                          'benchmarks/results/study_tuning.md; the authors use 8 on CIFAR-100, 0.5 on ImageNet)',
-                      '>= 0')
+                     'benchmarks/results/study_tuning.md; the authors use 8 on CIFAR-100, 0.5 on ImageNet)', '>= 0')
     warmup_epochs: int = _p(20, "DKD: its weight ramps up linearly over this many epochs (default: 20, the authors' "
                                 "CIFAR-100 setting for 240 epochs; 0: no ramp)", '>= 0')
 

@@ -20,10 +20,10 @@ from ..base import UserError
 from ..data import (
     ImageData, Pipeline, create_pipeline, find_bad_images, load_image_data, load_stream_data)
 from ..distill import (
-    TERMS, DistillationTask, ICDDistillationTask, ICDTeacher, LabelSpace, check_input_size, check_model_name,
-    create_student, create_teacher, fixed_size_kwargs, imagenet_label_names, is_hub_or_local, match_label_space,
-    logit_loss_of, read_label_map, reindex_classes, resolve_method, timm_methods)
-from ..distill.label_space import REINDEXED, SAME
+    TERMS, DistillationTask, ICDDistillationTask, ICDTeacher, LabelSpace, auto_adapts, check_input_size,
+    check_model_name, create_student, create_teacher, fixed_size_kwargs, imagenet_label_names, is_hub_or_local,
+    match_label_space, logit_loss_of, read_label_map, reindex_classes, resolve_method, timm_methods)
+from ..distill.label_space import ADAPTED, REINDEXED, SAME
 from ..teacher_cache import CachedTeacher, TeacherCache, open_for_run
 from .adapt import ADAPTED_DIR, adapt_teacher, adaptation_mode
 from .checkpoint import check_output_dir, read_run_state, resolve_resume
@@ -130,8 +130,8 @@ def _align_teacher(config: RunConfig, accelerator: Accelerator, data: ImageData,
     label_map = read_label_map(m.teacher_label_map, data.label_names, names) if m.teacher_label_map else None
     space = match_label_space(teacher.num_classes, data.num_classes, names, data.label_names, label_map,
                               m.same_label_space)
-    uses_logits = name == 'auto' or logit_loss_of(name) is not None or bool(config.method.kd_loss_weight) or (
-        name in timm_methods() and TERMS[name].same_label_space)
+    uses_logits = (name == 'auto' and auto_adapts()) or logit_loss_of(name) is not None or bool(
+        config.method.kd_loss_weight) or (name in timm_methods() and TERMS[name].same_label_space)
     mode = adaptation_mode(m.teacher_adapt if uses_logits or m.teacher_adapt != 'auto' else 'off', space)
     if mode is None:
         if space.predicts_dataset:
@@ -153,7 +153,7 @@ def _align_teacher(config: RunConfig, accelerator: Accelerator, data: ImageData,
                            'opt': train.opt, 'sched': train.sched, 'batch_size': d.batch_size,
                            'weight_decay': train.weight_decay, 'seed': train.seed, 'augment': d.augment.per_sample()}
         if mode == 'finetune' else None)
-    return LabelSpace(SAME, None, f'the teacher was adapted to the dataset\'s classes ({space.why})'), adaptation
+    return LabelSpace(ADAPTED, None, f'the teacher was adapted to the dataset\'s classes ({space.why})'), adaptation
 
 
 def _create_task(config: RunConfig, accelerator: Accelerator, data: ImageData, data_config: dict,

@@ -395,4 +395,3 @@ class CachedTeacher(nn.Module):
 def sample_indices(batch: Sequence) -> torch.Tensor:
     """The dataset rows of a training batch: (index, label) in memory, (image, label, index) from the loader."""
     return batch[2] if len(batch) > 2 else batch[0]
-
