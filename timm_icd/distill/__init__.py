@@ -4,7 +4,8 @@ from .hooks import FeatureHook, check_input_size, pool_features, probe_feature_d
 from .icd_loss import ICD_NEGATIVES, ICDLoss, icd_terms
 from .label_space import LabelSpace, imagenet_label_names, match_label_space, read_label_map
 from .logit_losses import dist_loss, dkd_loss, kd_loss, standardize_logits
-from .methods import METHODS, Method, auto_adapts, logit_loss_of, method_names, resolve_method, timm_methods
+from .methods import (
+    METHODS, Method, auto_adapts, auto_summary, logit_loss_of, method_names, resolve_method, timm_methods)
 from .models import (
     check_model_name, create_student, create_student_ema, create_teacher, fixed_size_kwargs, is_hub_or_local,
     load_checkpoint_into, load_weights_file, reindex_classes, set_classifier, teacher_source)

@@ -51,6 +51,14 @@ def auto_adapts() -> bool:
     return AUTO_ADAPTED != 'vanilla'
 
 
+def auto_summary() -> str:
+    """What ``auto`` chooses, in one sentence (``--method``'s help)."""
+    other = (f'{AUTO_ADAPTED} after adapting it (--teacher-adapt), {AUTO_ACROSS_SPACES} with --teacher-adapt off'
+             if auto_adapts() else AUTO_ACROSS_SPACES)
+    return (f"{AUTO_SAME_SPACE} with a teacher of the dataset's classes; with one of other classes, {other} (the "
+            f"log says why; docs/methods.md)")
+
+
 @dataclass(frozen=True)
 class Method:
     """A resolved method: its loss terms and weights, and why it was chosen (for the log)."""

@@ -19,7 +19,8 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
 from ..base import UserError
 from ..data import DECODE_SCALES, PIPELINES, AugmentConfig, device_decode_reason
-from ..distill import TERMS, load_plugins, logit_loss_of, method_names, param_problems, params_of, timm_methods
+from ..distill import (
+    TERMS, auto_summary, load_plugins, logit_loss_of, method_names, param_problems, params_of, timm_methods)
 from ..publish import check_collection_slug, check_push_target
 from .adapt import ADAPT_MODES
 from .loop import LoopConfig
@@ -121,8 +122,7 @@ def create_parser(prog: str = 'train_icd.py', description: str = DESCRIPTION) ->
 
     group = parser.add_argument_group('Method')
     group.add_argument('--method', default='auto', choices=('auto',) + method_names(),
-                       help="auto (default): icd+kd when the teacher has the dataset's classes, else vanilla (the "
-                            "pre-registered study's decision, benchmarks/results/study.md); "
+                       help=f"auto (default): {auto_summary()}; "
                             + ', '.join(f'{t.name} ({t.short})' for t in TERMS.values() if t.kind == 'logit')
                             + " are logit terms, icd+X adds ICD to one; "
                             + '; '.join(f"{t.name} is timm's {t.short}" for t in TERMS.values() if t.kind == 'timm'))
