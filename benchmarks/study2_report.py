@@ -81,12 +81,16 @@ def complete(loaded: Mapping[str, dict], declared: Mapping[str, Sequence[str]]) 
 
 
 def _progress(pairs, loaded, declared) -> List[str]:
-    lines = ['| pair | arm | runs with a result | declared |', '|---|---|---|---|']
+    """The runs with a result per arm, then the declared runs that have none (a run row and a test result), by key."""
+    lines, missing = ['| pair | arm | runs with a result | declared |', '|---|---|---|---|'], []
     for pair, p in pairs.items():
-        done = {r['key'] for r in loaded[pair]['rows'] if r['kind'] == 'run'}
+        done = {r['key'] for r in loaded[pair]['rows'] if r['kind'] == 'run'} & set(loaded[pair]['tests'])
         for arm in p['arms']:
             keys = [k for k in declared[pair] if k.rsplit('-s', 1)[0] == arm]
             lines.append(f"| {p['label']} ({pair}) | {arm} | {sum(k in done for k in keys)} | {len(keys)} |")
+        missing += [f'{pair}/{k}' for k in declared[pair] if k not in done]
+    if missing:
+        lines += ['', f'No result yet ({len(missing)}): ' + ', '.join(missing) + '.']
     return lines
 
 

@@ -113,6 +113,7 @@ def test_quick_study2_withholds_decides_restores_and_checks_its_teachers(tmp_pat
     withheld = (partial / 'study2_quick.md').read_text()
     assert 'Withheld: the test numbers appear when every one of the 14 primary runs' in withheld
     assert '| B (second) | icd+kd | 1 | 2 |' in withheld and '| A (cnn) | kd1 | 2 | 2 |' in withheld
+    assert 'No result yet (1): second/icd+kd-s201.' in withheld  # the protocol: say which runs are missing
     assert not re.findall(r'\d\.\d', withheld) and '## Primary contrasts' not in withheld  # no number but counts
     assert not (partial / 'study2_quick_decision.json').exists()
     assert not any(r['test_top1'] for r in _rows(partial / 'study2_quick_runs.csv'))
